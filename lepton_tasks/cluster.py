@@ -1,0 +1,170 @@
+"""Dask cluster lifecycle: an external scheduler, or a local cluster in its own process.
+
+Order of choice (`dask_client`):
+1. an external scheduler (`tcp://...`): the Airflow connection `dask_default`, or `LEPTON_DASK_ADDRESS`;
+2. `dask_cuda.LocalCUDACluster` (one worker per GPU) when NVML sees a GPU;
+3. `distributed.LocalCluster` otherwise; the fallback is logged.
+
+Why a helper process: under Airflow's scheduler a task process is started from the `airflow` entry point, and
+Dask's default `spawn` start method re-imports that entry point in every new worker, which then crashes on its
+missing metadata-DB settings. The local cluster is therefore built in `python -m lepton_tasks.cluster`, whose
+main module does no I/O on import, and the task connects to it through a scheduler file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lepton_tasks.config import DASK_CONN_ID, Settings, airflow_connection
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120
+
+
+def gpu_count() -> int:
+    """GPUs visible through NVML; 0 when there is no driver or no device."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no library, no driver, no device: all mean "no GPU" here
+        return 0
+
+
+def external_scheduler_address(settings: Settings) -> str | None:
+    """`tcp://host:port` from the Airflow connection `dask_default`, else from the settings."""
+    conn = airflow_connection(DASK_CONN_ID)
+    if conn is None or not conn.host:
+        return settings.dask_address
+    if conn.host and "://" in conn.host:
+        return conn.host if not conn.port else f"{conn.host}:{conn.port}"
+    return f"tcp://{conn.host}:{conn.port or 8786}"
+
+
+def make_local_cluster(n_workers: int | None, threads_per_worker: int):
+    """A `LocalCUDACluster` where GPUs exist, else a `LocalCluster`; returns (cluster, kind)."""
+    gpus = gpu_count()
+    if gpus:
+        try:
+            from dask_cuda import LocalCUDACluster
+
+            return LocalCUDACluster(n_workers=n_workers or gpus, threads_per_worker=threads_per_worker,
+                                    dashboard_address=":0"), "LocalCUDACluster"
+        except Exception as err:  # an NVML or CUDA error: run on CPU rather than not at all
+            log.warning("LocalCUDACluster failed (%s); falling back to a CPU LocalCluster", err)
+    else:
+        log.info("no GPU visible through NVML: using a CPU LocalCluster")
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers or 1, threads_per_worker=threads_per_worker, processes=True,
+                        dashboard_address=":0"), "LocalCluster"
+
+
+def _default_workers(wanted: int | None, settings: Settings) -> int | None:
+    """One worker per shard, capped by the cores (CPU); None lets LocalCUDACluster take one per GPU."""
+    if settings.dask_workers:
+        return settings.dask_workers
+    if gpu_count():
+        return None
+    return max(1, min(wanted or 1, os.cpu_count() or 1))
+
+
+@contextmanager
+def dask_client(settings: Settings, wanted_workers: int | None = None) -> Iterator[object]:
+    """A `distributed.Client` on the cluster chosen as described in the module docstring."""
+    from distributed import Client
+
+    address = external_scheduler_address(settings)
+    if address:
+        log.info("using the external Dask scheduler at %s", address)
+        with Client(address, timeout=f"{START_TIMEOUT_S}s") as client:
+            yield client
+        return
+    with _local_cluster_process(_default_workers(wanted_workers, settings)) as scheduler_file:
+        with Client(scheduler_file=str(scheduler_file), timeout=f"{START_TIMEOUT_S}s") as client:
+            info = json.loads(Path(scheduler_file).read_text())
+            client.wait_for_workers(info["n_workers"], timeout=START_TIMEOUT_S)
+            log.info("%s with %d worker(s) at %s (dashboard %s)", info["kind"], info["n_workers"],
+                     info["address"], info.get("dashboard_link"))
+            yield client
+
+
+@contextmanager
+def _local_cluster_process(n_workers: int | None) -> Iterator[Path]:
+    """Run `python -m lepton_tasks.cluster` until the block ends; yield its scheduler file."""
+    with tempfile.TemporaryDirectory(prefix="lepton-dask-") as tmp:
+        scheduler_file = Path(tmp) / "scheduler.json"
+        command = [sys.executable, "-m", "lepton_tasks.cluster", "--scheduler-file", str(scheduler_file)]
+        if n_workers:
+            command += ["--workers", str(n_workers)]
+        process = subprocess.Popen(command, start_new_session=True, cwd=tmp)
+        try:
+            _wait_for_file(scheduler_file, process)
+            yield scheduler_file
+        finally:
+            _stop(process)
+
+
+def _wait_for_file(path: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not path.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"the local Dask cluster process exited with code {process.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the local Dask cluster did not start within {START_TIMEOUT_S}s")
+        time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int) -> None:
+    """Start a local cluster, publish its address in `scheduler_file`, and hold it until SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="[lepton.cluster] %(message)s")
+    cluster, kind = make_local_cluster(n_workers, threads_per_worker)
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    info = {"address": cluster.scheduler_address, "kind": kind, "n_workers": len(cluster.workers),
+            "dashboard_link": cluster.dashboard_link}
+    tmp = scheduler_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.rename(scheduler_file)  # the parent waits for this name: publish it whole
+    while not stopped:
+        time.sleep(0.2)
+    cluster.close(timeout=20)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Hold a local Dask cluster for one Lepton task.")
+    parser.add_argument("--scheduler-file", type=Path, required=True)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--threads-per-worker", type=int, default=1)
+    args = parser.parse_args(argv)
+    serve(args.scheduler_file, args.workers, args.threads_per_worker)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Compress: global magnitude pruning, ONNX export and onnxruntime int8 dynamic quantization.
+
+Variants: the merged model as ONNX fp32, pruned fp32, int8, pruned int8. Each is scored on the held-out split
+(accuracy), on disk (bytes, and bytes once deflated, which is where pruning's zeros pay off) and on the CPU
+(single-row latency p50/p99 in onnxruntime). The chosen variant is the smallest on disk whose accuracy is within
+`tolerance` of the merged model's; ties go to the smaller deflated size, then the lower latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lepton_tasks.models import ModelShape, accuracy, load_checkpoint, load_model
+from lepton_tasks.storage import atomic_dir, sha256_file
+
+log = logging.getLogger(__name__)
+
+LATENCY_RUNS = 200
+CHOSEN_FILE = "model.onnx"
+
+
+@dataclass
+class Variant:
+    """One compressed form of the merged model and how it scores."""
+
+    name: str
+    path: str
+    accuracy: float
+    bytes: int
+    deflated_bytes: int
+    latency_p50_ms: float
+    latency_p99_ms: float
+    within_tolerance: bool = False
+
+
+@dataclass
+class CompressManifest:
+    """All variants, the reference (fp32 PyTorch) and the chosen one."""
+
+    reference: Variant
+    variants: list[Variant]
+    chosen: str
+    chosen_path: str
+    chosen_sha256: str
+    tolerance: float
+    sparsity: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prune_global(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
+    """Zero the `sparsity` fraction of smallest-magnitude weights across all Linear/Conv layers (in place)."""
+    from torch.nn.utils import prune
+
+    layers = [(m, "weight") for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))]
+    if sparsity > 0:
+        prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=sparsity)
+        for module, name in layers:
+            prune.remove(module, name)
+    return model
+
+
+def export_onnx(model: torch.nn.Module, in_features: int, path: Path) -> Path:
+    """Export with a dynamic batch dimension, as one self-contained file."""
+    example = (torch.zeros(2, in_features),)
+    torch.onnx.export(model.eval(), example, str(path), input_names=["features"], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
+                      verbose=False)
+    return path
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    return dst
+
+
+def _onnx_scores(path: Path, features: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """Held-out accuracy and single-row latency p50/p99 (ms) of an ONNX file in onnxruntime on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # one core: latency comparable with the PyTorch reference
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"features": features})[0]
+    acc = float((logits.argmax(1) == labels).mean())
+    return (acc, *_latency(lambda row: session.run(None, {"features": row}), features))
+
+
+def _latency(predict, features: np.ndarray) -> tuple[float, float]:
+    rows = [features[i % len(features)][None, :] for i in range(LATENCY_RUNS + 20)]
+    for row in rows[:20]:
+        predict(row)
+    times = []
+    for row in rows[20:]:
+        started = time.perf_counter()
+        predict(row)
+        times.append((time.perf_counter() - started) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def _deflated(path: Path) -> int:
+    return len(zlib.compress(Path(path).read_bytes(), 6))
+
+
+def _reference(model: torch.nn.Module, merged_path: Path, features, labels) -> Variant:
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        p50, p99 = _latency(lambda row: model(torch.from_numpy(row)), features.numpy())
+    return Variant("pytorch_fp32", str(merged_path), accuracy(model, features, labels),
+                   Path(merged_path).stat().st_size, _deflated(merged_path), p50, p99, True)
+
+
+def _build_variants(shape: ModelShape, state: dict, sparsity: float, out: Path) -> dict[str, Path]:
+    dense = export_onnx(load_model(shape, state), shape.in_features, out / "fp32.onnx")
+    pruned = export_onnx(prune_global(load_model(shape, state), sparsity), shape.in_features, out / "pruned_fp32.onnx")
+    return {
+        "onnx_fp32": dense,
+        "onnx_pruned_fp32": pruned,
+        "onnx_int8": quantize_int8(dense, out / "int8.onnx"),
+        "onnx_pruned_int8": quantize_int8(pruned, out / "pruned_int8.onnx"),
+    }
+
+
+def compress(merged_path: Path, merged_sha256: str, shape: ModelShape, eval_data: tuple[torch.Tensor, torch.Tensor],
+             stage_dir: Path, tolerance: float, sparsity: float) -> CompressManifest:
+    """Build, score and choose among the compressed variants; the chosen one is `{stage_dir}/model.onnx`."""
+    state, _ = load_checkpoint(Path(merged_path), merged_sha256)
+    features, labels = eval_data
+    reference = _reference(load_model(shape, state), Path(merged_path), features, labels)
+    x, y = features.numpy(), labels.numpy()
+    with atomic_dir(stage_dir) as tmp:
+        variants = []
+        for name, path in _build_variants(shape, state, sparsity, tmp).items():
+            acc, p50, p99 = _onnx_scores(path, x, y)
+            final_path = Path(stage_dir) / path.name
+            variants.append(Variant(name, str(final_path), acc, path.stat().st_size, _deflated(path), p50, p99,
+                                    acc >= reference.accuracy - tolerance - 1e-12))
+        chosen = _choose(variants, reference)
+        shutil.copyfile(tmp / Path(chosen.path).name, tmp / CHOSEN_FILE)
+    for v in variants:
+        log.info("%-18s accuracy %.4f  %8d bytes  p50 %.3f ms  p99 %.3f ms%s", v.name, v.accuracy, v.bytes,
+                 v.latency_p50_ms, v.latency_p99_ms, "" if v.within_tolerance else "  (outside tolerance)")
+    chosen_path = Path(stage_dir) / CHOSEN_FILE
+    return CompressManifest(reference, variants, chosen.name, str(chosen_path), sha256_file(chosen_path),
+                            tolerance, sparsity)
+
+
+def _choose(variants: list[Variant], reference: Variant) -> Variant:
+    eligible = [v for v in variants if v.within_tolerance]
+    if not eligible:
+        # the plain fp32 export is the merged model itself; it only misses through export error
+        eligible = [min(variants, key=lambda v: abs(v.accuracy - reference.accuracy))]
+        log.warning("no variant within tolerance; keeping %s", eligible[0].name)
+    return min(eligible, key=lambda v: (v.bytes, v.deflated_bytes, v.latency_p50_ms))

@@ -1,0 +1,184 @@
+"""Typed configuration, declared once and read everywhere.
+
+Three layers:
+- `RunParams`: what a person may change per run (Airflow UI form, `-c` conf, CLI). Bounds live here only;
+  the DAG's `Param`s are generated from this model, so the form and the code can never disagree.
+- `DatasetSpec` / `PipelineSpec`: what a pipeline is (its columns, suite, names). MNIST-1D is `MNIST1D`.
+- `Settings`: where things live on this machine, read from the environment once, at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lepton_tasks.errors import BadParam
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPECTATIONS_DIR = REPO_ROOT / "expectations"
+
+ModelKind = Literal["mlp", "cnn"]
+
+
+class RunParams(BaseModel):
+    """Per-run knobs; every field becomes a typed, bounded Airflow `Param`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source_uri: str = Field(
+        "landing/mnist1d/",
+        title="Source URI",
+        description="CSV or Parquet file, folder or glob; local path or any fsspec URI. "
+        "A relative path is read under the Lepton data root.",
+        min_length=1,
+    )
+    num_shards: int = Field(4, ge=1, le=64, title="Shards", description="Parquet shards = models trained in parallel.")
+    local_epochs: int = Field(5, ge=1, le=500, title="Local epochs", description="Epochs each shard trains per round.")
+    merge_rounds: int = Field(
+        8, ge=1, le=50, title="Merge rounds",
+        description="FedAvg rounds; each round restarts every shard from the merge.",
+    )
+    learning_rate: float = Field(0.01, gt=0, le=1, title="Learning rate", description="Adam learning rate.")
+    batch_size: int = Field(64, ge=1, le=65536, title="Batch size", description="Mini-batch size per shard.")
+    model_kind: ModelKind = Field("cnn", title="Model kind", description="`cnn` (1-D conv net) or `mlp`.")
+    hidden_size: int = Field(64, ge=4, le=4096, title="Hidden size", description="MLP width or CNN channels.")
+    accuracy_tolerance: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        title="Compression tolerance",
+        description="Largest held-out accuracy drop (absolute, 0.01 = 1 point) a compressed variant may have.",
+    )
+    prune_sparsity: float = Field(
+        0.5, ge=0, lt=1, title="Pruning sparsity", description="Fraction of weights zeroed by global magnitude pruning."
+    )
+    eval_fraction: float = Field(
+        0.2, gt=0, lt=1, title="Held-out fraction", description="Rows kept out of every shard for evaluation."
+    )
+    seed: int = Field(42, ge=0, le=2**31 - 1, title="Seed", description="Seeds the split, the init and the shuffles.")
+
+    def digest(self) -> str:
+        """Short content hash, used to tell whether a checkpoint was made with these params."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def parse_params(raw: dict[str, Any] | None) -> RunParams:
+    """Validate raw params (from Airflow or a CLI); the error names each bad param."""
+    try:
+        return RunParams.model_validate(raw or {})
+    except ValidationError as err:
+        problems = "; ".join(f"param '{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in err.errors())
+        raise BadParam(problems) from None
+
+
+def airflow_param_specs(defaults: RunParams | None = None) -> dict[str, dict[str, Any]]:
+    """Keyword arguments for one `airflow.sdk.Param` per field (JSON-schema typed, bounded, described)."""
+    values = (defaults or RunParams()).model_dump()
+    schema = RunParams.model_json_schema()["properties"]
+    specs = {}
+    for name, prop in schema.items():
+        spec = {k: prop[k] for k in ("type", "title", "description", "enum", "minimum", "maximum") if k in prop}
+        for exclusive in ("exclusiveMinimum", "exclusiveMaximum"):
+            if exclusive in prop:
+                spec[exclusive] = prop[exclusive]
+        if "minLength" in prop:
+            spec["minLength"] = prop["minLength"]
+        specs[name] = {"default": values[name], **spec}
+    return specs
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The columns a pipeline trains on."""
+
+    feature_columns: tuple[str, ...]
+    label_column: str
+    classes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What one pipeline is: its name, data, expectation suite and MLflow names."""
+
+    name: str
+    dataset: DatasetSpec
+    suite_file: Path
+    experiment_name: str
+    registered_model_name: str
+
+
+MNIST1D_LENGTH = 40
+MNIST1D = PipelineSpec(
+    name="lepton_mnist1d",
+    dataset=DatasetSpec(
+        feature_columns=tuple(f"x_{i:02d}" for i in range(MNIST1D_LENGTH)),
+        label_column="label",
+        classes=tuple(range(10)),
+    ),
+    suite_file=EXPECTATIONS_DIR / "mnist1d.json",
+    experiment_name="lepton_mnist1d",
+    registered_model_name="lepton-mnist1d",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Machine-level locations and services. Read with `Settings.from_env()` inside a task, never at import."""
+
+    data_root: Path  # run folders, landing data, local MLflow store
+    mlflow_tracking_uri: str | None  # None: the Airflow connection, else a local SQLite store under data_root
+    dask_address: str | None  # None: the Airflow connection `dask_default`, else a local cluster
+    dask_workers: int | None  # None: one per shard, capped by cores (CPU) or one per GPU
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        workers = os.environ.get("LEPTON_DASK_WORKERS")
+        return cls(
+            data_root=Path(os.environ.get("LEPTON_DATA_ROOT", REPO_ROOT / "var" / "data")).resolve(),
+            mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+            dask_address=os.environ.get("LEPTON_DASK_ADDRESS"),
+            dask_workers=int(workers) if workers else None,
+        )
+
+    def local_mlflow_uri(self) -> str:
+        return f"sqlite:///{self.data_root / 'mlflow.db'}"
+
+    def mlflow_artifact_root(self) -> str:
+        return (self.data_root / "mlartifacts").as_uri()
+
+
+MLFLOW_CONN_ID = "mlflow_default"
+DASK_CONN_ID = "dask_default"
+
+
+def airflow_connection(conn_id: str):
+    """The Airflow connection `conn_id`, or None outside Airflow or where it is not defined."""
+    try:
+        from airflow.sdk import Connection
+
+        return Connection.get(conn_id)
+    except Exception:  # not running under Airflow, or no such connection: the caller falls back
+        return None
+
+
+def mlflow_tracking_uri(settings: Settings) -> str:
+    """Connection `mlflow_default` (extra `tracking_uri`, else its host), else MLFLOW_TRACKING_URI, else local."""
+    conn = airflow_connection(MLFLOW_CONN_ID)
+    if conn is not None:
+        uri = (conn.extra_dejson or {}).get("tracking_uri") or conn.host
+        if uri and "://" not in uri:
+            uri = f"{conn.schema or 'http'}://{uri}" + (f":{conn.port}" if conn.port else "")
+        if uri:
+            return uri
+    return settings.mlflow_tracking_uri or settings.local_mlflow_uri()
+
+
+def stable_json(value: Any) -> str:
+    """JSON with sorted keys: the form that checksums and digests are taken of."""
+    return json.dumps(value, sort_keys=True, default=str)

@@ -1,0 +1,35 @@
+"""Typed errors: each names the file, column or param at fault."""
+
+from __future__ import annotations
+
+
+class LeptonError(Exception):
+    """Base class for every failure Lepton raises on purpose."""
+
+
+class BadParam(LeptonError):
+    """A run parameter is missing, of the wrong type, or out of bounds."""
+
+
+class BadSource(LeptonError):
+    """The source cannot be read: missing, empty, corrupt or unsupported."""
+
+
+class ValidationFailed(LeptonError):
+    """The data failed its expectation suite."""
+
+
+class ShardError(LeptonError):
+    """The data cannot be split as asked (too few rows for the shards, say)."""
+
+
+class TrainingError(LeptonError):
+    """A shard's training failed."""
+
+
+class IntegrityError(LeptonError):
+    """An artifact does not match the checksum its manifest recorded."""
+
+
+class RegistryError(LeptonError):
+    """MLflow refused or lost part of the registration."""

@@ -1,0 +1,224 @@
+"""One function per DAG task: parse params, locate the run folder, call the stage, record a summary.
+
+The DAG file calls these with what Airflow hands a task (dag_id, run_id, params) and the upstream manifests
+from XCom; nothing here imports Airflow, so a plain script or a test drives a whole run the same way.
+Each stage's summary lands in `{run}/summaries/{stage}.json` (failed ones too), and `report` assembles them
+into `{run}/report.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lepton_tasks.config import MNIST1D, PipelineSpec, RunParams, Settings, mlflow_tracking_uri, parse_params
+from lepton_tasks.errors import LeptonError
+from lepton_tasks.storage import RunPaths, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "validate", "shard", "train", "merge", "compress", "register")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who is running (DAG and run ids), with which params, where."""
+
+    spec: PipelineSpec
+    dag_id: str
+    run_id: str
+    params: RunParams
+    settings: Settings
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths.of(self.settings.data_root, self.dag_id, self.run_id)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.paths.stage(stage)
+
+    def summary_path(self, stage: str) -> Path:
+        return self.paths.root / "summaries" / f"{stage}.json"
+
+
+def context(dag_id: str, run_id: str, raw_params: dict | None, spec: PipelineSpec = MNIST1D) -> RunContext:
+    return RunContext(spec, dag_id, run_id, parse_params(raw_params), Settings.from_env())
+
+
+def from_airflow(task_context: dict[str, Any], spec: PipelineSpec = MNIST1D) -> RunContext:
+    """The RunContext of the Airflow task whose context Airflow handed the task function."""
+    try:
+        return context(task_context["dag"].dag_id, task_context["run_id"], dict(task_context["params"]), spec)
+    except LeptonError as err:
+        raise _without_retry(err) from err
+
+
+def _without_retry(err: LeptonError) -> Exception:
+    """Bad input fails the same way every time: tell Airflow not to retry it."""
+    try:
+        from airflow.sdk.exceptions import AirflowFailException
+    except ImportError:  # not under Airflow
+        return err
+    return AirflowFailException(f"{type(err).__name__}: {err}")
+
+
+def _run_stage(ctx: RunContext, stage: str, body: Callable[[], Any], figures: Callable[[Any], dict]) -> dict:
+    """Time `body`, write the stage summary (with its key figures, or the error), return its manifest dict."""
+    started = time.perf_counter()
+    try:
+        manifest = body()
+        result = manifest.to_dict() if hasattr(manifest, "to_dict") else manifest
+    except Exception as err:
+        summary = {"status": "failed", "seconds": round(time.perf_counter() - started, 3),
+                   "error": f"{type(err).__name__}: {err}"}
+        if not isinstance(err, LeptonError):
+            summary["traceback"] = traceback.format_exc(limit=5)
+        write_json(ctx.summary_path(stage), summary)
+        if isinstance(err, LeptonError):
+            raise _without_retry(err) from err
+        raise
+    write_json(ctx.summary_path(stage), {"status": "success", "seconds": round(time.perf_counter() - started, 3),
+                                         **figures(result)})
+    return result
+
+
+def _eval_tensors(ctx: RunContext, shards: dict):
+    from lepton_tasks.train import load_xy
+
+    return load_xy(shards["eval"]["files"], shards["feature_columns"], shards["label_column"])
+
+
+def _shape(ctx: RunContext):
+    from lepton_tasks.models import ModelShape
+
+    data = ctx.spec.dataset
+    return ModelShape(ctx.params.model_kind, len(data.feature_columns), len(data.classes), ctx.params.hidden_size)
+
+
+def ingest(ctx: RunContext) -> dict:
+    from lepton_tasks import ingest as stage
+
+    return _run_stage(ctx, "ingest",
+                      lambda: stage.ingest(ctx.params.source_uri, ctx.settings.data_root, ctx.stage_dir("ingest")),
+                      lambda m: {"rows": m["rows"], "files": len(m["source_files"]), "sha256": m["sha256"]})
+
+
+def validate(ctx: RunContext, ingested: dict) -> dict:
+    from lepton_tasks import validate as stage
+
+    return _run_stage(ctx, "validate",
+                      lambda: stage.validate(ingested["parts"], ctx.spec.suite_file, ctx.stage_dir("validate")),
+                      lambda m: {k: m[k] for k in ("suite", "evaluated", "passed", "failed", "docs_index")})
+
+
+def shard(ctx: RunContext, ingested: dict) -> dict:
+    from lepton_tasks import shard as stage
+    from lepton_tasks.cluster import dask_client
+
+    def body():
+        data = ctx.spec.dataset
+        with dask_client(ctx.settings, ctx.params.num_shards) as client:
+            return stage.shard(ingested["parts"], ctx.stage_dir("shard"), ctx.params.num_shards,
+                               ctx.params.eval_fraction, ctx.params.seed, data.label_column,
+                               list(data.feature_columns), client)
+
+    return _run_stage(ctx, "shard", body, lambda m: {
+        "shard_rows": {s["name"]: s["rows"] for s in m["shards"]}, "eval_rows": m["eval"]["rows"]})
+
+
+def train(ctx: RunContext, shards: dict) -> dict:
+    from lepton_tasks import train as stage
+    from lepton_tasks.cluster import dask_client
+
+    def body():
+        with dask_client(ctx.settings, ctx.params.num_shards) as client:
+            return stage.train(shards["shards"], shards["feature_columns"], shards["label_column"], _shape(ctx),
+                               ctx.params, ctx.stage_dir("train"), client)
+
+    return _run_stage(ctx, "train", body, lambda m: {
+        "rounds": len(m["rounds"]),
+        "final_loss": {c["shard"]: c["epochs"][-1]["loss"] if c["epochs"] else None for c in m["rounds"][-1]},
+        "resumed": sum(c["resumed"] for r in m["rounds"] for c in r)})
+
+
+def merge(ctx: RunContext, shards: dict, trained: dict) -> dict:
+    from lepton_tasks import merge as stage
+
+    return _run_stage(ctx, "merge",
+                      lambda: stage.merge(trained["rounds"][-1], _shape(ctx), _eval_tensors(ctx, shards),
+                                          ctx.stage_dir("merge"), len(trained["rounds"])),
+                      lambda m: {"merged_accuracy": m["merged_accuracy"], "shard_accuracy": m["shard_accuracy"]})
+
+
+def compress(ctx: RunContext, shards: dict, merged: dict) -> dict:
+    from lepton_tasks import compress as stage
+
+    return _run_stage(ctx, "compress",
+                      lambda: stage.compress(Path(merged["merged_path"]), merged["merged_sha256"], _shape(ctx),
+                                             _eval_tensors(ctx, shards), ctx.stage_dir("compress"),
+                                             ctx.params.accuracy_tolerance, ctx.params.prune_sparsity),
+                      lambda m: {"chosen": m["chosen"], "variants": {
+                          v["name"]: {k: v[k] for k in ("accuracy", "bytes", "latency_p50_ms", "latency_p99_ms")}
+                          for v in [m["reference"], *m["variants"]]}})
+
+
+def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
+    from lepton_tasks import register as stage
+
+    def body():
+        record = stage.RunRecord(ctx.dag_id, ctx.run_id, ctx.params.model_dump(), manifests["ingest"],
+                                 manifests["validate"], manifests["shard"], manifests["train"],
+                                 manifests["merge"], manifests["compress"])
+        artifact_root = ctx.settings.mlflow_artifact_root() if _is_local(ctx) else None
+        return stage.register(record, mlflow_tracking_uri(ctx.settings), ctx.spec.experiment_name,
+                              ctx.spec.registered_model_name, artifact_root,
+                              _eval_tensors(ctx, manifests["shard"])[0])
+
+    return _run_stage(ctx, "register", body, lambda m: {"mlflow": m})
+
+
+def _is_local(ctx: RunContext) -> bool:
+    """A database or local store gets an explicit artifact root; a tracking server manages its own."""
+    return not mlflow_tracking_uri(ctx.settings).startswith(("http://", "https://", "databricks"))
+
+
+def report(ctx: RunContext) -> dict:
+    """Assemble `report.json` from the stage summaries; a stage without one never ran."""
+    stages = {}
+    for stage in STAGES:
+        path = ctx.summary_path(stage)
+        stages[stage] = read_json(path) if path.exists() else {"status": "not_run"}
+    failed = next((s for s in STAGES if stages[s]["status"] == "failed"), None)
+    status = "success" if all(s["status"] == "success" for s in stages.values()) else "failed"
+    report = {
+        "dag_id": ctx.dag_id, "run_id": ctx.run_id, "status": status, "failed_stage": failed,
+        "params": ctx.params.model_dump(), "stages": stages,
+        "metrics": _metrics(stages), "mlflow": stages["register"].get("mlflow", {}),
+    }
+    write_json(ctx.paths.report, report)
+    log.info("report: %s (%s)", ctx.paths.report, status)
+    return report
+
+
+def finish(ctx: RunContext) -> str:
+    """Write the report; fail (so the DAG run fails) when a stage did not succeed. Returns the report path."""
+    written = report(ctx)
+    if written["status"] != "success":
+        where = written["failed_stage"] or "an upstream task"
+        raise _without_retry(LeptonError(f"run failed at stage '{where}'; report: {ctx.paths.report}"))
+    return str(ctx.paths.report)
+
+
+def _metrics(stages: dict) -> dict:
+    figures = {}
+    for stage, keys in {"ingest": ["rows"], "validate": ["passed", "failed"], "shard": ["shard_rows", "eval_rows"],
+                        "merge": ["merged_accuracy", "shard_accuracy"], "compress": ["chosen", "variants"]}.items():
+        for key in keys:
+            if key in stages[stage]:
+                figures[f"{stage}.{key}" if stage == "validate" else key] = stages[stage][key]
+    return figures

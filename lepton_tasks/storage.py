@@ -1,0 +1,117 @@
+"""Run-scoped paths, atomic writes and checksums.
+
+Every output lives under `{data_root}/{pipeline}/{run_id}/{stage}/`. A stage writes into a temporary sibling and
+renames it into place, so a reader sees either nothing or the whole output, a retry replaces only its own
+stage, and a concurrent run of another run_id never touches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_CHUNK = 1 << 20
+
+
+def safe_name(run_id: str) -> str:
+    """A folder name for an Airflow run_id (which holds ':' and '+')."""
+    name = _UNSAFE.sub("-", run_id).strip("-.")
+    if not name:
+        raise ValueError(f"run_id {run_id!r} has no usable characters")
+    return name
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The folders of one pipeline run."""
+
+    root: Path  # {data_root}/{pipeline}/{run}
+
+    @classmethod
+    def of(cls, data_root: Path, pipeline: str, run_id: str) -> RunPaths:
+        return cls(Path(data_root) / safe_name(pipeline) / safe_name(run_id))
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder that replaces `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+        new.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(final)
+
+
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary path in the same folder; it is renamed onto `final` if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: Any) -> Path:
+    """Write JSON atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
+    return Path(path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One checksum over several files, in the order given (names excluded, so a copy checks the same)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(bytes.fromhex(sha256_file(path)))
+    return digest.hexdigest()
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -1,0 +1,187 @@
+"""Train: one PyTorch model per shard, each on a Dask worker, for R rounds of FedAvg.
+
+Round r starts every shard from the same weights (the seeded init, then the previous round's merge), trains
+`local_epochs` on the shard the worker reads itself, and writes a safetensors checkpoint whose metadata records
+what it was made from. A retried task finds those checkpoints and trains only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lepton_tasks.merge import fedavg_files
+from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, load_model, save_checkpoint
+from lepton_tasks.storage import sha256_file
+
+log = logging.getLogger(__name__)
+
+PROGRESS_TOPIC = "lepton-progress"
+
+
+def load_xy(files: list[str], features: list[str], label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (float32) and labels (int64) of Parquet files, read with only the needed columns."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(f, columns=list(features) + [label]) for f in files])
+    x = np.stack([table.column(c).to_numpy().astype(np.float32) for c in features], axis=1)
+    y = table.column(label).to_numpy().astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@dataclass
+class ShardJob:
+    """One shard's training in one round: everything a worker needs, all of it plain data."""
+
+    shard: str
+    round: int
+    files: list[str]
+    rows: int
+    features: list[str]
+    label: str
+    shape: ModelShape
+    start: dict  # {"path", "sha256"} of the weights to start from
+    out_path: str
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    seed: int
+    params_digest: str
+
+    def metadata(self) -> dict[str, str]:
+        return {"shard": self.shard, "round": str(self.round), "rows": str(self.rows),
+                "start_sha256": self.start["sha256"], "params_digest": self.params_digest}
+
+
+def _report_progress(message: dict) -> None:
+    """Send per-epoch progress to the task log through Dask's event stream (plain log outside Dask)."""
+    try:
+        from distributed import get_worker
+
+        get_worker().log_event(PROGRESS_TOPIC, message)
+    except ValueError:  # not running on a Dask worker
+        log.info("progress %s", message)
+
+
+def train_shard(job: ShardJob) -> dict:
+    """Train one shard from `job.start` and save its checkpoint; runs on a Dask worker."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, y = (t.to(device) for t in load_xy(job.files, job.features, job.label))  # the shard stays on the device
+    model = load_model(job.shape, load_checkpoint(Path(job.start["path"]), job.start["sha256"])[0]).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=job.learning_rate)
+    generator = torch.Generator().manual_seed(job.seed)
+    epochs = []
+    for epoch in range(1, job.epochs + 1):
+        started, total_loss, correct = time.perf_counter(), 0.0, 0
+        for idx in torch.randperm(len(y), generator=generator).to(device).split(job.batch_size):
+            logits = model(x[idx])
+            loss = torch.nn.functional.cross_entropy(logits, y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y[idx]).sum().item()
+        record = {"shard": job.shard, "round": job.round, "epoch": epoch, "loss": total_loss / len(y),
+                  "train_accuracy": correct / len(y), "seconds": time.perf_counter() - started}
+        epochs.append(record)
+        _report_progress(record)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sha = save_checkpoint(Path(job.out_path), state, {**job.metadata(), "epochs": json.dumps(epochs)})
+    return {"shard": job.shard, "round": job.round, "path": job.out_path, "sha256": sha, "rows": job.rows,
+            "epochs": epochs, "resumed": False}
+
+
+def finished_checkpoint(job: ShardJob) -> dict | None:
+    """The result of an earlier attempt at exactly this job, if its checkpoint is on disk and intact."""
+    path = Path(job.out_path)
+    if not path.exists():
+        return None
+    try:
+        _, meta = load_checkpoint(path)
+    except Exception:  # a torn or foreign file: train again
+        return None
+    if any(meta.get(k) != v for k, v in job.metadata().items()):
+        return None
+    return {"shard": job.shard, "round": job.round, "path": str(path), "sha256": sha256_file(path),
+            "rows": job.rows, "epochs": json.loads(meta.get("epochs", "[]")), "resumed": True}
+
+
+@dataclass
+class TrainManifest:
+    """Every round's shard checkpoints (the last round is what `merge` averages)."""
+
+    stage_dir: str
+    shape: ModelShape
+    init: dict
+    rounds: list[list[dict]] = field(default_factory=list)
+
+    @property
+    def final_round(self) -> list[dict]:
+        return self.rounds[-1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TrainManifest:
+        return cls(**{**raw, "shape": ModelShape(**raw["shape"])})
+
+
+def _run_round(jobs: list[ShardJob], client) -> list[dict]:
+    """Train the jobs without a finished checkpoint on the cluster; keep the order of `jobs`."""
+    results = {job.shard: finished_checkpoint(job) for job in jobs}
+    todo = [job for job in jobs if results[job.shard] is None]
+    for job in jobs:
+        if results[job.shard] is not None:
+            log.info("round %d %s: resumed from %s", job.round, job.shard, job.out_path)
+    futures = [client.submit(train_shard, job, pure=False, key=f"train-r{job.round}-{job.shard}-{job.params_digest}")
+               for job in todo]
+    for job, result in zip(todo, client.gather(futures), strict=True):
+        results[job.shard] = result
+    return [results[job.shard] for job in jobs]
+
+
+def _log_progress(event) -> None:
+    _, msg = event
+    log.info("round %d %s epoch %d: loss %.4f, train accuracy %.4f (%.2fs)", msg["round"], msg["shard"],
+             msg["epoch"], msg["loss"], msg["train_accuracy"], msg["seconds"])
+
+
+def train(shards: list[dict], features: list[str], label: str, shape: ModelShape, params, stage_dir: Path,
+          client) -> TrainManifest:
+    """Run `params.merge_rounds` rounds over `shards` (ShardInfo dicts) on the Dask `client`."""
+    stage_dir = Path(stage_dir)
+    init_path = stage_dir / "init.safetensors"
+    init_sha = save_checkpoint(init_path, init_weights(shape, params.seed), {"seed": str(params.seed)})
+    manifest = TrainManifest(str(stage_dir), shape, {"path": str(init_path), "sha256": init_sha})
+    start = manifest.init
+    client.subscribe_topic(PROGRESS_TOPIC, _log_progress)
+    try:
+        for rnd in range(1, params.merge_rounds + 1):
+            jobs = [_job(s, rnd, features, label, shape, start, stage_dir, params) for s in shards]
+            manifest.rounds.append(_run_round(jobs, client))
+            if rnd < params.merge_rounds:
+                merged = stage_dir / f"round-{rnd:02d}" / "merged.safetensors"
+                start = {"path": str(merged),
+                         "sha256": fedavg_files(manifest.rounds[-1], merged, {"round": str(rnd)})}
+    finally:
+        client.unsubscribe_topic(PROGRESS_TOPIC)
+    return manifest
+
+
+def _job(shard: dict, rnd: int, features, label, shape, start, stage_dir: Path, params) -> ShardJob:
+    index = int(shard["name"].rsplit("-", 1)[-1])
+    return ShardJob(
+        shard=shard["name"], round=rnd, files=shard["files"], rows=shard["rows"], features=list(features),
+        label=label, shape=shape, start=start,
+        out_path=str(stage_dir / f"round-{rnd:02d}" / f"{shard['name']}.safetensors"),
+        epochs=params.local_epochs, learning_rate=params.learning_rate, batch_size=params.batch_size,
+        seed=params.seed * 1_000_003 + rnd * 1_009 + index, params_digest=params.digest(),
+    )

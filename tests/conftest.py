@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny real data, a real Dask cluster, isolated data roots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lepton_tasks.config import MNIST1D
+from lepton_tasks.demo_data import make_mnist1d
+
+FEATURES = list(MNIST1D.dataset.feature_columns)
+LABEL = MNIST1D.dataset.label_column
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setenv("LEPTON_DATA_ROOT", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return root
+
+
+def mnist_frame(rows: int = 600, seed: int = 7) -> pd.DataFrame:
+    features, labels = make_mnist1d(rows, seed)
+    frame = pd.DataFrame(features, columns=FEATURES)
+    frame[LABEL] = labels
+    return frame
+
+
+@pytest.fixture
+def mnist_parquet(tmp_path) -> Path:
+    path = tmp_path / "landing" / "mnist1d.parquet"
+    path.parent.mkdir(parents=True)
+    mnist_frame().to_parquet(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real two-worker Dask cluster (threads: it shares the test's imports and starts fast)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+def has_gpu() -> bool:
+    from lepton_tasks.cluster import gpu_count
+
+    return gpu_count() > 0
+
+
+def postgres_url() -> str | None:
+    return os.environ.get("LEPTON_TEST_POSTGRES_URL") or None

@@ -1,0 +1,69 @@
+"""Every DAG imports cleanly, is scheduled explicitly, retries, has owner and tags, and parses cheaply."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lepton_tasks.config import REPO_ROOT
+from tests.integration.airflow_env import AirflowEnv
+
+HEAVY = ("torch", "dask", "distributed", "mlflow", "great_expectations", "pandas", "pyarrow", "onnx")
+
+PARSE = """
+import sys, json
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(sys.argv[1])
+heavy = [m for m in {heavy!r} if m in sys.modules]
+print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "heavy": heavy,
+    "dags": {{d.dag_id: {{"schedule": str(d.schedule), "owner": d.owner, "tags": sorted(d.tags),
+        "retries": [t.retries for t in d.tasks], "max_active_runs": d.max_active_runs, "catchup": d.catchup,
+        "doc": bool(d.doc_md)}} for d in bag.dags.values()}}}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory):
+    env = AirflowEnv.sqlite(tmp_path_factory.mktemp("parse"))
+    done = subprocess.run([sys.executable, "-c", PARSE.format(heavy=HEAVY), str(REPO_ROOT / "dags")],
+                          env=env.env(), capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1]), env
+
+
+def test_dags_import_without_errors(parsed):
+    result, _ = parsed
+    assert result["errors"] == {} and "lepton_mnist1d" in result["dags"]
+
+
+def test_every_dag_is_scheduled_retried_owned_tagged_and_documented(parsed):
+    for dag_id, dag in parsed[0]["dags"].items():
+        assert dag["schedule"] not in ("None", ""), dag_id
+        assert dag["owner"] and dag["owner"] != "airflow", dag_id
+        assert dag["tags"] and dag["doc"], dag_id
+        assert max(dag["retries"]) >= 1, dag_id
+    nightly = parsed[0]["dags"]["lepton_mnist1d"]
+    assert nightly["schedule"] == "0 2 * * *" and nightly["max_active_runs"] == 1 and nightly["catchup"] is False
+
+
+def test_parsing_imports_no_heavy_library_and_opens_no_database(parsed):
+    result, env = parsed
+    assert result["heavy"] == []
+    assert not (env.home / "airflow.db").exists()  # the parse never touched the metadata DB
+
+
+def test_ruff_airflow_rules_are_clean():
+    ruff = str(REPO_ROOT / ".venv" / "bin" / "ruff")
+    done = subprocess.run([ruff, "check", "--select", "AIR", "dags", "lepton_tasks"],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stdout
+
+
+def test_a_param_out_of_bounds_is_refused_by_airflow_naming_it(tmp_path):
+    env = AirflowEnv.sqlite(tmp_path)
+    env.migrate()
+    for date, conf, named in [("2026-01-01", {"num_shards": 0}, "param num_shards"),
+                              ("2026-01-02", {"model_kind": "rnn"}, "param model_kind")]:
+        done = env.airflow("dags", "test", "lepton_mnist1d", date, "-c", json.dumps(conf), check=False)
+        assert done.returncode != 0 and named in (done.stdout + done.stderr)
+    assert env.runs() == set()  # refused before any task ran: no run folder

@@ -1,0 +1,126 @@
+"""The whole DAG with `airflow dags test`, then MLflow and report.json checked: on SQLite, and on PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import postgres_url
+from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, read_report, unique, write_demo
+
+pytestmark = pytest.mark.slow
+
+GOOD_DATE = "2026-03-01T02:00:00+00:00"
+WORSE_DATE = "2026-03-02T02:00:00+00:00"
+BAD_DATE = "2026-03-03T02:00:00+00:00"
+WORSE_CONF = {**SMALL_CONF, "model_kind": "mlp", "merge_rounds": 1, "local_epochs": 1, "learning_rate": 0.0005}
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _mlflow(env: AirflowEnv):
+    from mlflow import MlflowClient
+
+    return MlflowClient(env.mlflow_uri)
+
+
+def _check_good_run(env: AirflowEnv, run_dir: Path) -> dict:
+    report = read_report(run_dir)
+    assert report["status"] == "success" and report["failed_stage"] is None
+    assert set(report["stages"]) == {"ingest", "validate", "shard", "train", "merge", "compress", "register"}
+    assert all(s["status"] == "success" and s["seconds"] >= 0 for s in report["stages"].values())
+    assert report["metrics"]["rows"] == 1500 and report["metrics"]["validate.failed"] == 0
+    # 3x chance: it learns; the quality bar itself is measured in bench/
+    assert len(report["metrics"]["shard_rows"]) == 2 and report["metrics"]["merged_accuracy"] > 0.3
+    assert report["metrics"]["chosen"] in report["metrics"]["variants"]
+    info = report["mlflow"]
+    assert info["model_name"] == "lepton-mnist1d" and info["model_version"] == "1"
+    assert info["aliases"] == ["candidate", "champion"]
+
+    client = _mlflow(env)
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["lepton.complete"] == "true"
+    assert run.data.params["num_shards"] == "2"
+    assert run.data.metrics["eval_accuracy"] == pytest.approx(report["metrics"]["merged_accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
+    assert {"validation", "shards", "checkpoints", "merged", "onnx"} <= artifacts
+    assert any(a.path.endswith("docs") for a in client.list_artifacts(info["run_id"], "validation"))
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "ingested"
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{info['run_id']}'")
+    assert len(children) == 2
+    curve = client.get_metric_history(children[0].info.run_id, "loss")
+    assert [m.step for m in curve] == list(range(1, 9))  # 2 rounds x 4 epochs
+    version = client.get_model_version("lepton-mnist1d", "1")
+    assert version.tags["lepton.dag_run_id"] == report["run_id"] and "FedAvg" in version.description
+    return report
+
+
+def _check_worse_run_keeps_champion(env: AirflowEnv, good_dir: Path) -> None:
+    _, run_dir = env.dags_test(WORSE_CONF, WORSE_DATE)
+    report, good = read_report(run_dir), read_report(good_dir)
+    assert report["metrics"]["merged_accuracy"] < good["metrics"]["merged_accuracy"]
+    client = _mlflow(env)
+    assert str(client.get_model_version_by_alias("lepton-mnist1d", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("lepton-mnist1d", "candidate").version) == "2"
+
+
+def _check_failed_run_registers_nothing(env: AirflowEnv, good_dir: Path) -> None:
+    before = _tree_digest(good_dir)
+    done, run_dir = env.dags_test({**SMALL_CONF, "source_uri": "landing/nowhere/"}, BAD_DATE, check=False)
+    assert done.returncode != 0
+    report = read_report(run_dir)
+    assert report["status"] == "failed" and report["failed_stage"] == "ingest"
+    assert "nowhere' does not exist" in report["stages"]["ingest"]["error"]
+    assert report["stages"]["register"]["status"] == "not_run"
+    client = _mlflow(env)
+    assert len(client.search_model_versions("name = 'lepton-mnist1d'")) == 2
+    assert str(client.get_model_version_by_alias("lepton-mnist1d", "champion").version) == "1"
+    assert _tree_digest(good_dir) == before
+
+
+def _pipeline_story(env: AirflowEnv) -> None:
+    write_demo(env.data_root, 1500)
+    env.migrate()
+    _, good_dir = env.dags_test(SMALL_CONF, GOOD_DATE)
+    _check_good_run(env, good_dir)
+    _check_worse_run_keeps_champion(env, good_dir)
+    _check_failed_run_registers_nothing(env, good_dir)
+
+
+def test_pipeline_on_sqlite(tmp_path):
+    _pipeline_story(AirflowEnv.sqlite(tmp_path))
+
+
+@pytest.fixture
+def postgres_databases():
+    url = postgres_url()
+    if not url:
+        pytest.skip("LEPTON_TEST_POSTGRES_URL is not set")
+    import sqlalchemy
+
+    names = [unique("lepton_airflow"), unique("lepton_mlflow")]
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        for name in names:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    base = url.rsplit("/", 1)[0]
+    yield [f"{base}/{name}" for name in names]
+    with engine.connect() as conn:
+        for name in names:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_pipeline_on_postgres(tmp_path, postgres_databases):
+    airflow_db, mlflow_db = postgres_databases
+    env = AirflowEnv(tmp_path, tmp_path / "data", airflow_db.replace("postgresql://", "postgresql+psycopg2://", 1),
+                     mlflow_db)
+    _pipeline_story(env)

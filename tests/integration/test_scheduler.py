@@ -1,0 +1,80 @@
+"""The DAG under Airflow's real scheduler (LocalExecutor), not only `airflow dags test`.
+
+Task processes started by the scheduler have no metadata-DB access, and a Dask worker spawned from one would
+re-import the `airflow` entry point; this test runs the pipeline the way the nightly schedule does.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from contextlib import ExitStack
+
+import pytest
+
+from tests.integration.airflow_env import BIN, SMALL_CONF, AirflowEnv, read_report, write_demo
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT_S = 420
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(env: AirflowEnv, extra: dict, *command: str) -> subprocess.Popen:
+    log = open(env.home / f"{command[0]}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([str(BIN / "airflow"), *command], env=env.env(**extra), stdout=log,
+                            stderr=subprocess.STDOUT, cwd=env.home)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _runs(env: AirflowEnv, extra: dict) -> list[dict]:
+    done = env.airflow("dags", "list-runs", "lepton_mnist1d", "-o", "json", check=False, **extra)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("[")]  # warnings precede the JSON
+    return json.loads(rows[-1]) if done.returncode == 0 and rows else []
+
+
+def test_triggered_run_succeeds_under_the_scheduler(tmp_path):
+    env = AirflowEnv.sqlite(tmp_path)
+    port = _free_port()
+    extra = {"AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__EXECUTION_API_SERVER_URL":
+             f"http://127.0.0.1:{port}/execution/", "AIRFLOW__CORE__PARALLELISM": "4"}
+    write_demo(env.data_root, 1500)
+    env.migrate()
+    with ExitStack() as stack:
+        for command in (("api-server", "--port", str(port)), ("scheduler",), ("dag-processor",)):
+            process = _start(env, extra, *command)
+            stack.callback(process.wait, 30)
+            stack.callback(process.terminate)
+        _wait_for(lambda: env.airflow("dags", "details", "lepton_mnist1d", check=False, **extra).returncode == 0,
+                  120, "the dag-processor to serialise lepton_mnist1d")
+        env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", "triggered_by_test", "-c",
+                    json.dumps(SMALL_CONF), **extra)
+        env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
+
+        def triggered_finished() -> bool:
+            return any(r["run_id"] == "triggered_by_test" and r["state"] in ("success", "failed")
+                       for r in _runs(env, extra))
+
+        _wait_for(triggered_finished, RUN_TIMEOUT_S, "the triggered run to finish")
+    state = next(r["state"] for r in _runs(env, extra) if r["run_id"] == "triggered_by_test")
+    logs = "\n".join(p.read_text()[-3000:] for p in env.home.glob("*.log"))
+    assert state == "success", f"run ended {state}; component logs:\n{logs}"
+    report = read_report(env.data_root / "lepton_mnist1d" / "triggered_by_test")
+    assert report["status"] == "success" and report["mlflow"]["model_version"]
+    task_logs = "\n".join(p.read_text() for p in (env.home / "logs").rglob("*.log") if "task_id=train" in str(p))
+    assert "LocalCluster" in task_logs and "epoch" in task_logs  # the cluster choice and per-epoch progress

@@ -1,0 +1,30 @@
+import torch
+
+from lepton_tasks.compress import compress, prune_global
+from lepton_tasks.models import ModelShape, build_model, init_weights, save_checkpoint
+from tests.conftest import FEATURES, LABEL, mnist_frame
+
+
+def test_global_pruning_zeroes_the_asked_fraction():
+    model = prune_global(build_model(ModelShape("mlp", 40, 10, 64)), 0.6)
+    weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    assert abs((weights == 0).float().mean().item() - 0.6) < 0.01
+
+
+def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(tmp_path):
+    from lepton_tasks.train import load_xy
+
+    shape = ModelShape("mlp", 40, 10, 64)
+    merged = tmp_path / "merged.safetensors"
+    sha = save_checkpoint(merged, init_weights(shape, 0), {})
+    path = tmp_path / "eval.parquet"
+    mnist_frame(300).to_parquet(path, index=False)
+    manifest = compress(merged, sha, shape, load_xy([str(path)], FEATURES, LABEL), tmp_path / "c", 0.02, 0.3)
+    by_name = {v.name: v for v in manifest.variants}
+    assert set(by_name) == {"onnx_fp32", "onnx_pruned_fp32", "onnx_int8", "onnx_pruned_int8"}
+    assert abs(by_name["onnx_fp32"].accuracy - manifest.reference.accuracy) < 1e-9
+    assert by_name["onnx_int8"].bytes < by_name["onnx_fp32"].bytes / 2
+    chosen = by_name[manifest.chosen]
+    assert chosen.within_tolerance and chosen.accuracy >= manifest.reference.accuracy - 0.02
+    assert all(chosen.bytes <= v.bytes for v in manifest.variants if v.within_tolerance)
+    assert (tmp_path / "c" / "model.onnx").exists()

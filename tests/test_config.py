@@ -1,0 +1,31 @@
+import pytest
+
+from lepton_tasks.config import RunParams, airflow_param_specs, parse_params
+from lepton_tasks.errors import BadParam
+
+
+def test_defaults_are_valid_and_digest_is_stable():
+    assert parse_params({}) == RunParams()
+    assert RunParams().digest() == RunParams().digest() != RunParams(seed=1).digest()
+
+
+@pytest.mark.parametrize("raw, param", [
+    ({"num_shards": 0}, "num_shards"),
+    ({"learning_rate": -1}, "learning_rate"),
+    ({"model_kind": "rnn"}, "model_kind"),
+    ({"local_epochs": "many"}, "local_epochs"),
+    ({"eval_fraction": 1.0}, "eval_fraction"),
+    ({"no_such_param": 1}, "no_such_param"),
+])
+def test_bad_params_are_named(raw, param):
+    with pytest.raises(BadParam, match=f"param '{param}'"):
+        parse_params(raw)
+
+
+def test_airflow_param_specs_are_typed_bounded_and_described():
+    specs = airflow_param_specs()
+    assert specs["num_shards"]["type"] == "integer" and specs["num_shards"]["minimum"] == 1
+    assert specs["learning_rate"]["type"] == "number" and specs["learning_rate"]["exclusiveMinimum"] == 0
+    assert specs["model_kind"]["enum"] == ["mlp", "cnn"]
+    assert all(spec["description"] and spec["title"] for spec in specs.values())
+    assert {name: spec["default"] for name, spec in specs.items()} == RunParams().model_dump()

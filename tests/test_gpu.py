@@ -1,0 +1,38 @@
+"""GPU path: LocalCUDACluster workers train a shard on the device. Skipped where NVML sees no GPU."""
+
+import pytest
+
+from lepton_tasks.cluster import gpu_count, make_local_cluster
+from tests.conftest import has_gpu
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not has_gpu(), reason="no CUDA GPU visible through NVML")]
+
+
+def test_local_cuda_cluster_is_chosen_with_one_worker_per_gpu():
+    cluster, kind = make_local_cluster(None, 1)
+    try:
+        assert kind == "LocalCUDACluster" and len(cluster.workers) == gpu_count()
+    finally:
+        cluster.close()
+
+
+def test_a_shard_trains_on_the_gpu(tmp_path):
+    import torch
+    from distributed import Client
+
+    from tests.conftest import mnist_frame
+    from tests.test_train import _job
+
+    path = tmp_path / "shard.parquet"
+    mnist_frame(400).to_parquet(path, index=False)
+    job = _job(tmp_path, {"name": "shard-000", "files": [str(path)], "rows": 400})
+    cluster, _ = make_local_cluster(None, 1)
+    try:
+        with Client(cluster) as client:
+            from lepton_tasks.train import train_shard
+
+            result = client.submit(train_shard, job).result()
+            assert client.submit(torch.cuda.is_available).result()
+        assert result["epochs"][-1]["loss"] < result["epochs"][0]["loss"]
+    finally:
+        cluster.close()

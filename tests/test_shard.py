@@ -1,0 +1,62 @@
+import pandas as pd
+import pytest
+
+from lepton_tasks.errors import ShardError
+from lepton_tasks.shard import held_out_mask, shard
+from tests.conftest import FEATURES, LABEL
+
+
+def _shard(ingested, out, client, n=3, seed=1):
+    return shard(ingested, out, n, 0.2, seed, LABEL, FEATURES, client)
+
+
+@pytest.fixture
+def parts(tmp_path):
+    from tests.conftest import mnist_frame
+
+    frame = mnist_frame(900)
+    paths = []
+    for i, chunk in enumerate([frame.iloc[:400], frame.iloc[400:]]):  # two partitions
+        path = tmp_path / f"part-{i}.parquet"
+        chunk.to_parquet(path, index=False)
+        paths.append(str(path))
+    return paths
+
+
+def test_shards_partition_the_rows_stratified(parts, tmp_path, dask_client):
+    manifest = _shard(parts, tmp_path / "shard", dask_client)
+    frames = {s.name: pd.concat(pd.read_parquet(f) for f in s.files) for s in [*manifest.shards, manifest.eval]}
+    assert sum(len(f) for f in frames.values()) == 900
+    assert manifest.eval.rows == len(frames["eval"]) and 140 < manifest.eval.rows < 220
+    everything = pd.concat(frames.values())
+    assert not everything.duplicated().any()
+    for label in map(str, range(10)):  # round-robin per label: shard counts differ by at most one
+        counts = [s.label_histogram.get(label, 0) for s in manifest.shards]
+        assert max(counts) - min(counts) <= 1
+
+
+def test_sharding_is_deterministic_given_the_seed(parts, tmp_path, dask_client):
+    first = _shard(parts, tmp_path / "a", dask_client)
+    again = _shard(parts, tmp_path / "b", dask_client)
+    other = _shard(parts, tmp_path / "c", dask_client, seed=2)
+    assert [s.sha256 for s in first.shards] == [s.sha256 for s in again.shards]
+    assert [s.sha256 for s in first.shards] != [s.sha256 for s in other.shards]
+
+
+def test_held_out_mask_is_seeded_and_near_the_fraction():
+    import numpy as np
+
+    rows = np.arange(100_000)
+    mask = held_out_mask(rows, 3, 0.2)
+    assert abs(mask.mean() - 0.2) < 0.01
+    assert (held_out_mask(rows, 3, 0.2) == mask).all() and (held_out_mask(rows, 4, 0.2) != mask).any()
+
+
+def test_more_shards_than_rows_is_a_clear_error(tmp_path, dask_client):
+    from tests.conftest import mnist_frame
+
+    path = tmp_path / "p.parquet"
+    mnist_frame(10).to_parquet(path, index=False)
+    with pytest.raises(ShardError, match="num_shards"):
+        _shard([str(path)], tmp_path / "shard", dask_client, n=50)
+    assert not (tmp_path / "shard").exists()
