@@ -1,7 +1,9 @@
-"""`lepton`: run a pipeline once end to end, or make the demo data.
+"""`lepton`: scaffold, check and run pipelines.
 
-    lepton run [lepton_mnist1d] [-c '{"num_shards": 2}']   # prints the report.json path last
-    lepton demo-data --samples 5000
+    lepton new-pipeline NAME --source URI --target COL   # writes dags/pipelines/NAME.yaml + expectations/NAME.json
+    lepton validate-spec [FILE ...]                      # exit 1 listing every error; no Airflow needed
+    lepton run [NAME] [-c '{"num_shards": 2}']           # one run end to end; prints the report.json path last
+    lepton demo-data [NAME]                              # the bundled examples' data
 """
 
 from __future__ import annotations
@@ -14,16 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from lepton_tasks.config import MNIST1D, REPO_ROOT, Settings, mlflow_tracking_uri, parse_params
+from lepton_tasks.config import REPO_ROOT, Settings, mlflow_tracking_uri, parse_params
 from lepton_tasks.errors import LeptonError
+from lepton_tasks.specs import expectations_dir, find_spec, load_spec, pipelines_dir, spec_files
 
-
-def _ensure_demo_data(settings: Settings, samples: int) -> None:
-    from lepton_tasks.demo_data import write_mnist1d
-
-    landing = settings.data_root / "landing" / "mnist1d"
-    if not any(landing.glob("*.parquet")):
-        print(f"writing {samples} MNIST-1D rows to {write_mnist1d(landing, samples)}")
+DEFAULT_PIPELINE = "lepton_mnist1d"
 
 
 def _newest_report(settings: Settings, dag_id: str, since: float) -> Path | None:
@@ -41,19 +38,21 @@ def _ui_hints(settings: Settings) -> list[str]:
     ]
 
 
-def run(dag_id: str, conf: dict, samples: int) -> int:
-    """Run the DAG once with `airflow dags test` (a real DagRun in the metadata DB); print where results are."""
+def run(name: str, conf: dict, rows: int | None) -> int:
+    """Run the pipeline's DAG once with `airflow dags test` (a real DagRun in the metadata DB)."""
+    from lepton_tasks.demo_data import ensure_example_data
+
     settings = Settings.from_env()
-    parse_params(conf)  # fail here, naming the param, before Airflow starts
-    if dag_id == MNIST1D.name and "source_uri" not in conf:
-        _ensure_demo_data(settings, samples)
+    loaded = find_spec(name)
+    parse_params(conf, loaded.spec.run_defaults())  # fail here, naming the param, before Airflow starts
+    if "source_uri" not in conf:
+        ensure_example_data(loaded.name, settings.data_root, rows)
     started = time.time()
     logical_date = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    command = ["airflow", "dags", "test", dag_id, logical_date, "-c", json.dumps(conf)]
-    code = subprocess.call(command)
-    report = _newest_report(settings, dag_id, started)
+    code = subprocess.call(["airflow", "dags", "test", loaded.name, logical_date, "-c", json.dumps(conf)])
+    report = _newest_report(settings, loaded.name, started)
     if report is None:
-        print(f"no report.json was written under {settings.data_root / dag_id} (airflow exited {code})")
+        print(f"no report.json was written under {settings.data_root / loaded.name} (airflow exited {code})")
         return code or 1
     status = json.loads(report.read_text())["status"]
     print(f"\nrun {status}: outputs under {report.parent}")
@@ -62,20 +61,72 @@ def run(dag_id: str, conf: dict, samples: int) -> int:
     return 0 if status == "success" and code == 0 else 1
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lepton", description=__doc__.splitlines()[0])
+def validate_specs(files: list[str]) -> int:
+    paths = [Path(f) for f in files] or spec_files()
+    if not paths:
+        print(f"no pipeline specs in {pipelines_dir()}")
+        return 1
+    failed = 0
+    for path in paths:
+        try:
+            loaded = load_spec(path)
+            print(f"ok     {path}  (pipeline {loaded.name}, {loaded.spec.target.task}, metric {loaded.spec.metric})")
+        except LeptonError as err:
+            failed += 1
+            print(f"error  {err}")
+    print(f"{len(paths) - failed} valid, {failed} invalid")
+    return 1 if failed else 0
+
+
+def new_pipeline(args: argparse.Namespace) -> int:
+    from lepton_tasks.scaffold import new_pipeline as scaffold
+
+    made = scaffold(args.name, args.source, args.target, Settings.from_env().data_root, pipelines_dir(),
+                    expectations_dir(), args.format, args.task, args.sample_rows, args.force)
+    print(f"wrote {made.spec_path}\nwrote {made.suite_path}\n\nreview before the first run:")
+    print("\n".join(f"  - {note}" for note in made.review))
+    print(f"\nthen: lepton validate-spec {made.spec_path} && lepton run {args.name}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lepton", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    new = commands.add_parser("new-pipeline", help="scaffold a spec and an expectation suite from a source")
+    new.add_argument("name", help="pipeline (DAG) name, e.g. churn_scores")
+    new.add_argument("--source", required=True, help="file, folder or glob; local path or fsspec URI")
+    new.add_argument("--target", required=True, help="the column to predict")
+    new.add_argument("--task", choices=("classification", "regression"), help="default: inferred from the target")
+    new.add_argument("--format", choices=("csv", "parquet", "jsonl"), help="default: each file's extension")
+    new.add_argument("--sample-rows", type=int, default=50_000, help="rows profiled for the suite")
+    new.add_argument("--force", action="store_true", help="overwrite an existing spec and suite")
+    check = commands.add_parser("validate-spec", help="check pipeline specs without starting Airflow")
+    check.add_argument("files", nargs="*", help=f"spec files (default: every spec in {pipelines_dir()})")
     run_cmd = commands.add_parser("run", help="run a pipeline once end to end")
-    run_cmd.add_argument("dag_id", nargs="?", default=MNIST1D.name)
+    run_cmd.add_argument("name", nargs="?", default=DEFAULT_PIPELINE)
     run_cmd.add_argument("-c", "--conf", default="{}", help="JSON params, as in the Airflow trigger form")
-    run_cmd.add_argument("--samples", type=int, default=5000, help="demo rows to generate if none are there")
-    demo = commands.add_parser("demo-data", help="write the MNIST-1D demo data to the landing folder")
-    demo.add_argument("--samples", type=int, default=5000)
-    args = parser.parse_args(argv)
+    run_cmd.add_argument("--rows", "--samples", type=int, help="demo rows to generate for a bundled example")
+    demo = commands.add_parser("demo-data", help="write a bundled example's demo data to its landing folder")
+    demo.add_argument("name", nargs="?", default=DEFAULT_PIPELINE)
+    demo.add_argument("--rows", "--samples", type=int)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            sys.exit(run(args.dag_id, json.loads(args.conf), args.samples))
-        _ensure_demo_data(Settings.from_env(), args.samples)
+            sys.exit(run(args.name, json.loads(args.conf), args.rows))
+        if args.command == "validate-spec":
+            sys.exit(validate_specs(args.files))
+        if args.command == "new-pipeline":
+            sys.exit(new_pipeline(args))
+        from lepton_tasks.demo_data import EXAMPLES, ensure_example_data
+
+        if args.name not in EXAMPLES:
+            sys.exit(f"lepton: no bundled demo data for '{args.name}' (examples: {', '.join(EXAMPLES)})")
+        print(ensure_example_data(args.name, Settings.from_env().data_root, args.rows))
     except (LeptonError, json.JSONDecodeError) as err:
         sys.exit(f"lepton: {err}")
 

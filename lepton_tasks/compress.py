@@ -1,9 +1,10 @@
 """Compress: global magnitude pruning, ONNX export and onnxruntime int8 dynamic quantization.
 
 Variants: the merged model as ONNX fp32, pruned fp32, int8, pruned int8. Each is scored on the held-out split
-(accuracy), on disk (bytes, and bytes once deflated, which is where pruning's zeros pay off) and on the CPU
-(single-row latency p50/p99 in onnxruntime). The chosen variant is the smallest on disk whose accuracy is within
-`tolerance` of the merged model's; ties go to the smaller deflated size, then the lower latency.
+(the pipeline's metrics), on disk (bytes, and bytes once deflated, which is where pruning's zeros pay off) and on
+the CPU (single-row latency p50/p99 in onnxruntime). The chosen variant is the smallest on disk whose metric is
+within `tolerance` of the merged model's, in the metric's own units; ties go to the smaller deflated size, then
+the lower latency.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lepton_tasks.models import ModelShape, accuracy, load_checkpoint, load_model
+from lepton_tasks.metrics import evaluate, worsening
+from lepton_tasks.models import ModelShape, load_checkpoint, load_model, predict
 from lepton_tasks.storage import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,8 @@ class Variant:
 
     name: str
     path: str
-    accuracy: float
+    score: float  # the pipeline's metric
+    metrics: dict[str, float]
     bytes: int
     deflated_bytes: int
     latency_p50_ms: float
@@ -50,6 +53,7 @@ class CompressManifest:
     chosen: str
     chosen_path: str
     chosen_sha256: str
+    metric: str
     tolerance: float
     sparsity: float
 
@@ -72,7 +76,7 @@ def prune_global(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
 def export_onnx(model: torch.nn.Module, in_features: int, path: Path) -> Path:
     """Export with a dynamic batch dimension, as one self-contained file."""
     example = (torch.zeros(2, in_features),)
-    torch.onnx.export(model.eval(), example, str(path), input_names=["features"], output_names=["logits"],
+    torch.onnx.export(model.eval(), example, str(path), input_names=["features"], output_names=["output"],
                       dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
                       verbose=False)
     return path
@@ -85,16 +89,15 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _onnx_scores(path: Path, features: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
-    """Held-out accuracy and single-row latency p50/p99 (ms) of an ONNX file in onnxruntime on the CPU."""
+def _onnx_scores(path: Path, task: str, features: np.ndarray, targets: np.ndarray) -> tuple[dict, float, float]:
+    """Held-out metrics and single-row latency p50/p99 (ms) of an ONNX file in onnxruntime on the CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # one core: latency comparable with the PyTorch reference
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"features": features})[0]
-    acc = float((logits.argmax(1) == labels).mean())
-    return (acc, *_latency(lambda row: session.run(None, {"features": row}), features))
+    outputs = session.run(None, {"features": features})[0]
+    return (evaluate(task, outputs, targets), *_latency(lambda row: session.run(None, {"features": row}), features))
 
 
 def _latency(predict, features: np.ndarray) -> tuple[float, float]:
@@ -113,12 +116,13 @@ def _deflated(path: Path) -> int:
     return len(zlib.compress(Path(path).read_bytes(), 6))
 
 
-def _reference(model: torch.nn.Module, merged_path: Path, features, labels) -> Variant:
+def _reference(model: torch.nn.Module, shape: ModelShape, merged_path: Path, features, targets, metric) -> Variant:
     torch.set_num_threads(1)
     with torch.no_grad():
         p50, p99 = _latency(lambda row: model(torch.from_numpy(row)), features.numpy())
-    return Variant("pytorch_fp32", str(merged_path), accuracy(model, features, labels),
-                   Path(merged_path).stat().st_size, _deflated(merged_path), p50, p99, True)
+    metrics = evaluate(shape.task, predict(model, features).numpy(), targets.numpy())
+    return Variant("pytorch_fp32", str(merged_path), metrics[metric], metrics, Path(merged_path).stat().st_size,
+                   _deflated(merged_path), p50, p99, True)
 
 
 def _build_variants(shape: ModelShape, state: dict, sparsity: float, out: Path) -> dict[str, Path]:
@@ -133,33 +137,34 @@ def _build_variants(shape: ModelShape, state: dict, sparsity: float, out: Path) 
 
 
 def compress(merged_path: Path, merged_sha256: str, shape: ModelShape, eval_data: tuple[torch.Tensor, torch.Tensor],
-             stage_dir: Path, tolerance: float, sparsity: float) -> CompressManifest:
+             stage_dir: Path, metric: str, tolerance: float, sparsity: float) -> CompressManifest:
     """Build, score and choose among the compressed variants; the chosen one is `{stage_dir}/model.onnx`."""
     state, _ = load_checkpoint(Path(merged_path), merged_sha256)
-    features, labels = eval_data
-    reference = _reference(load_model(shape, state), Path(merged_path), features, labels)
-    x, y = features.numpy(), labels.numpy()
+    features, targets = eval_data
+    reference = _reference(load_model(shape, state), shape, Path(merged_path), features, targets, metric)
+    x, y = features.numpy(), targets.numpy()
     with atomic_dir(stage_dir) as tmp:
         variants = []
         for name, path in _build_variants(shape, state, sparsity, tmp).items():
-            acc, p50, p99 = _onnx_scores(path, x, y)
+            metrics, p50, p99 = _onnx_scores(path, shape.task, x, y)
             final_path = Path(stage_dir) / path.name
-            variants.append(Variant(name, str(final_path), acc, path.stat().st_size, _deflated(path), p50, p99,
-                                    acc >= reference.accuracy - tolerance - 1e-12))
+            variants.append(Variant(name, str(final_path), metrics[metric], metrics, path.stat().st_size,
+                                    _deflated(path), p50, p99,
+                                    worsening(metric, reference.score, metrics[metric]) <= tolerance + 1e-12))
         chosen = _choose(variants, reference)
         shutil.copyfile(tmp / Path(chosen.path).name, tmp / CHOSEN_FILE)
     for v in variants:
-        log.info("%-18s accuracy %.4f  %8d bytes  p50 %.3f ms  p99 %.3f ms%s", v.name, v.accuracy, v.bytes,
+        log.info("%-18s %s %.4f  %8d bytes  p50 %.3f ms  p99 %.3f ms%s", v.name, metric, v.score, v.bytes,
                  v.latency_p50_ms, v.latency_p99_ms, "" if v.within_tolerance else "  (outside tolerance)")
     chosen_path = Path(stage_dir) / CHOSEN_FILE
     return CompressManifest(reference, variants, chosen.name, str(chosen_path), sha256_file(chosen_path),
-                            tolerance, sparsity)
+                            metric, tolerance, sparsity)
 
 
 def _choose(variants: list[Variant], reference: Variant) -> Variant:
     eligible = [v for v in variants if v.within_tolerance]
     if not eligible:
         # the plain fp32 export is the merged model itself; it only misses through export error
-        eligible = [min(variants, key=lambda v: abs(v.accuracy - reference.accuracy))]
+        eligible = [min(variants, key=lambda v: abs(v.score - reference.score))]
         log.warning("no variant within tolerance; keeping %s", eligible[0].name)
     return min(eligible, key=lambda v: (v.bytes, v.deflated_bytes, v.latency_p50_ms))

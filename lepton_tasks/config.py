@@ -3,7 +3,7 @@
 Three layers:
 - `RunParams`: what a person may change per run (Airflow UI form, `-c` conf, CLI). Bounds live here only;
   the DAG's `Param`s are generated from this model, so the form and the code can never disagree.
-- `DatasetSpec` / `PipelineSpec`: what a pipeline is (its columns, suite, names). MNIST-1D is `MNIST1D`.
+- `PipelineSpec` (in `specs`): what a pipeline is, one YAML file each; its values are the params' defaults.
 - `Settings`: where things live on this machine, read from the environment once, at run time.
 """
 
@@ -22,6 +22,7 @@ from lepton_tasks.errors import BadParam
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTATIONS_DIR = REPO_ROOT / "expectations"
+PIPELINES_DIR = REPO_ROOT / "dags" / "pipelines"  # one YAML spec per pipeline; LEPTON_PIPELINES_DIR overrides
 
 ModelKind = Literal["mlp", "cnn"]
 
@@ -32,7 +33,6 @@ class RunParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source_uri: str = Field(
-        "landing/mnist1d/",
         title="Source URI",
         description="CSV or Parquet file, folder or glob; local path or any fsspec URI. "
         "A relative path is read under the Lepton data root.",
@@ -46,14 +46,16 @@ class RunParams(BaseModel):
     )
     learning_rate: float = Field(0.01, gt=0, le=1, title="Learning rate", description="Adam learning rate.")
     batch_size: int = Field(64, ge=1, le=65536, title="Batch size", description="Mini-batch size per shard.")
-    model_kind: ModelKind = Field("cnn", title="Model kind", description="`cnn` (1-D conv net) or `mlp`.")
+    model_kind: ModelKind = Field(
+        "mlp", title="Model kind", description="`mlp`, or `cnn` (a 1-D conv net over the features in order)."
+    )
     hidden_size: int = Field(64, ge=4, le=4096, title="Hidden size", description="MLP width or CNN channels.")
-    accuracy_tolerance: float = Field(
+    compression_tolerance: float = Field(
         0.01,
         ge=0,
-        le=1,
         title="Compression tolerance",
-        description="Largest held-out accuracy drop (absolute, 0.01 = 1 point) a compressed variant may have.",
+        description="Largest worsening of the pipeline's metric on held-out data that a compressed variant may "
+        "have, in the metric's own units (accuracy: 0.01 = 1 point; MAE: target units).",
     )
     prune_sparsity: float = Field(
         0.5, ge=0, lt=1, title="Pruning sparsity", description="Fraction of weights zeroed by global magnitude pruning."
@@ -68,18 +70,18 @@ class RunParams(BaseModel):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
 
-def parse_params(raw: dict[str, Any] | None) -> RunParams:
-    """Validate raw params (from Airflow or a CLI); the error names each bad param."""
+def parse_params(raw: dict[str, Any] | None, defaults: RunParams | None = None) -> RunParams:
+    """Validate raw params (from Airflow or a CLI) over `defaults`; the error names each bad param."""
     try:
-        return RunParams.model_validate(raw or {})
+        return RunParams.model_validate({**(defaults.model_dump() if defaults else {}), **(raw or {})})
     except ValidationError as err:
         problems = "; ".join(f"param '{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in err.errors())
         raise BadParam(problems) from None
 
 
-def airflow_param_specs(defaults: RunParams | None = None) -> dict[str, dict[str, Any]]:
+def airflow_param_specs(defaults: RunParams) -> dict[str, dict[str, Any]]:
     """Keyword arguments for one `airflow.sdk.Param` per field (JSON-schema typed, bounded, described)."""
-    values = (defaults or RunParams()).model_dump()
+    values = defaults.model_dump()
     schema = RunParams.model_json_schema()["properties"]
     specs = {}
     for name, prop in schema.items():
@@ -91,40 +93,6 @@ def airflow_param_specs(defaults: RunParams | None = None) -> dict[str, dict[str
             spec["minLength"] = prop["minLength"]
         specs[name] = {"default": values[name], **spec}
     return specs
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """The columns a pipeline trains on."""
-
-    feature_columns: tuple[str, ...]
-    label_column: str
-    classes: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class PipelineSpec:
-    """What one pipeline is: its name, data, expectation suite and MLflow names."""
-
-    name: str
-    dataset: DatasetSpec
-    suite_file: Path
-    experiment_name: str
-    registered_model_name: str
-
-
-MNIST1D_LENGTH = 40
-MNIST1D = PipelineSpec(
-    name="lepton_mnist1d",
-    dataset=DatasetSpec(
-        feature_columns=tuple(f"x_{i:02d}" for i in range(MNIST1D_LENGTH)),
-        label_column="label",
-        classes=tuple(range(10)),
-    ),
-    suite_file=EXPECTATIONS_DIR / "mnist1d.json",
-    experiment_name="lepton_mnist1d",
-    registered_model_name="lepton-mnist1d",
-)
 
 
 @dataclass(frozen=True)

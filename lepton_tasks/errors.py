@@ -33,3 +33,7 @@ class IntegrityError(LeptonError):
 
 class RegistryError(LeptonError):
     """MLflow refused or lost part of the registration."""
+
+
+class SpecError(LeptonError):
+    """A pipeline spec is unreadable or invalid; the message names the file and each field at fault."""

@@ -1,4 +1,5 @@
-"""Ingest: a CSV/Parquet source (local path or any fsspec URI) into an immutable, run-scoped Parquet stage.
+"""Ingest: a CSV, Parquet or JSON-lines source (local path or any fsspec URI, a file, folder or glob) into an
+immutable, run-scoped Parquet stage.
 
 The source is streamed batch by batch into Parquet parts (one per source file), so memory stays bounded by a
 batch, not by the data set.
@@ -18,7 +19,8 @@ from lepton_tasks.storage import atomic_dir, sha256_files
 
 log = logging.getLogger(__name__)
 
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".csv.gz": "csv"}
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl",
+           ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl"}
 
 
 @dataclass
@@ -47,8 +49,8 @@ def resolve_uri(source_uri: str, data_root: Path) -> str:
     return str(Path(data_root) / source_uri)
 
 
-def list_source_files(uri: str) -> tuple[object, list[str]]:
-    """The filesystem and the sorted data files behind a file, folder or glob URI."""
+def list_source_files(uri: str, fmt: str | None = None) -> tuple[object, list[str]]:
+    """The filesystem and the sorted data files behind a file, folder or glob URI (of format `fmt`, if given)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
@@ -60,9 +62,10 @@ def list_source_files(uri: str) -> tuple[object, list[str]]:
         candidates = [path]
     else:
         raise BadSource(f"source '{uri}' does not exist")
-    files = sorted(p for p in candidates if _format_of(p) is not None)
+    files = sorted(p for p in candidates if _format_of(p) is not None and fmt in (None, _format_of(p)))
     if not files:
-        raise BadSource(f"source '{uri}' holds no CSV or Parquet file (looked for {', '.join(FORMATS)})")
+        wanted = ", ".join(ext for ext, f in FORMATS.items() if fmt in (None, f))
+        raise BadSource(f"source '{uri}' holds no {fmt or 'CSV, Parquet or JSON-lines'} file (looked for {wanted})")
     return fs, files
 
 
@@ -71,9 +74,10 @@ def _format_of(path: str) -> str | None:
     return next((fmt for ext, fmt in FORMATS.items() if name.endswith(ext)), None)
 
 
-def _batches(fs, path: str):
+def read_batches(fs, path: str):
     """Record batches of one source file, raising BadSource with the file named on any read error."""
     import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
     if fs.size(path) == 0:
@@ -82,8 +86,11 @@ def _batches(fs, path: str):
         with fs.open(path, "rb", compression="infer") as handle:
             if _format_of(path) == "parquet":
                 yield from pq.ParquetFile(handle).iter_batches(batch_size=65536)
+            elif _format_of(path) == "jsonl":
+                yield from pajson.open_json(handle)
             else:
-                yield from pacsv.open_csv(handle)
+                # an empty CSV field is a missing value, for text columns too
+                yield from pacsv.open_csv(handle, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
         raise BadSource(f"cannot read '{path}' as {_format_of(path)}: {err}") from err
 
@@ -94,7 +101,7 @@ def _copy_file(fs, path: str, target: Path, schema: pa.Schema | None) -> tuple[i
 
     rows, writer = 0, None
     try:
-        for batch in _batches(fs, path):
+        for batch in read_batches(fs, path):
             if schema is not None and not batch.schema.equals(schema):
                 raise BadSource(f"source file '{path}' has schema {_schema_text(batch.schema)}, "
                                 f"unlike the first file's {_schema_text(schema)}")
@@ -122,14 +129,26 @@ def _schema_text(schema: pa.Schema) -> str:
     return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"
 
 
-def ingest(source_uri: str, data_root: Path, stage_dir: Path) -> IngestManifest:
-    """Copy the source into `stage_dir` as Parquet parts and describe what was written."""
+def _check_columns(path: str, schema: pa.Schema, required: list[str]) -> None:
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise BadSource(f"source file '{path}' lacks column(s) {missing} that the pipeline spec names "
+                        f"(it has {schema.names})")
+
+
+def ingest(source_uri: str, data_root: Path, stage_dir: Path, fmt: str | None = None,
+           required: list[str] | None = None) -> IngestManifest:
+    """Copy the source into `stage_dir` as Parquet parts and describe what was written.
+
+    `fmt` restricts the files read to one format; every column in `required` must be in the source.
+    """
     uri = resolve_uri(source_uri, data_root)
-    fs, files = list_source_files(uri)
+    fs, files = list_source_files(uri, fmt)
     schema, rows, source_digests = None, 0, []
     with atomic_dir(stage_dir) as tmp:
         for index, path in enumerate(files):
             part_rows, schema, digest = _copy_file(fs, path, tmp / f"part-{index:05d}.parquet", schema)
+            _check_columns(path, schema, required or [])
             rows += part_rows
             source_digests.append(digest)
             log.info("ingested %s: %d rows", path, part_rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lepton_tasks.models import ModelShape, accuracy, load_checkpoint, load_model, save_checkpoint
+from lepton_tasks.models import ModelShape, evaluate, load_checkpoint, load_model, save_checkpoint
 from lepton_tasks.storage import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
@@ -51,26 +51,33 @@ class MergeManifest:
     merged_sha256: str
     rounds: int
     eval_rows: int
-    merged_accuracy: float
-    shard_accuracy: dict[str, float]
+    metric: str  # the one models are compared on
+    merged_metrics: dict[str, float]
+    shard_metrics: dict[str, dict[str, float]]
+
+    @property
+    def merged_score(self) -> float:
+        return self.merged_metrics[self.metric]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def merge(final_round: list[dict], shape: ModelShape, eval_data: tuple[torch.Tensor, torch.Tensor],
-          stage_dir: Path, rounds: int) -> MergeManifest:
+          stage_dir: Path, rounds: int, metric: str) -> MergeManifest:
     """Average the last round's shard checkpoints and score merged and shard models on the held-out split."""
-    features, labels = eval_data
+    features, targets = eval_data
     with atomic_dir(stage_dir) as tmp:
         fedavg_files(final_round, tmp / MERGED_FILE, {"rounds": str(rounds), "kind": shape.kind})
     merged_path = Path(stage_dir) / MERGED_FILE
     merged_state, _ = load_checkpoint(merged_path)
-    shard_acc = {
-        c["shard"]: accuracy(load_model(shape, load_checkpoint(Path(c["path"]), c["sha256"])[0]), features, labels)
+    shard_metrics = {
+        c["shard"]: evaluate(load_model(shape, load_checkpoint(Path(c["path"]), c["sha256"])[0]), shape, features,
+                             targets)
         for c in final_round
     }
-    merged_acc = accuracy(load_model(shape, merged_state), features, labels)
-    log.info("merged accuracy %.4f on %d held-out rows; shards %s", merged_acc, len(labels),
-             {k: round(v, 4) for k, v in shard_acc.items()})
-    return MergeManifest(str(merged_path), sha256_file(merged_path), rounds, len(labels), merged_acc, shard_acc)
+    merged_metrics = evaluate(load_model(shape, merged_state), shape, features, targets)
+    log.info("merged %s %.4f on %d held-out rows; shards %s", metric, merged_metrics[metric], len(targets),
+             {k: round(v[metric], 4) for k, v in shard_metrics.items()})
+    return MergeManifest(str(merged_path), sha256_file(merged_path), rounds, len(targets), metric, merged_metrics,
+                         shard_metrics)

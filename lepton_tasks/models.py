@@ -18,8 +18,11 @@ class ModelShape:
 
     kind: str  # "mlp" or "cnn"
     in_features: int
-    num_classes: int
+    out_features: int  # classes, or 1 for regression
     hidden: int
+    task: str = "classification"
+    target_mean: float = 0.0  # regression: the model predicts in the target's units, learning on a unit scale
+    target_std: float = 1.0
 
 
 class MLP(nn.Module):
@@ -30,7 +33,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(shape.in_features, shape.hidden), nn.ReLU(),
             nn.Linear(shape.hidden, shape.hidden), nn.ReLU(),
-            nn.Linear(shape.hidden, shape.num_classes),
+            nn.Linear(shape.hidden, shape.out_features),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,17 +52,38 @@ class CNN(nn.Module):
             nn.Conv1d(ch, ch, 3, stride=1, padding=1), nn.ReLU(),
         )
         length = (shape.in_features + 2 - 5) // 2 + 1
-        self.head = nn.Linear(ch * length, shape.num_classes)
+        self.head = nn.Linear(ch * length, shape.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.unsqueeze(1)).flatten(1))
+
+
+class TargetScale(nn.Module):
+    """Regression head: one output, rescaled from the unit scale the body learns on to the target's units."""
+
+    def __init__(self, body: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.body = body
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).squeeze(-1) * self.std + self.mean
 
 
 def build_model(shape: ModelShape) -> nn.Module:
     kinds = {"mlp": MLP, "cnn": CNN}
     if shape.kind not in kinds:
         raise ValueError(f"unknown model kind '{shape.kind}' (allowed: {', '.join(kinds)})")
-    return kinds[shape.kind](shape)
+    body = kinds[shape.kind](shape)
+    return TargetScale(body, shape.target_mean, shape.target_std) if shape.task == "regression" else body
+
+
+def loss_fn(shape: ModelShape, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, or MSE on the unit scale (so the learning rate means the same for any target's units)."""
+    if shape.task == "regression":
+        return nn.functional.mse_loss(outputs / shape.target_std, targets / shape.target_std)
+    return nn.functional.cross_entropy(outputs, targets)
 
 
 def init_weights(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:
@@ -94,9 +118,12 @@ def load_model(shape: ModelShape, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096) -> float:
-    correct = sum(
-        (model(features[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
-        for i in range(0, len(labels), batch)
-    )
-    return correct / max(1, len(labels))
+def predict(model: nn.Module, features: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    return torch.cat([model(features[i:i + batch]) for i in range(0, len(features), batch)])
+
+
+def evaluate(model: nn.Module, shape: ModelShape, features: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """The task's held-out metrics (see `metrics.evaluate`)."""
+    from lepton_tasks.metrics import evaluate as score
+
+    return score(shape.task, predict(model, features).numpy(), targets.numpy())

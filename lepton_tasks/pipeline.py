@@ -16,24 +16,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lepton_tasks.config import MNIST1D, PipelineSpec, RunParams, Settings, mlflow_tracking_uri, parse_params
+from lepton_tasks.config import RunParams, Settings, mlflow_tracking_uri, parse_params
 from lepton_tasks.errors import LeptonError
+from lepton_tasks.specs import LoadedSpec, PipelineSpec
 from lepton_tasks.storage import RunPaths, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "validate", "shard", "train", "merge", "compress", "register")
+VARIANT_FIGURES = ("score", "metrics", "bytes", "latency_p50_ms", "latency_p99_ms")
+REPORT_METRICS = {"ingest": ["rows"], "validate": ["passed", "failed"], "shard": ["shard_rows", "eval_rows"],
+                  "merge": ["metric", "merged_metrics", "shard_metrics"], "compress": ["chosen", "variants"]}
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """Who is running (DAG and run ids), with which params, where."""
+    """Who is running (DAG and run ids), which pipeline spec, with which params, where."""
 
-    spec: PipelineSpec
+    loaded: LoadedSpec
     dag_id: str
     run_id: str
     params: RunParams
     settings: Settings
+
+    @property
+    def spec(self) -> PipelineSpec:
+        return self.loaded.spec
 
     @property
     def paths(self) -> RunPaths:
@@ -46,14 +54,15 @@ class RunContext:
         return self.paths.root / "summaries" / f"{stage}.json"
 
 
-def context(dag_id: str, run_id: str, raw_params: dict | None, spec: PipelineSpec = MNIST1D) -> RunContext:
-    return RunContext(spec, dag_id, run_id, parse_params(raw_params), Settings.from_env())
+def context(loaded: LoadedSpec, run_id: str, raw_params: dict | None = None, dag_id: str | None = None) -> RunContext:
+    params = parse_params(raw_params, loaded.spec.run_defaults())
+    return RunContext(loaded, dag_id or loaded.name, run_id, params, Settings.from_env())
 
 
-def from_airflow(task_context: dict[str, Any], spec: PipelineSpec = MNIST1D) -> RunContext:
+def from_airflow(task_context: dict[str, Any], loaded: LoadedSpec) -> RunContext:
     """The RunContext of the Airflow task whose context Airflow handed the task function."""
     try:
-        return context(task_context["dag"].dag_id, task_context["run_id"], dict(task_context["params"]), spec)
+        return context(loaded, task_context["run_id"], dict(task_context["params"]), task_context["dag"].dag_id)
     except LeptonError as err:
         raise _without_retry(err) from err
 
@@ -87,25 +96,27 @@ def _run_stage(ctx: RunContext, stage: str, body: Callable[[], Any], figures: Ca
     return result
 
 
-def _eval_tensors(ctx: RunContext, shards: dict):
+def _eval_tensors(shards: dict):
     from lepton_tasks.train import load_xy
 
-    return load_xy(shards["eval"]["files"], shards["feature_columns"], shards["label_column"])
+    return load_xy(shards["eval"]["files"], shards["encoder"])
 
 
-def _shape(ctx: RunContext):
-    from lepton_tasks.models import ModelShape
+def _shape(ctx: RunContext, shards: dict):
+    from lepton_tasks.train import model_shape
 
-    data = ctx.spec.dataset
-    return ModelShape(ctx.params.model_kind, len(data.feature_columns), len(data.classes), ctx.params.hidden_size)
+    return model_shape(shards["encoder"], ctx.params.model_kind, ctx.params.hidden_size)
 
 
 def ingest(ctx: RunContext) -> dict:
     from lepton_tasks import ingest as stage
 
+    required = [*ctx.spec.feature_columns, ctx.spec.target.column]
     return _run_stage(ctx, "ingest",
-                      lambda: stage.ingest(ctx.params.source_uri, ctx.settings.data_root, ctx.stage_dir("ingest")),
-                      lambda m: {"rows": m["rows"], "files": len(m["source_files"]), "sha256": m["sha256"]})
+                      lambda: stage.ingest(ctx.params.source_uri, ctx.settings.data_root, ctx.stage_dir("ingest"),
+                                           ctx.spec.source.format, required),
+                      lambda m: {"rows": m["rows"], "files": len(m["source_files"]), "sha256": m["sha256"],
+                                 "source_sha256": m["source_sha256"]})
 
 
 def validate(ctx: RunContext, ingested: dict) -> dict:
@@ -121,11 +132,9 @@ def shard(ctx: RunContext, ingested: dict) -> dict:
     from lepton_tasks.cluster import dask_client
 
     def body():
-        data = ctx.spec.dataset
         with dask_client(ctx.settings, ctx.params.num_shards) as client:
             return stage.shard(ingested["parts"], ctx.stage_dir("shard"), ctx.params.num_shards,
-                               ctx.params.eval_fraction, ctx.params.seed, data.label_column,
-                               list(data.feature_columns), client)
+                               ctx.params.eval_fraction, ctx.params.seed, ctx.spec, client)
 
     return _run_stage(ctx, "shard", body, lambda m: {
         "shard_rows": {s["name"]: s["rows"] for s in m["shards"]}, "eval_rows": m["eval"]["rows"]})
@@ -137,8 +146,8 @@ def train(ctx: RunContext, shards: dict) -> dict:
 
     def body():
         with dask_client(ctx.settings, ctx.params.num_shards) as client:
-            return stage.train(shards["shards"], shards["feature_columns"], shards["label_column"], _shape(ctx),
-                               ctx.params, ctx.stage_dir("train"), client)
+            return stage.train(shards["shards"], shards["encoder"], _shape(ctx, shards), ctx.params,
+                               ctx.stage_dir("train"), client)
 
     return _run_stage(ctx, "train", body, lambda m: {
         "rounds": len(m["rounds"]),
@@ -150,34 +159,33 @@ def merge(ctx: RunContext, shards: dict, trained: dict) -> dict:
     from lepton_tasks import merge as stage
 
     return _run_stage(ctx, "merge",
-                      lambda: stage.merge(trained["rounds"][-1], _shape(ctx), _eval_tensors(ctx, shards),
-                                          ctx.stage_dir("merge"), len(trained["rounds"])),
-                      lambda m: {"merged_accuracy": m["merged_accuracy"], "shard_accuracy": m["shard_accuracy"]})
+                      lambda: stage.merge(trained["rounds"][-1], _shape(ctx, shards), _eval_tensors(shards),
+                                          ctx.stage_dir("merge"), len(trained["rounds"]), ctx.spec.metric),
+                      lambda m: {"metric": m["metric"], "merged_metrics": m["merged_metrics"],
+                                 "shard_metrics": m["shard_metrics"]})
 
 
 def compress(ctx: RunContext, shards: dict, merged: dict) -> dict:
     from lepton_tasks import compress as stage
 
     return _run_stage(ctx, "compress",
-                      lambda: stage.compress(Path(merged["merged_path"]), merged["merged_sha256"], _shape(ctx),
-                                             _eval_tensors(ctx, shards), ctx.stage_dir("compress"),
-                                             ctx.params.accuracy_tolerance, ctx.params.prune_sparsity),
+                      lambda: stage.compress(Path(merged["merged_path"]), merged["merged_sha256"], _shape(ctx, shards),
+                                             _eval_tensors(shards), ctx.stage_dir("compress"), ctx.spec.metric,
+                                             ctx.params.compression_tolerance, ctx.params.prune_sparsity),
                       lambda m: {"chosen": m["chosen"], "variants": {
-                          v["name"]: {k: v[k] for k in ("accuracy", "bytes", "latency_p50_ms", "latency_p99_ms")}
-                          for v in [m["reference"], *m["variants"]]}})
+                          v["name"]: {k: v[k] for k in VARIANT_FIGURES} for v in [m["reference"], *m["variants"]]}})
 
 
 def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
     from lepton_tasks import register as stage
 
     def body():
-        record = stage.RunRecord(ctx.dag_id, ctx.run_id, ctx.params.model_dump(), manifests["ingest"],
-                                 manifests["validate"], manifests["shard"], manifests["train"],
-                                 manifests["merge"], manifests["compress"])
+        record = stage.RunRecord(ctx.dag_id, ctx.run_id, ctx.params.model_dump(), str(ctx.loaded.path),
+                                 ctx.loaded.sha256, manifests["ingest"], manifests["validate"], manifests["shard"],
+                                 manifests["train"], manifests["merge"], manifests["compress"])
         artifact_root = ctx.settings.mlflow_artifact_root() if _is_local(ctx) else None
         return stage.register(record, mlflow_tracking_uri(ctx.settings), ctx.spec.experiment_name,
-                              ctx.spec.registered_model_name, artifact_root,
-                              _eval_tensors(ctx, manifests["shard"])[0])
+                              ctx.spec.registered_model_name, artifact_root, _eval_tensors(manifests["shard"])[0])
 
     return _run_stage(ctx, "register", body, lambda m: {"mlflow": m})
 
@@ -197,6 +205,7 @@ def report(ctx: RunContext) -> dict:
     status = "success" if all(s["status"] == "success" for s in stages.values()) else "failed"
     report = {
         "dag_id": ctx.dag_id, "run_id": ctx.run_id, "status": status, "failed_stage": failed,
+        "spec": {"path": str(ctx.loaded.path), "sha256": ctx.loaded.sha256},
         "params": ctx.params.model_dump(), "stages": stages,
         "metrics": _metrics(stages), "mlflow": stages["register"].get("mlflow", {}),
     }
@@ -216,8 +225,7 @@ def finish(ctx: RunContext) -> str:
 
 def _metrics(stages: dict) -> dict:
     figures = {}
-    for stage, keys in {"ingest": ["rows"], "validate": ["passed", "failed"], "shard": ["shard_rows", "eval_rows"],
-                        "merge": ["merged_accuracy", "shard_accuracy"], "compress": ["chosen", "variants"]}.items():
+    for stage, keys in REPORT_METRICS.items():
         for key in keys:
             if key in stages[stage]:
                 figures[f"{stage}.{key}" if stage == "validate" else key] = stages[stage][key]

@@ -3,8 +3,8 @@
 Idempotent by design: the parent run is found by its DAG-run tags before one is created, shard runs by their
 shard tag, and the model version by its DAG-run tag, so a retried task completes the same run and version
 instead of making new ones. Order matters for safety: everything is logged first, the version registered
-second, aliases moved last; `champion` moves only when the new version's held-out accuracy is at least the
-current champion's.
+second, aliases moved last; `champion` moves only when the new version's held-out metric is at least as good
+as the current champion's.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lepton_tasks.metrics import at_least_as_good
 from lepton_tasks.models import ModelShape, load_checkpoint, load_model
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 TAG_DAG = "lepton.dag_id"
 TAG_RUN = "lepton.dag_run_id"
 TAG_SHARD = "lepton.shard"
-TAG_ACCURACY = "lepton.eval_accuracy"
+TAG_SCORE = "lepton.eval_score"  # the held-out value of the pipeline's metric
+TAG_METRIC = "lepton.metric"
+TAG_SPEC, TAG_SPEC_SHA = "lepton.spec", "lepton.spec_sha256"
+TAG_SOURCE, TAG_DATA_SHA = "lepton.source_uri", "lepton.data_sha256"
 TAG_COMPLETE = "lepton.complete"
 CANDIDATE, CHAMPION = "candidate", "champion"
 
@@ -32,6 +36,8 @@ class RunRecord:
     dag_id: str
     run_id: str
     params: dict
+    spec_path: str
+    spec_sha256: str
     ingest: dict
     validation: dict
     shards: dict
@@ -52,6 +58,12 @@ class RegisterManifest:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _lineage(record: RunRecord) -> dict[str, str]:
+    """Which spec and which data made this model."""
+    return {TAG_SPEC: Path(record.spec_path).stem, TAG_SPEC_SHA: record.spec_sha256,
+            TAG_SOURCE: record.ingest["source_uri"], TAG_DATA_SHA: record.ingest["source_sha256"]}
 
 
 def _experiment_id(client, name: str, artifact_root: str | None) -> str:
@@ -95,16 +107,17 @@ def summary_metrics(record: RunRecord) -> dict[str, float]:
         "expectations_passed": record.validation["passed"],
         "expectations_failed": record.validation["failed"],
         "eval_rows": record.merge["eval_rows"],
-        "eval_accuracy": record.merge["merged_accuracy"],
+        **{f"eval_{name}": value for name, value in record.merge["merged_metrics"].items()},
     }
     for variant in [record.compress["reference"], *record.compress["variants"]]:
-        for key in ("accuracy", "bytes", "latency_p50_ms", "latency_p99_ms"):
+        metrics.update({f"{variant['name']}_{name}": value for name, value in variant["metrics"].items()})
+        for key in ("bytes", "latency_p50_ms", "latency_p99_ms"):
             metrics[f"{variant['name']}_{key}"] = variant[key]
     return metrics
 
 
 def _log_shard_runs(client, experiment_id: str, parent: str, record: RunRecord) -> None:
-    """One nested run per shard: per-epoch curves over all rounds, size, label mix and held-out accuracy."""
+    """One nested run per shard: per-epoch curves over all rounds, size, label mix and held-out metrics."""
     epochs_per_round = record.params["local_epochs"]
     by_shard = {s["name"]: s for s in record.shards["shards"]}
     for rnd in record.train["rounds"]:
@@ -114,18 +127,20 @@ def _log_shard_runs(client, experiment_id: str, parent: str, record: RunRecord) 
             run_id = _open_run(client, experiment_id, tags, shard, parent)
             for epoch in ckpt["epochs"]:
                 step = (ckpt["round"] - 1) * epochs_per_round + epoch["epoch"]
-                _log_metrics(client, run_id, {"loss": epoch["loss"], "train_accuracy": epoch["train_accuracy"]}, step)
+                _log_metrics(client, run_id, {"loss": epoch["loss"]}, step)
     for shard, info in by_shard.items():
         run_id = _find_run(client, experiment_id, {TAG_RUN: record.run_id, TAG_DAG: record.dag_id, TAG_SHARD: shard})
         client.log_param(run_id, "rows", info["rows"])
         client.log_dict(run_id, info["label_histogram"], "label_histogram.json")
-        _log_metrics(client, run_id, {"eval_accuracy": record.merge["shard_accuracy"][shard]})
+        _log_metrics(client, run_id, {f"eval_{k}": v for k, v in record.merge["shard_metrics"][shard].items()})
         client.set_terminated(run_id, "FINISHED")
 
 
 def _log_artifacts(client, run_id: str, record: RunRecord) -> None:
     client.log_artifacts(run_id, str(Path(record.validation["result_path"]).parent), "validation")
     client.log_dict(run_id, record.shards, "shards/manifest.json")
+    client.log_dict(run_id, record.shards["encoder"], "model/encoder.json")  # how to turn rows into model input
+    client.log_artifact(run_id, record.spec_path, "spec")
     client.log_dict(run_id, record.ingest, "ingest/manifest.json")
     client.log_artifacts(run_id, record.train["stage_dir"], "checkpoints")
     client.log_artifact(run_id, record.merge["merged_path"], "merged")
@@ -171,33 +186,44 @@ def _existing_version(client, model_name: str, record: RunRecord):
 def _register_version(client, model_name: str, model_uri: str, run_id: str, record: RunRecord):
     import mlflow
 
-    tags = {TAG_RUN: record.run_id, TAG_DAG: record.dag_id,
-            TAG_ACCURACY: repr(record.merge["merged_accuracy"]),
-            "lepton.data_sha256": record.ingest["sha256"], "lepton.source_uri": record.ingest["source_uri"]}
+    metric = record.merge["metric"]
+    score = record.merge["merged_metrics"][metric]
+    tags = {TAG_RUN: record.run_id, TAG_DAG: record.dag_id, TAG_METRIC: metric, TAG_SCORE: repr(score),
+            **_lineage(record)}
     version = mlflow.register_model(model_uri, model_name, tags=tags)
     client.update_model_version(
         model_name, version.version,
         description=(f"FedAvg of {len(record.shards['shards'])} shards over {record.merge['rounds']} round(s); "
-                     f"held-out accuracy {record.merge['merged_accuracy']:.4f} on {record.merge['eval_rows']} rows. "
+                     f"held-out {metric} {score:.4f} on {record.merge['eval_rows']} rows. "
+                     f"Spec {Path(record.spec_path).name} (sha256 {record.spec_sha256[:12]}), data "
+                     f"{record.ingest['source_uri']} (sha256 {record.ingest['source_sha256'][:12]}). "
                      f"DAG {record.dag_id}, run {record.run_id}, MLflow run {run_id}."),
     )
     return version
 
 
-def _move_aliases(client, model_name: str, version, accuracy: float) -> tuple[list[str], str | None]:
-    """`candidate` always; `champion` only if this version scores at least the current champion."""
+def _champion_score(champion, metric: str) -> float | None:
+    """The champion's score on `metric`, or None when it was scored on another metric (then any model wins)."""
+    if champion.tags.get(TAG_METRIC, "accuracy") != metric or TAG_SCORE not in champion.tags:
+        return None
+    return float(champion.tags[TAG_SCORE])
+
+
+def _move_aliases(client, model_name: str, version, metric: str, score: float) -> tuple[list[str], str | None]:
+    """`candidate` always; `champion` only if this version scores at least as well as the current champion."""
     client.set_registered_model_alias(model_name, CANDIDATE, version.version)
     try:
         champion = client.get_model_version_by_alias(model_name, CHAMPION)
     except Exception:  # no champion yet
         champion = None
     before = champion.version if champion else None
-    champion_accuracy = float(champion.tags.get(TAG_ACCURACY, "-1")) if champion else -1.0
-    if champion is None or champion.version == version.version or accuracy >= champion_accuracy:
+    best = _champion_score(champion, metric) if champion else None
+    same_or_none = champion is None or champion.version == version.version or best is None
+    if same_or_none or at_least_as_good(metric, score, best):
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
         log.info("champion -> version %s (was %s)", version.version, before)
     else:
-        log.info("champion stays at version %s (accuracy %s > %.4f)", before, champion.tags.get(TAG_ACCURACY), accuracy)
+        log.info("champion stays at version %s (%s %.4f beats %.4f)", before, metric, best, score)
     aliases = client.get_model_version(model_name, version.version).aliases
     return sorted(aliases), before
 
@@ -214,6 +240,8 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
     tags = {TAG_RUN: record.run_id, TAG_DAG: record.dag_id}
     run_id = _open_run(client, experiment_id, tags, record.run_id)
     client.update_run(run_id, status="RUNNING")
+    for key, value in _lineage(record).items():
+        client.set_tag(run_id, key, value)
     for key, value in record.params.items():
         client.log_param(run_id, key, value)
     _log_metrics(client, run_id, summary_metrics(record))
@@ -223,7 +251,8 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
     version = _existing_version(client, model_name, record)
     if version is None:
         version = _register_version(client, model_name, _log_model(run_id, record, eval_features), run_id, record)
-    aliases, before = _move_aliases(client, model_name, version, record.merge["merged_accuracy"])
+    metric = record.merge["metric"]
+    aliases, before = _move_aliases(client, model_name, version, metric, record.merge["merged_metrics"][metric])
     client.set_tag(run_id, TAG_COMPLETE, "true")
     client.set_terminated(run_id, "FINISHED")
     return RegisterManifest(tracking_uri, experiment_id, run_id, model_name, str(version.version), aliases, before)

@@ -2,9 +2,11 @@
 
 Deterministic given the seed and the data, whatever the partitioning:
 - a row is held out when a seeded hash of its global row number falls under `eval_fraction`;
-- the remaining rows of each label are dealt round-robin to the shards, so every shard gets the same label mix.
-Two passes over the data, one partition in memory per worker at a time: count (rows and labels per partition),
-then write (each partition writes its slice of every shard).
+- the remaining rows of each label are dealt round-robin to the shards, so every shard gets the same label mix
+  (a regression target has one stratum: rows are dealt in order).
+Two passes over the data, one partition in memory per worker at a time: count (rows and labels per partition,
+and the training rows' statistics that fit the feature encoder), then write (each partition writes its slice of
+every shard).
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from lepton_tasks.errors import ShardError
+from lepton_tasks.features import fit, label_key, merge_stats, partition_stats
+from lepton_tasks.specs import PipelineSpec
 from lepton_tasks.storage import atomic_dir, sha256_files
 
 EVAL_NAME = "eval"
@@ -42,6 +47,7 @@ class ShardManifest:
     feature_columns: list[str]
     shards: list[ShardInfo]
     eval: ShardInfo
+    encoder: dict  # features.Encoder, fitted on the training rows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,25 +68,32 @@ def held_out_mask(row_numbers: np.ndarray, seed: int, eval_fraction: float) -> n
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < eval_fraction
 
 
-def _count_partition(frame, label: str, seed: int, eval_fraction: float, start: int) -> dict:
-    """Per-label counts of training rows in one partition (the first pass)."""
+def _strata(frame, spec: PipelineSpec) -> np.ndarray:
+    """The stratum of each row: its label (classification), or one stratum for all (regression)."""
+    if spec.target.task == "regression":
+        return np.zeros(len(frame), dtype=object)
+    return frame[spec.target.column].map(label_key).to_numpy(dtype=object)
+
+
+def _count_partition(frame, spec: PipelineSpec, seed: int, eval_fraction: float, start: int) -> tuple[dict, dict]:
+    """Per-stratum counts and encoder statistics of one partition's training rows (the first pass)."""
     rows = np.arange(start, start + len(frame))
-    train_labels = frame[label].to_numpy()[~held_out_mask(rows, seed, eval_fraction)]
-    values, counts = np.unique(train_labels, return_counts=True)
-    return dict(zip(values.tolist(), counts.tolist(), strict=True))
+    training = ~held_out_mask(rows, seed, eval_fraction)
+    values, counts = np.unique(_strata(frame, spec)[training], return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist(), strict=True)), partition_stats(frame[training], spec)
 
 
 def _write_partition(frame, index: int, start: int, offsets: dict, out_dir: str, num_shards: int,
-                     label: str, seed: int, eval_fraction: float) -> list[tuple[str, str, dict]]:
+                     spec: PipelineSpec, seed: int, eval_fraction: float) -> list[tuple[str, str, dict]]:
     """Write one partition's slice of every shard and of the held-out split (the second pass)."""
     rows = np.arange(start, start + len(frame))
     held_out = held_out_mask(rows, seed, eval_fraction)
-    labels = frame[label].to_numpy()
+    labels = _strata(frame, spec)
     shard_of = np.full(len(frame), -1)
     train_index = np.flatnonzero(~held_out)
     for value in np.unique(labels[train_index]):
         members = train_index[labels[train_index] == value]
-        shard_of[members] = (offsets.get(value.item(), 0) + np.arange(len(members))) % num_shards
+        shard_of[members] = (offsets.get(value, 0) + np.arange(len(members))) % num_shards
     written = []
     for name, mask in [(EVAL_NAME, held_out)] + [(f"shard-{i:03d}", shard_of == i) for i in range(num_shards)]:
         if mask.any():
@@ -88,8 +101,8 @@ def _write_partition(frame, index: int, start: int, offsets: dict, out_dir: str,
             path = Path(out_dir) / name / f"part-{index:05d}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             part.to_parquet(path, index=False)
-            hist = part[label].value_counts().to_dict()
-            written.append((name, str(path), {str(k): int(v) for k, v in hist.items()}))
+            hist = {} if spec.target.task == "regression" else pd.Series(labels[mask]).value_counts().to_dict()
+            written.append((name, str(path), {str(k): int(v) for k, v in hist.items()}, int(mask.sum())))
     return written
 
 
@@ -104,30 +117,33 @@ def _label_offsets(counts: list[dict]) -> list[dict]:
 
 
 def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: float, seed: int,
-          label: str, features: list[str], client) -> ShardManifest:
+          spec: PipelineSpec, client) -> ShardManifest:
     """Split the Parquet `parts` into shards on the Dask `client`; write them under `stage_dir`."""
     import dask
     import dask.dataframe as dd
 
-    frame = dd.read_parquet(parts, columns=list(features) + [label])
+    label, features = spec.target.column, spec.feature_columns
+    frame = dd.read_parquet(parts, columns=[*features, label])
     partitions = frame.to_delayed()
     sizes = client.gather(client.compute([dask.delayed(len)(p) for p in partitions]))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
-    count_tasks = [dask.delayed(_count_partition)(p, label, seed, eval_fraction, s)
+    count_tasks = [dask.delayed(_count_partition)(p, spec, seed, eval_fraction, s)
                    for p, s in zip(partitions, starts, strict=True)]
-    counts = client.gather(client.compute(count_tasks))
+    counted = client.gather(client.compute(count_tasks))
+    counts = [c for c, _ in counted]
     _check_enough_rows(counts, num_shards)
+    encoder = fit(spec, merge_stats([stats for _, stats in counted]))
     offsets = _label_offsets(counts)
     with atomic_dir(stage_dir) as tmp:
         write_tasks = [
-            dask.delayed(_write_partition)(p, i, s, o, str(tmp), num_shards, label, seed, eval_fraction)
+            dask.delayed(_write_partition)(p, i, s, o, str(tmp), num_shards, spec, seed, eval_fraction)
             for i, (p, s, o) in enumerate(zip(partitions, starts, offsets, strict=True))
         ]
         written = [item for part in client.gather(client.compute(write_tasks)) for item in part]
     infos = _summarise(written, Path(tmp), Path(stage_dir), num_shards)
     return ShardManifest(
         stage_dir=str(stage_dir), seed=seed, eval_fraction=eval_fraction, label_column=label,
-        feature_columns=list(features), shards=infos[1:], eval=infos[0],
+        feature_columns=list(features), shards=infos[1:], eval=infos[0], encoder=encoder.to_dict(),
     )
 
 
@@ -142,15 +158,14 @@ def _summarise(written: list, tmp: Path, final: Path, num_shards: int) -> list[S
     """Gather per-partition results into one ShardInfo per shard (held-out split first), with final paths."""
     infos = []
     for name in [EVAL_NAME] + [f"shard-{i:03d}" for i in range(num_shards)]:
-        files = sorted(Path(str(p).replace(str(tmp), str(final), 1)) for n, p, _ in written if n == name)
+        mine = [w for w in written if w[0] == name]
+        files = sorted(Path(str(p).replace(str(tmp), str(final), 1)) for _, p, _, _ in mine)
         hist: dict[str, int] = {}
-        for n, _, part_hist in written:
-            if n == name:
-                for key, value in part_hist.items():
-                    hist[key] = hist.get(key, 0) + value
+        for _, _, part_hist, _ in mine:
+            for key, value in part_hist.items():
+                hist[key] = hist.get(key, 0) + value
         if not files:
             raise ShardError(f"{name} received no rows: lower param 'num_shards' or raise 'eval_fraction'")
-        infos.append(ShardInfo(name=name, files=[str(f) for f in files], rows=sum(hist.values()),
-                               label_histogram=dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
-                               sha256=sha256_files(files)))
+        infos.append(ShardInfo(name=name, files=[str(f) for f in files], rows=sum(w[3] for w in mine),
+                               label_histogram=dict(sorted(hist.items())), sha256=sha256_files(files)))
     return infos

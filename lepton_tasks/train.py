@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from lepton_tasks.features import Encoder
 from lepton_tasks.merge import fedavg_files
-from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, load_model, save_checkpoint
+from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, load_model, loss_fn, save_checkpoint
 from lepton_tasks.storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -24,16 +25,25 @@ log = logging.getLogger(__name__)
 PROGRESS_TOPIC = "lepton-progress"
 
 
-def load_xy(files: list[str], features: list[str], label: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (float32) and labels (int64) of Parquet files, read with only the needed columns."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def load_xy(files: list[str], encoder: Encoder | dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded features (float32) and targets (class index or value) of Parquet files, only the needed columns."""
+    import pandas as pd
 
-    table = pa.concat_tables([pq.read_table(f, columns=list(features) + [label]) for f in files])
-    x = np.stack([table.column(c).to_numpy().astype(np.float32) for c in features], axis=1)
-    y = table.column(label).to_numpy().astype(np.int64)
-    return torch.from_numpy(x), torch.from_numpy(y)
+    if isinstance(encoder, dict):
+        encoder = Encoder.from_dict(encoder)
+    frame = pd.concat([pd.read_parquet(f, columns=[*encoder.source_columns, encoder.target]) for f in files],
+                      ignore_index=True)
+    return (torch.from_numpy(encoder.encode_features(frame)),
+            torch.from_numpy(encoder.encode_target(frame[encoder.target])))
+
+
+def model_shape(encoder: Encoder | dict, kind: str, hidden: int) -> ModelShape:
+    """The model that fits this encoding: its input width, outputs and target scale."""
+    if isinstance(encoder, dict):
+        encoder = Encoder.from_dict(encoder)
+    if encoder.task == "regression":
+        return ModelShape(kind, encoder.width, 1, hidden, "regression", encoder.target_mean, encoder.target_std)
+    return ModelShape(kind, encoder.width, len(encoder.classes), hidden)
 
 
 @dataclass
@@ -44,8 +54,7 @@ class ShardJob:
     round: int
     files: list[str]
     rows: int
-    features: list[str]
-    label: str
+    encoder: dict  # features.Encoder
     shape: ModelShape
     start: dict  # {"path", "sha256"} of the weights to start from
     out_path: str
@@ -73,23 +82,21 @@ def _report_progress(message: dict) -> None:
 def train_shard(job: ShardJob) -> dict:
     """Train one shard from `job.start` and save its checkpoint; runs on a Dask worker."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    x, y = (t.to(device) for t in load_xy(job.files, job.features, job.label))  # the shard stays on the device
+    x, y = (t.to(device) for t in load_xy(job.files, job.encoder))  # the shard stays on the device
     model = load_model(job.shape, load_checkpoint(Path(job.start["path"]), job.start["sha256"])[0]).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=job.learning_rate)
     generator = torch.Generator().manual_seed(job.seed)
     epochs = []
     for epoch in range(1, job.epochs + 1):
-        started, total_loss, correct = time.perf_counter(), 0.0, 0
+        started, total_loss = time.perf_counter(), torch.zeros((), device=device)
         for idx in torch.randperm(len(y), generator=generator).to(device).split(job.batch_size):
-            logits = model(x[idx])
-            loss = torch.nn.functional.cross_entropy(logits, y[idx])
+            loss = loss_fn(job.shape, model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y[idx]).sum().item()
-        record = {"shard": job.shard, "round": job.round, "epoch": epoch, "loss": total_loss / len(y),
-                  "train_accuracy": correct / len(y), "seconds": time.perf_counter() - started}
+            total_loss += loss.detach() * len(idx)  # summed on the device: no host sync per batch
+        record = {"shard": job.shard, "round": job.round, "epoch": epoch, "loss": total_loss.item() / len(y),
+                  "seconds": time.perf_counter() - started}
         epochs.append(record)
         _report_progress(record)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -150,12 +157,11 @@ def _run_round(jobs: list[ShardJob], client) -> list[dict]:
 
 def _log_progress(event) -> None:
     _, msg = event
-    log.info("round %d %s epoch %d: loss %.4f, train accuracy %.4f (%.2fs)", msg["round"], msg["shard"],
-             msg["epoch"], msg["loss"], msg["train_accuracy"], msg["seconds"])
+    log.info("round %d %s epoch %d: loss %.4f (%.2fs)", msg["round"], msg["shard"], msg["epoch"], msg["loss"],
+             msg["seconds"])
 
 
-def train(shards: list[dict], features: list[str], label: str, shape: ModelShape, params, stage_dir: Path,
-          client) -> TrainManifest:
+def train(shards: list[dict], encoder: dict, shape: ModelShape, params, stage_dir: Path, client) -> TrainManifest:
     """Run `params.merge_rounds` rounds over `shards` (ShardInfo dicts) on the Dask `client`."""
     stage_dir = Path(stage_dir)
     init_path = stage_dir / "init.safetensors"
@@ -165,7 +171,7 @@ def train(shards: list[dict], features: list[str], label: str, shape: ModelShape
     client.subscribe_topic(PROGRESS_TOPIC, _log_progress)
     try:
         for rnd in range(1, params.merge_rounds + 1):
-            jobs = [_job(s, rnd, features, label, shape, start, stage_dir, params) for s in shards]
+            jobs = [_job(s, rnd, encoder, shape, start, stage_dir, params) for s in shards]
             manifest.rounds.append(_run_round(jobs, client))
             if rnd < params.merge_rounds:
                 merged = stage_dir / f"round-{rnd:02d}" / "merged.safetensors"
@@ -176,11 +182,11 @@ def train(shards: list[dict], features: list[str], label: str, shape: ModelShape
     return manifest
 
 
-def _job(shard: dict, rnd: int, features, label, shape, start, stage_dir: Path, params) -> ShardJob:
+def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, params) -> ShardJob:
     index = int(shard["name"].rsplit("-", 1)[-1])
     return ShardJob(
-        shard=shard["name"], round=rnd, files=shard["files"], rows=shard["rows"], features=list(features),
-        label=label, shape=shape, start=start,
+        shard=shard["name"], round=rnd, files=shard["files"], rows=shard["rows"], encoder=encoder,
+        shape=shape, start=start,
         out_path=str(stage_dir / f"round-{rnd:02d}" / f"{shard['name']}.safetensors"),
         epochs=params.local_epochs, learning_rate=params.learning_rate, batch_size=params.batch_size,
         seed=params.seed * 1_000_003 + rnd * 1_009 + index, params_digest=params.digest(),

@@ -8,11 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lepton_tasks.config import MNIST1D
+from lepton_tasks.config import PIPELINES_DIR
 from lepton_tasks.demo_data import make_mnist1d
+from lepton_tasks.specs import load_spec
 
-FEATURES = list(MNIST1D.dataset.feature_columns)
-LABEL = MNIST1D.dataset.label_column
+MNIST_SPEC = load_spec(PIPELINES_DIR / "lepton_mnist1d.yaml")
+HOUSE_SPEC = load_spec(PIPELINES_DIR / "lepton_house_prices.yaml")
+FEATURES = MNIST_SPEC.spec.feature_columns
+LABEL = MNIST_SPEC.spec.target.column
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +37,13 @@ def mnist_frame(rows: int = 600, seed: int = 7) -> pd.DataFrame:
     frame = pd.DataFrame(features, columns=FEATURES)
     frame[LABEL] = labels
     return frame
+
+
+def encoder_for(frame: pd.DataFrame, loaded=MNIST_SPEC):
+    """The feature encoder a pipeline fits on `frame` (as the shard stage does on its training rows)."""
+    from lepton_tasks.features import fit, partition_stats
+
+    return fit(loaded.spec, partition_stats(frame, loaded.spec))
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import torch
 
 from lepton_tasks.compress import compress, prune_global
 from lepton_tasks.models import ModelShape, build_model, init_weights, save_checkpoint
-from tests.conftest import FEATURES, LABEL, mnist_frame
+from tests.conftest import encoder_for, mnist_frame
 
 
 def test_global_pruning_zeroes_the_asked_fraction():
@@ -19,12 +19,13 @@ def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(t
     sha = save_checkpoint(merged, init_weights(shape, 0), {})
     path = tmp_path / "eval.parquet"
     mnist_frame(300).to_parquet(path, index=False)
-    manifest = compress(merged, sha, shape, load_xy([str(path)], FEATURES, LABEL), tmp_path / "c", 0.02, 0.3)
+    eval_data = load_xy([str(path)], encoder_for(mnist_frame(300)))
+    manifest = compress(merged, sha, shape, eval_data, tmp_path / "c", "accuracy", 0.02, 0.3)
     by_name = {v.name: v for v in manifest.variants}
     assert set(by_name) == {"onnx_fp32", "onnx_pruned_fp32", "onnx_int8", "onnx_pruned_int8"}
-    assert abs(by_name["onnx_fp32"].accuracy - manifest.reference.accuracy) < 1e-9
+    assert abs(by_name["onnx_fp32"].score - manifest.reference.score) < 1e-9
     assert by_name["onnx_int8"].bytes < by_name["onnx_fp32"].bytes / 2
     chosen = by_name[manifest.chosen]
-    assert chosen.within_tolerance and chosen.accuracy >= manifest.reference.accuracy - 0.02
+    assert chosen.within_tolerance and chosen.score >= manifest.reference.score - 0.02
     assert all(chosen.bytes <= v.bytes for v in manifest.variants if v.within_tolerance)
     assert (tmp_path / "c" / "model.onnx").exists()

@@ -3,10 +3,14 @@ import pytest
 from lepton_tasks.config import RunParams, airflow_param_specs, parse_params
 from lepton_tasks.errors import BadParam
 
+DEFAULTS = RunParams(source_uri="landing/x/")
+
 
 def test_defaults_are_valid_and_digest_is_stable():
-    assert parse_params({}) == RunParams()
-    assert RunParams().digest() == RunParams().digest() != RunParams(seed=1).digest()
+    assert parse_params({}, DEFAULTS) == DEFAULTS
+    assert parse_params({"seed": 1}, DEFAULTS) == RunParams(source_uri="landing/x/", seed=1)
+    reseeded = parse_params({"seed": 1}, DEFAULTS)
+    assert DEFAULTS.digest() == RunParams(source_uri="landing/x/").digest() != reseeded.digest()
 
 
 @pytest.mark.parametrize("raw, param", [
@@ -19,13 +23,13 @@ def test_defaults_are_valid_and_digest_is_stable():
 ])
 def test_bad_params_are_named(raw, param):
     with pytest.raises(BadParam, match=f"param '{param}'"):
-        parse_params(raw)
+        parse_params(raw, DEFAULTS)
 
 
 def test_airflow_param_specs_are_typed_bounded_and_described():
-    specs = airflow_param_specs()
+    specs = airflow_param_specs(DEFAULTS)
     assert specs["num_shards"]["type"] == "integer" and specs["num_shards"]["minimum"] == 1
     assert specs["learning_rate"]["type"] == "number" and specs["learning_rate"]["exclusiveMinimum"] == 0
     assert specs["model_kind"]["enum"] == ["mlp", "cnn"]
     assert all(spec["description"] and spec["title"] for spec in specs.values())
-    assert {name: spec["default"] for name, spec in specs.items()} == RunParams().model_dump()
+    assert {name: spec["default"] for name, spec in specs.items()} == DEFAULTS.model_dump()

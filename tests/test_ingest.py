@@ -49,7 +49,7 @@ def _no_data_files(d):
     (_missing, "missing.parquet' does not exist"),
     (_empty, "empty.csv' is empty"),
     (_corrupt, "cannot read '.*bad.parquet' as parquet"),
-    (_no_data_files, "holds no CSV or Parquet"),
+    (_no_data_files, "holds no CSV, Parquet or JSON-lines file"),
 ])
 def test_unreadable_sources_fail_naming_the_file(tmp_path, make_source, message):
     source = make_source(tmp_path)

@@ -3,11 +3,11 @@ import pytest
 
 from lepton_tasks.errors import ShardError
 from lepton_tasks.shard import held_out_mask, shard
-from tests.conftest import FEATURES, LABEL
+from tests.conftest import MNIST_SPEC
 
 
 def _shard(ingested, out, client, n=3, seed=1):
-    return shard(ingested, out, n, 0.2, seed, LABEL, FEATURES, client)
+    return shard(ingested, out, n, 0.2, seed, MNIST_SPEC.spec, client)
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ from lepton_tasks.config import RunParams
 from lepton_tasks.errors import IntegrityError
 from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, save_checkpoint
 from lepton_tasks.train import ShardJob, finished_checkpoint, train, train_shard
-from tests.conftest import FEATURES, LABEL, mnist_frame
+from tests.conftest import encoder_for, mnist_frame
+
+ENCODER = encoder_for(mnist_frame(200)).to_dict()
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def _job(tmp_path, shard, epochs=3):
     shape = ModelShape("mlp", 40, 10, 32)
     start = tmp_path / "init.safetensors"
     sha = save_checkpoint(start, init_weights(shape, 0), {})
-    return ShardJob(shard["name"], 1, shard["files"], shard["rows"], FEATURES, LABEL, shape,
+    return ShardJob(shard["name"], 1, shard["files"], shard["rows"], ENCODER, shape,
                     {"path": str(start), "sha256": sha}, str(tmp_path / "out.safetensors"), epochs, 0.01, 32, 5, "d")
 
 
@@ -55,12 +57,12 @@ def _weights(checkpoints):
 
 def test_rounds_on_the_cluster_are_reproducible_and_resume(tmp_path, shard_files, dask_client):
     shape = ModelShape("mlp", 40, 10, 16)
-    params = RunParams(local_epochs=1, merge_rounds=2, model_kind="mlp", hidden_size=16)
-    first = train(shard_files, FEATURES, LABEL, shape, params, tmp_path / "a", dask_client)
-    again = train(shard_files, FEATURES, LABEL, shape, params, tmp_path / "b", dask_client)
+    params = RunParams(source_uri="x", local_epochs=1, merge_rounds=2, model_kind="mlp", hidden_size=16)
+    first = train(shard_files, ENCODER, shape, params, tmp_path / "a", dask_client)
+    again = train(shard_files, ENCODER, shape, params, tmp_path / "b", dask_client)
     assert _weights(first.final_round) == _weights(again.final_round)  # metadata holds timings; weights must match
     assert len(first.rounds) == 2 and not any(c["resumed"] for r in first.rounds for c in r)
-    resumed = train(shard_files, FEATURES, LABEL, shape, params, tmp_path / "a", dask_client)
+    resumed = train(shard_files, ENCODER, shape, params, tmp_path / "a", dask_client)
     assert all(c["resumed"] for r in resumed.rounds for c in r)
     assert [c["sha256"] for c in resumed.final_round] == [c["sha256"] for c in first.final_round]
     state, _ = load_checkpoint(tmp_path / "a" / "round-01" / "merged.safetensors")

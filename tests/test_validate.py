@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
 
-from lepton_tasks.config import MNIST1D
 from lepton_tasks.errors import ValidationFailed
 from lepton_tasks.validate import validate
-from tests.conftest import mnist_frame
+from tests.conftest import MNIST_SPEC, mnist_frame
 
 
 def _write(tmp_path, frame):
@@ -14,7 +13,7 @@ def _write(tmp_path, frame):
 
 
 def test_clean_data_passes_and_writes_result_and_data_docs(tmp_path):
-    manifest = validate(_write(tmp_path, mnist_frame(200)), MNIST1D.suite_file, tmp_path / "validate")
+    manifest = validate(_write(tmp_path, mnist_frame(200)), MNIST_SPEC.spec.suite_file, tmp_path / "validate")
     assert manifest.success and manifest.failed == 0 and manifest.passed == manifest.evaluated > 100
     assert (tmp_path / "validate" / "result.json").exists()
     assert "<html" in (tmp_path / "validate" / "docs" / "index.html").read_text().lower()
@@ -51,7 +50,7 @@ def _inf(f):
 ])
 def test_bad_data_fails_naming_expectation_and_column(tmp_path, corrupt, expectation, column):
     with pytest.raises(ValidationFailed, match=expectation) as err:
-        validate(_write(tmp_path, corrupt(mnist_frame(200))), MNIST1D.suite_file, tmp_path / "validate")
+        validate(_write(tmp_path, corrupt(mnist_frame(200))), MNIST_SPEC.spec.suite_file, tmp_path / "validate")
     if column:
         assert f"column '{column}'" in str(err.value)
     assert (tmp_path / "validate" / "docs" / "index.html").exists()  # the docs show what failed

@@ -59,14 +59,15 @@ class AirflowEnv:
     def migrate(self) -> None:
         self.airflow("db", "migrate", timeout=300)
 
-    def runs(self) -> set[Path]:
-        return set((self.data_root / "lepton_mnist1d").glob("*/"))
+    def runs(self, dag_id: str = "lepton_mnist1d") -> set[Path]:
+        return set((self.data_root / dag_id).glob("*/"))
 
-    def dags_test(self, conf: dict, logical_date: str, check: bool = True) -> tuple[subprocess.CompletedProcess, Path]:
+    def dags_test(self, conf: dict, logical_date: str, check: bool = True, dag_id: str = "lepton_mnist1d",
+                  **extra: str) -> tuple[subprocess.CompletedProcess, Path]:
         """Run the DAG once; returns the CLI result and the run folder it created."""
-        before = self.runs()
-        done = self.airflow("dags", "test", "lepton_mnist1d", logical_date, "-c", json.dumps(conf), check=check)
-        created = self.runs() - before
+        before = self.runs(dag_id)
+        done = self.airflow("dags", "test", dag_id, logical_date, "-c", json.dumps(conf), check=check, **extra)
+        created = self.runs(dag_id) - before
         assert len(created) == 1, f"expected one new run folder, found {created}:\n{done.stdout[-3000:]}"
         return done, created.pop()
 

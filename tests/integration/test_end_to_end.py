@@ -38,7 +38,8 @@ def _check_good_run(env: AirflowEnv, run_dir: Path) -> dict:
     assert all(s["status"] == "success" and s["seconds"] >= 0 for s in report["stages"].values())
     assert report["metrics"]["rows"] == 1500 and report["metrics"]["validate.failed"] == 0
     # 3x chance: it learns; the quality bar itself is measured in bench/
-    assert len(report["metrics"]["shard_rows"]) == 2 and report["metrics"]["merged_accuracy"] > 0.3
+    assert len(report["metrics"]["shard_rows"]) == 2 and report["metrics"]["merged_metrics"]["accuracy"] > 0.3
+    assert report["spec"]["path"].endswith("lepton_mnist1d.yaml") and len(report["spec"]["sha256"]) == 64
     assert report["metrics"]["chosen"] in report["metrics"]["variants"]
     info = report["mlflow"]
     assert info["model_name"] == "lepton-mnist1d" and info["model_version"] == "1"
@@ -48,9 +49,9 @@ def _check_good_run(env: AirflowEnv, run_dir: Path) -> dict:
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["lepton.complete"] == "true"
     assert run.data.params["num_shards"] == "2"
-    assert run.data.metrics["eval_accuracy"] == pytest.approx(report["metrics"]["merged_accuracy"])
+    assert run.data.metrics["eval_accuracy"] == pytest.approx(report["metrics"]["merged_metrics"]["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
-    assert {"validation", "shards", "checkpoints", "merged", "onnx"} <= artifacts
+    assert {"validation", "shards", "checkpoints", "merged", "onnx", "spec", "model"} <= artifacts
     assert any(a.path.endswith("docs") for a in client.list_artifacts(info["run_id"], "validation"))
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "ingested"
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{info['run_id']}'")
@@ -59,13 +60,16 @@ def _check_good_run(env: AirflowEnv, run_dir: Path) -> dict:
     assert [m.step for m in curve] == list(range(1, 9))  # 2 rounds x 4 epochs
     version = client.get_model_version("lepton-mnist1d", "1")
     assert version.tags["lepton.dag_run_id"] == report["run_id"] and "FedAvg" in version.description
+    tags = version.tags
+    assert tags["lepton.spec"] == "lepton_mnist1d" and tags["lepton.spec_sha256"] == report["spec"]["sha256"]
+    assert tags["lepton.source_uri"].endswith("landing/mnist1d/") and len(tags["lepton.data_sha256"]) == 64
     return report
 
 
 def _check_worse_run_keeps_champion(env: AirflowEnv, good_dir: Path) -> None:
     _, run_dir = env.dags_test(WORSE_CONF, WORSE_DATE)
     report, good = read_report(run_dir), read_report(good_dir)
-    assert report["metrics"]["merged_accuracy"] < good["metrics"]["merged_accuracy"]
+    assert report["metrics"]["merged_metrics"]["accuracy"] < good["metrics"]["merged_metrics"]["accuracy"]
     client = _mlflow(env)
     assert str(client.get_model_version_by_alias("lepton-mnist1d", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("lepton-mnist1d", "candidate").version) == "2"
