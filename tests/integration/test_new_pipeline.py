@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 def _lepton(env: AirflowEnv, *args: str, **extra: str) -> subprocess.CompletedProcess:
     done = subprocess.run([str(BIN / "lepton"), *args], env=env.env(**extra), capture_output=True, text=True,
                           timeout=900, cwd=env.home)
-    assert done.returncode == 0, f"lepton {args[0]} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    output = done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, f"lepton {args[0]} exited {done.returncode}:\n{output}"
     return done
 
 
