@@ -62,7 +62,7 @@ def _check_good_run(env: AirflowEnv, run_dir: Path) -> dict:
     assert version.tags["lepton.dag_run_id"] == report["run_id"] and "FedAvg" in version.description
     tags = version.tags
     assert tags["lepton.spec"] == "lepton_mnist1d" and tags["lepton.spec_sha256"] == report["spec"]["sha256"]
-    assert tags["lepton.source_uri"].endswith("landing/mnist1d/") and len(tags["lepton.data_sha256"]) == 64
+    assert tags["lepton.source_uri"].rstrip("/").endswith("landing/mnist1d") and len(tags["lepton.data_sha256"]) == 64
     return report
 
 
