@@ -43,10 +43,15 @@ class IngestManifest:
 
 
 def resolve_uri(source_uri: str, data_root: Path) -> str:
-    """A relative local path is read under the data root; URIs with a scheme and absolute paths as given."""
+    """A relative local path is read under the data root (and may not leave it); URIs with a scheme and
+    absolute paths are taken as given, since whoever sets them chose the location on purpose."""
     if "://" in source_uri or Path(source_uri).is_absolute():
         return source_uri
-    return str(Path(data_root) / source_uri)
+    root = Path(data_root).resolve()
+    resolved = (root / source_uri).resolve()
+    if not resolved.is_relative_to(root):
+        raise BadSource(f"param 'source_uri' ('{source_uri}') resolves to {resolved}, outside the data root {root}")
+    return str(root / source_uri)
 
 
 def list_source_files(uri: str, fmt: str | None = None) -> tuple[object, list[str]]:
@@ -54,14 +59,19 @@ def list_source_files(uri: str, fmt: str | None = None) -> tuple[object, list[st
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
-    if any(ch in path for ch in "*?["):
-        candidates = fs.glob(path)
-    elif fs.isdir(path):
-        candidates = [p for p in fs.find(path) if not Path(p).name.startswith((".", "_"))]
-    elif fs.exists(path):
-        candidates = [path]
-    else:
-        raise BadSource(f"source '{uri}' does not exist")
+    try:
+        if any(ch in path for ch in "*?["):
+            candidates = fs.glob(path)
+        elif fs.isdir(path):
+            candidates = [p for p in fs.find(path) if not Path(p).name.startswith((".", "_"))]
+        elif fs.exists(path):
+            candidates = [path]
+        elif Path(path).is_symlink():
+            raise BadSource(f"source '{uri}' is a symlink that loops or points nowhere")
+        else:
+            raise BadSource(f"source '{uri}' does not exist")
+    except (OSError, RecursionError) as err:  # a symlink loop, a permission error, an unreachable store
+        raise BadSource(f"cannot list source '{uri}': {type(err).__name__}: {err}") from None
     files = sorted(p for p in candidates if _format_of(p) is not None and fmt in (None, _format_of(p)))
     if not files:
         wanted = ", ".join(ext for ext, f in FORMATS.items() if fmt in (None, f))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lepton_tasks.errors import TrainingError
 from lepton_tasks.features import Encoder
 from lepton_tasks.merge import fedavg_files
 from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, load_model, loss_fn, save_checkpoint
@@ -79,27 +80,48 @@ def _report_progress(message: dict) -> None:
         log.info("progress %s", message)
 
 
-def train_shard(job: ShardJob) -> dict:
-    """Train one shard from `job.start` and save its checkpoint; runs on a Dask worker."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    x, y = (t.to(device) for t in load_xy(job.files, job.encoder))  # the shard stays on the device
+def _fit(job: ShardJob, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> tuple[dict, list[dict]]:
+    """Train from `job.start` for `job.epochs`; returns the final state and per-epoch records."""
     model = load_model(job.shape, load_checkpoint(Path(job.start["path"]), job.start["sha256"])[0]).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=job.learning_rate)
     generator = torch.Generator().manual_seed(job.seed)
     epochs = []
     for epoch in range(1, job.epochs + 1):
         started, total_loss = time.perf_counter(), torch.zeros((), device=device)
-        for idx in torch.randperm(len(y), generator=generator).to(device).split(job.batch_size):
+        for idx in torch.randperm(len(y), generator=generator).to(device).split(batch_size):
             loss = loss_fn(job.shape, model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.detach() * len(idx)  # summed on the device: no host sync per batch
         record = {"shard": job.shard, "round": job.round, "epoch": epoch, "loss": total_loss.item() / len(y),
-                  "seconds": time.perf_counter() - started}
+                  "seconds": time.perf_counter() - started, "batch_size": batch_size}
         epochs.append(record)
         _report_progress(record)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, epochs
+
+
+def train_shard(job: ShardJob) -> dict:
+    """Train one shard from `job.start` and save its checkpoint; runs on a Dask worker.
+
+    On GPU out-of-memory the shard starts again with half the batch size (said in the log), down to 1.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, y = (t.to(device) for t in load_xy(job.files, job.encoder))  # the shard stays on the device
+    batch_size = job.batch_size
+    while True:
+        try:
+            state, epochs = _fit(job, x, y, batch_size, device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            torch.cuda.empty_cache()
+            log.warning("%s: GPU out of memory at batch size %d; retrying with %d", job.shard, batch_size,
+                        batch_size // 2)
+            _report_progress({"shard": job.shard, "round": job.round, "warning": "gpu_oom",
+                              "batch_size": batch_size // 2})
+            batch_size //= 2
     sha = save_checkpoint(Path(job.out_path), state, {**job.metadata(), "epochs": json.dumps(epochs)})
     return {"shard": job.shard, "round": job.round, "path": job.out_path, "sha256": sha, "rows": job.rows,
             "epochs": epochs, "resumed": False}
@@ -142,21 +164,69 @@ class TrainManifest:
 
 
 def _run_round(jobs: list[ShardJob], client) -> list[dict]:
-    """Train the jobs without a finished checkpoint on the cluster; keep the order of `jobs`."""
+    """Train the jobs without a finished checkpoint on the cluster; keep the order of `jobs`.
+
+    Dask reschedules a shard whose worker died; one that keeps killing workers ends, after the scheduler's
+    `allowed-failures`, as a TrainingError naming it (shards that finished keep their checkpoints).
+    """
+    from distributed import wait
+
     results = {job.shard: finished_checkpoint(job) for job in jobs}
     todo = [job for job in jobs if results[job.shard] is None]
     for job in jobs:
         if results[job.shard] is not None:
             log.info("round %d %s: resumed from %s", job.round, job.shard, job.out_path)
+    check_memory(todo, client)
     futures = [client.submit(train_shard, job, pure=False, key=f"train-r{job.round}-{job.shard}-{job.params_digest}")
                for job in todo]
-    for job, result in zip(todo, client.gather(futures), strict=True):
-        results[job.shard] = result
+    wait(futures)
+    for job, future in zip(todo, futures, strict=True):
+        if future.status != "finished":
+            raise TrainingError(_failure(job, future.exception())) from future.exception()
+        results[job.shard] = future.result()
     return [results[job.shard] for job in jobs]
+
+
+def _failure(job: ShardJob, err: BaseException) -> str:
+    from distributed import KilledWorker
+
+    if isinstance(err, KilledWorker):
+        return (f"{job.shard} (round {job.round}) killed its Dask worker on every attempt ({err}); stopped "
+                "instead of restarting it again: look for a crash or memory blow-up on that shard")
+    return f"{job.shard} (round {job.round}) failed on its Dask worker: {type(err).__name__}: {err}"
+
+
+MEMORY_FACTOR = 3  # raw frame, encoded float32 matrix and the tensors built from it live at once
+
+
+def shard_memory_bytes(job: ShardJob) -> int:
+    """A shard's peak memory while training, estimated from its rows and encoded width."""
+    return job.rows * (job.shape.in_features + 1) * 4 * MEMORY_FACTOR
+
+
+def check_memory(jobs: list[ShardJob], client) -> None:
+    """Refuse, naming the limit, a shard that cannot fit the smallest worker's memory limit."""
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    limit = min((m for m in limits if m), default=0)
+    if not limit:
+        return
+    usable = limit * 0.6  # Dask starts spilling at 60% of the limit, pausing at 80%, killing at 95%
+    for job in jobs:
+        need = shard_memory_bytes(job)
+        if need > usable:
+            raise TrainingError(
+                f"{job.shard} needs about {need / 2**20:.0f} MiB to train ({job.rows} rows x "
+                f"{job.shape.in_features} encoded features), more than the {usable / 2**20:.0f} MiB usable under "
+                f"the Dask workers' memory limit of {limit / 2**20:.0f} MiB: raise param 'num_shards' or the "
+                "workers' memory limit")
 
 
 def _log_progress(event) -> None:
     _, msg = event
+    if "warning" in msg:
+        log.warning("round %d %s: %s, batch size now %d", msg["round"], msg["shard"], msg["warning"],
+                    msg["batch_size"])
+        return
     log.info("round %d %s epoch %d: loss %.4f (%.2fs)", msg["round"], msg["shard"], msg["epoch"], msg["loss"],
              msg["seconds"])
 
