@@ -150,3 +150,15 @@ def mlflow_tracking_uri(settings: Settings) -> str:
 def stable_json(value: Any) -> str:
     """JSON with sorted keys: the form that checksums and digests are taken of."""
     return json.dumps(value, sort_keys=True, default=str)
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without its password, for logs, reports and XCom."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

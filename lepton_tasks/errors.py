@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class LeptonError(Exception):
-    """Base class for every failure Lepton raises on purpose."""
+    """Base class for every failure Lepton raises on purpose.
+
+    Most say the input is wrong, which a retry cannot fix: Airflow fails them at once. Those marked
+    `retryable` (a service that is down) are left to Airflow's retries.
+    """
+
+    retryable = False
 
 
 class BadParam(LeptonError):
@@ -32,7 +38,9 @@ class IntegrityError(LeptonError):
 
 
 class RegistryError(LeptonError):
-    """MLflow refused or lost part of the registration."""
+    """MLflow was unreachable, or refused or lost part of the registration."""
+
+    retryable = True
 
 
 class SpecError(LeptonError):

@@ -88,9 +88,9 @@ def _run_stage(ctx: RunContext, stage: str, body: Callable[[], Any], figures: Ca
         if not isinstance(err, LeptonError):
             summary["traceback"] = traceback.format_exc(limit=5)
         write_json(ctx.summary_path(stage), summary)
-        if isinstance(err, LeptonError):
+        if isinstance(err, LeptonError) and not err.retryable:
             raise _without_retry(err) from err
-        raise
+        raise  # a service that is down, or a bug: Airflow's retries apply
     write_json(ctx.summary_path(stage), {"status": "success", "seconds": round(time.perf_counter() - started, 3),
                                          **figures(result)})
     return result

@@ -13,6 +13,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lepton_tasks.config import redact_uri
+from lepton_tasks.errors import RegistryError
 from lepton_tasks.metrics import at_least_as_good
 from lepton_tasks.models import ModelShape, load_checkpoint, load_model
 
@@ -82,11 +84,17 @@ def _find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
 
 def _open_run(client, experiment_id: str, tags: dict[str, str], name: str, parent: str | None = None) -> str:
     """The run with these tags, created once."""
+    return _find_or_create_run(client, experiment_id, tags, name, parent)[0]
+
+
+def _find_or_create_run(client, experiment_id: str, tags: dict[str, str], name: str,
+                        parent: str | None = None) -> tuple[str, bool]:
+    """(run id, whether it was created now)."""
     run_id = _find_run(client, experiment_id, tags)
-    if run_id is None:
-        extra = {"mlflow.parentRunId": parent} if parent else {}
-        run_id = client.create_run(experiment_id, run_name=name, tags={**tags, **extra}).info.run_id
-    return run_id
+    if run_id is not None:
+        return run_id, False
+    extra = {"mlflow.parentRunId": parent} if parent else {}
+    return client.create_run(experiment_id, run_name=name, tags={**tags, **extra}).info.run_id, True
 
 
 def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
@@ -203,43 +211,140 @@ def _register_version(client, model_name: str, model_uri: str, run_id: str, reco
 
 
 def _champion_score(champion, metric: str) -> float | None:
-    """The champion's score on `metric`, or None when it was scored on another metric (then any model wins)."""
+    """The champion's recorded score on `metric`, or None when it was scored on another metric."""
     if champion.tags.get(TAG_METRIC, "accuracy") != metric or TAG_SCORE not in champion.tags:
         return None
     return float(champion.tags[TAG_SCORE])
 
 
-def _move_aliases(client, model_name: str, version, metric: str, score: float) -> tuple[list[str], str | None]:
-    """`candidate` always; `champion` only if this version scores at least as well as the current champion."""
+def _champion_on_this_data(client, champion, record: RunRecord, metric: str) -> float | None:
+    """The champion re-scored on this run's held-out rows, with its own encoder and weights (safetensors: no
+    pickle); None when its artifacts are missing or its columns no longer fit the data."""
+    import json
+    import tempfile
+
+    import mlflow
+
+    from lepton_tasks.models import evaluate
+    from lepton_tasks.train import load_xy, model_shape
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fetch = mlflow.artifacts.download_artifacts
+            weights = fetch(run_id=champion.run_id, artifact_path="merged/merged.safetensors", dst_path=tmp)
+            encoder = json.loads(Path(fetch(run_id=champion.run_id, artifact_path="model/encoder.json",
+                                            dst_path=tmp)).read_text())
+            params = client.get_run(champion.run_id).data.params
+            shape = model_shape(encoder, params["model_kind"], int(params["hidden_size"]))
+            model = load_model(shape, load_checkpoint(Path(weights))[0])
+            features, targets = load_xy(record.shards["eval"]["files"], encoder)
+            return evaluate(model, shape, features, targets)[metric]
+    except Exception as err:  # an older champion, or another schema: fall back to its recorded score
+        log.warning("could not re-score champion version %s on this run's held-out rows: %s", champion.version, err)
+        return None
+
+
+def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: str) -> tuple[list[str], str | None]:
+    """`candidate` always; `champion` only if this version scores at least as well as the current champion on
+    the same held-out rows. The comparison is recorded in the run (metric, tag and promotion.json)."""
+    metric = record.merge["metric"]
+    score = record.merge["merged_metrics"][metric]
     client.set_registered_model_alias(model_name, CANDIDATE, version.version)
     try:
         champion = client.get_model_version_by_alias(model_name, CHAMPION)
     except Exception:  # no champion yet
         champion = None
     before = champion.version if champion else None
-    best = _champion_score(champion, metric) if champion else None
-    same_or_none = champion is None or champion.version == version.version or best is None
-    if same_or_none or at_least_as_good(metric, score, best):
-        client.set_registered_model_alias(model_name, CHAMPION, version.version)
-        log.info("champion -> version %s (was %s)", version.version, before)
+    comparison = {"metric": metric, "candidate_version": str(version.version), "candidate_score": score,
+                  "eval_rows": record.merge["eval_rows"], "eval_sha256": record.shards["eval"]["sha256"],
+                  "champion_version": str(before) if before else None}
+    if champion is None or str(champion.version) == str(version.version):
+        promote, comparison["reason"] = True, "no other champion"
     else:
-        log.info("champion stays at version %s (%s %.4f beats %.4f)", before, metric, best, score)
+        same_data = _champion_on_this_data(client, champion, record, metric)
+        recorded = _champion_score(champion, metric)
+        best = same_data if same_data is not None else recorded
+        comparison.update(champion_score_same_data=same_data, champion_score_recorded=recorded)
+        promote = best is None or at_least_as_good(metric, score, best)
+        comparison["reason"] = "compared on this run's held-out rows" if same_data is not None else (
+            "compared with the champion's recorded score" if recorded is not None else "champion has no score")
+        if same_data is not None:
+            _log_metrics(client, run_id, {f"champion_eval_{metric}": same_data})
+    comparison["promoted"] = promote
+    client.log_dict(run_id, comparison, "promotion.json")
+    client.set_tag(run_id, "lepton.promotion", "promoted" if promote else "kept_champion")
+    if promote:
+        client.set_registered_model_alias(model_name, CHAMPION, version.version)
+        log.info("champion -> version %s (was %s): %s", version.version, before, comparison["reason"])
+    else:
+        log.info("champion stays at version %s: %s %.4f vs candidate %.4f", before, metric,
+                 comparison.get("champion_score_same_data") or comparison.get("champion_score_recorded"), score)
     aliases = client.get_model_version(model_name, version.version).aliases
     return sorted(aliases), before
 
 
+def _limit_mlflow_retries() -> None:
+    """Fail within seconds, not minutes, when the tracking server is down (the Airflow retry waits instead),
+    and never unpickle a model. Explicit settings in the environment win."""
+    import os
+
+    for name, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}.items():
+        os.environ.setdefault(name, value)
+
+
+def _reopen(client, run_id: str, created: bool) -> None:
+    """A run found RUNNING belongs to an attempt that was killed: close it as FAILED (and count it) before this
+    attempt logs everything again; it is complete only when `lepton.complete` is set at the very end."""
+    run = client.get_run(run_id)
+    if not created and run.info.status == "RUNNING":
+        interrupted = int(run.data.tags.get("lepton.interrupted_attempts", "0")) + 1
+        client.set_terminated(run_id, "FAILED")
+        client.set_tag(run_id, "lepton.interrupted_attempts", str(interrupted))
+        log.warning("MLflow run %s was left RUNNING by a killed attempt: marked FAILED, logging it again", run_id)
+    client.set_tag(run_id, TAG_COMPLETE, "false")
+    client.update_run(run_id, status="RUNNING")
+
+
 def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_name: str,
              artifact_root: str | None, eval_features) -> RegisterManifest:
-    """Log the whole run to MLflow (idempotently) and register its merged model."""
+    """Log the whole run to MLflow (idempotently) and register its merged model.
+
+    Any MLflow failure (a server down, a refused write) becomes a RegistryError, which Airflow retries; the run
+    is marked FAILED where the server still answers, and aliases are only ever moved as the last step.
+    """
+    _limit_mlflow_retries()
     import mlflow
     from mlflow import MlflowClient
 
+    where = redact_uri(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    experiment_id = _experiment_id(client, experiment_name, artifact_root)
-    tags = {TAG_RUN: record.run_id, TAG_DAG: record.dag_id}
-    run_id = _open_run(client, experiment_id, tags, record.run_id)
-    client.update_run(run_id, status="RUNNING")
+    try:
+        experiment_id = _experiment_id(client, experiment_name, artifact_root)
+        run_id, created = _find_or_create_run(client, experiment_id, {TAG_RUN: record.run_id, TAG_DAG: record.dag_id},
+                                              record.run_id)
+        _reopen(client, run_id, created)
+    except Exception as err:
+        raise RegistryError(f"MLflow at {where} cannot be reached or refused the run: {type(err).__name__}: "
+                            f"{err}") from err
+    try:
+        version = _log_and_register(client, experiment_id, run_id, record, model_name, eval_features)
+        aliases, before = _move_aliases(client, model_name, version, record, run_id)
+        client.set_tag(run_id, TAG_COMPLETE, "true")
+        client.set_terminated(run_id, "FINISHED")
+    except Exception as err:
+        try:
+            client.set_terminated(run_id, "FAILED")
+        except Exception:  # the server is gone: the retry finds the run RUNNING and closes it
+            pass
+        raise RegistryError(f"registering in MLflow at {where} failed (run {run_id}): {type(err).__name__}: "
+                            f"{err}") from err
+    return RegisterManifest(where, experiment_id, run_id, model_name, str(version.version), aliases, before)
+
+
+def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord, model_name: str, eval_features):
+    """Everything about the run, then the model version (found again by its DAG-run tag on a retry)."""
     for key, value in _lineage(record).items():
         client.set_tag(run_id, key, value)
     for key, value in record.params.items():
@@ -251,8 +356,4 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
     version = _existing_version(client, model_name, record)
     if version is None:
         version = _register_version(client, model_name, _log_model(run_id, record, eval_features), run_id, record)
-    metric = record.merge["metric"]
-    aliases, before = _move_aliases(client, model_name, version, metric, record.merge["merged_metrics"][metric])
-    client.set_tag(run_id, TAG_COMPLETE, "true")
-    client.set_terminated(run_id, "FINISHED")
-    return RegisterManifest(tracking_uri, experiment_id, run_id, model_name, str(version.version), aliases, before)
+    return version

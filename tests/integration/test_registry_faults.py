@@ -1,0 +1,159 @@
+"""Register against a real MLflow tracking server that is stopped, restarted, and whose client is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lepton_tasks import pipeline
+from lepton_tasks.errors import RegistryError
+from lepton_tasks.specs import find_spec
+from tests.integration.airflow_env import BIN, SMALL_CONF, write_demo
+
+pytestmark = pytest.mark.slow
+
+
+class TrackingServer:
+    """`mlflow server` on a free loopback port, with its own SQLite store and artifact folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=(self.root / "server.log").open("ab"), start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"mlflow server did not answer: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        import os
+
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """Manifests of every stage up to compress, from the real stage functions (a run ready to register)."""
+    import os
+
+    root = tmp_path_factory.mktemp("registry")
+    os.environ["LEPTON_DATA_ROOT"] = str(root / "data")
+    write_demo(root / "data", 900)
+    loaded = find_spec("lepton_mnist1d")
+    ctx = pipeline.context(loaded, "prepared", SMALL_CONF)
+    manifests = {"ingest": pipeline.ingest(ctx)}
+    manifests["validate"] = pipeline.validate(ctx, manifests["ingest"])
+    manifests["shard"] = pipeline.shard(ctx, manifests["ingest"])
+    manifests["train"] = pipeline.train(ctx, manifests["shard"])
+    manifests["merge"] = pipeline.merge(ctx, manifests["shard"], manifests["train"])
+    manifests["compress"] = pipeline.compress(ctx, manifests["shard"], manifests["merge"])
+    yield root, loaded, manifests
+    os.environ.pop("LEPTON_DATA_ROOT", None)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    tracking = TrackingServer(tmp_path)
+    tracking.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.uri)
+    yield tracking
+    tracking.stop()
+
+
+def _register(loaded, run_id: str, manifests: dict) -> dict:
+    return pipeline.register(pipeline.context(loaded, run_id, SMALL_CONF), manifests)
+
+
+def _parent_runs(client, run_id: str):
+    experiment = client.get_experiment_by_name("lepton_mnist1d")
+    return client.search_runs([experiment.experiment_id], f"tags.`lepton.dag_run_id` = '{run_id}' and "
+                              "tags.`mlflow.parentRunId` IS NULL") if experiment else []
+
+
+def test_mlflow_down_fails_clearly_then_the_retry_registers_once(stages, server):
+    from mlflow import MlflowClient
+
+    _, loaded, manifests = stages
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=f"MLflow at {server.uri} cannot be reached") as raised:
+        _register(loaded, "nightly_1", manifests)
+    assert raised.value.retryable and time.monotonic() - started < 90
+    server.start()
+    done = _register(loaded, "nightly_1", manifests)  # the Airflow retry
+    again = _register(loaded, "nightly_1", manifests)  # a cleared task run once more
+    client = MlflowClient(server.uri)
+    assert done["model_version"] == again["model_version"] == "1"
+    assert len(client.search_model_versions("name = 'lepton-mnist1d'")) == 1
+    [parent] = _parent_runs(client, "nightly_1")
+    assert parent.info.status == "FINISHED" and parent.data.tags["lepton.complete"] == "true"
+    champion = client.get_model_version_by_alias("lepton-mnist1d", "champion")
+    assert str(champion.version) == "1" and client.get_run(champion.run_id).data.tags["lepton.complete"] == "true"
+
+
+KILLABLE = """
+import json, sys
+from lepton_tasks import pipeline
+from lepton_tasks.specs import find_spec
+manifests = json.load(open(sys.argv[1]))
+pipeline.register(pipeline.context(find_spec("lepton_mnist1d"), sys.argv[2], json.loads(sys.argv[3])), manifests)
+"""
+
+
+def test_a_register_killed_mid_run_is_closed_failed_and_never_taken_as_complete(stages, server, tmp_path):
+    from mlflow import MlflowClient
+
+    root, loaded, manifests = stages
+    client = MlflowClient(server.uri)
+    _register(loaded, "nightly_1", manifests)  # a champion to compare with
+    saved = tmp_path / "manifests.json"
+    saved.write_text(json.dumps(manifests))
+    task = subprocess.Popen([sys.executable, "-c", KILLABLE, str(saved), "nightly_2", json.dumps(SMALL_CONF)],
+                            cwd=Path(__file__).parents[2])
+    deadline = time.monotonic() + 120
+    while not _parent_runs(client, "nightly_2") and time.monotonic() < deadline and task.poll() is None:
+        time.sleep(0.05)
+    task.send_signal(signal.SIGKILL)
+    task.wait()
+    [left] = _parent_runs(client, "nightly_2")
+    assert left.info.status == "RUNNING" and left.data.tags.get("lepton.complete") != "true"
+    assert str(client.get_model_version_by_alias("lepton-mnist1d", "champion").version) == "1"
+
+    done = _register(loaded, "nightly_2", manifests)  # the retry
+    [parent] = _parent_runs(client, "nightly_2")
+    assert parent.info.run_id == left.info.run_id and parent.info.status == "FINISHED"
+    assert parent.data.tags["lepton.interrupted_attempts"] == "1" and parent.data.tags["lepton.complete"] == "true"
+    assert done["model_version"] == "2"
+    # the champion was re-scored on this run's held-out rows; same weights, same rows: same score, promoted
+    promotion = json.loads(Path(client.download_artifacts(parent.info.run_id, "promotion.json", str(tmp_path)))
+                           .read_text())
+    assert promotion["champion_score_same_data"] == pytest.approx(promotion["candidate_score"])
+    assert promotion["reason"] == "compared on this run's held-out rows" and promotion["promoted"]
+    assert parent.data.metrics["champion_eval_accuracy"] == pytest.approx(promotion["candidate_score"])
+    for version in client.search_model_versions("name = 'lepton-mnist1d'"):
+        if version.aliases:
+            assert client.get_run(version.run_id).data.tags["lepton.complete"] == "true"
