@@ -101,7 +101,7 @@ def read_batches(fs, path: str):
             else:
                 # an empty CSV field is a missing value, for text columns too
                 yield from pacsv.open_csv(handle, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
+    except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError) as err:
         raise BadSource(f"cannot read '{path}' as {_format_of(path)}: {err}") from err
 
 
@@ -122,8 +122,8 @@ def _copy_file(fs, path: str, target: Path, schema: pa.Schema | None) -> tuple[i
     finally:
         if writer is not None:
             writer.close()
-    if writer is None:
-        raise BadSource(f"source file '{path}' holds no data (no header, no rows)")
+    if writer is None or rows == 0:
+        raise BadSource(f"source file '{path}' holds no data rows")
     return rows, schema, _sha256_remote(fs, path)
 
 
@@ -139,18 +139,45 @@ def _schema_text(schema: pa.Schema) -> str:
     return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"
 
 
-def _check_columns(path: str, schema: pa.Schema, required: list[str]) -> None:
-    missing = [c for c in required if c not in schema.names]
+def _check_columns(path: str, part: Path, schema: pa.Schema, expected: dict[str, str]) -> None:
+    """The columns the spec names are there, once each, as text or numbers as it says."""
+    names = schema.names
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise BadSource(f"source file '{path}' has duplicate column names {duplicated}")
+    missing = [c for c in expected if c not in names]
     if missing:
+        delimiter = next((d for d in ";\t|" if len(names) == 1 and d in names[0]), None)
+        hint = f"; it looks delimited by {delimiter!r}, not ','" if delimiter else ""
         raise BadSource(f"source file '{path}' lacks column(s) {missing} that the pipeline spec names "
-                        f"(it has {schema.names})")
+                        f"(it has {names[:12]}{'...' if len(names) > 12 else ''}){hint}")
+    for column, kind in expected.items():
+        arrow_type = schema.field(column).type
+        if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+            raise BadSource(f"column '{column}' of source file '{path}' is not valid UTF-8 text")
+        if kind == "numeric" and (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)):
+            raise BadSource(f"column '{column}' of source file '{path}' is numeric in the pipeline spec but holds "
+                            f"text, e.g. {_first_non_number(part, column)!r}")
+
+
+def _first_non_number(part: Path, column: str) -> str | None:
+    import pyarrow.parquet as pq
+
+    for value in pq.read_table(part, columns=[column]).column(0).to_pylist():
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            if value is not None:
+                return value
+    return None
 
 
 def ingest(source_uri: str, data_root: Path, stage_dir: Path, fmt: str | None = None,
-           required: list[str] | None = None) -> IngestManifest:
+           expected: dict[str, str] | None = None) -> IngestManifest:
     """Copy the source into `stage_dir` as Parquet parts and describe what was written.
 
-    `fmt` restricts the files read to one format; every column in `required` must be in the source.
+    `fmt` restricts the files read to one format; every column in `expected` ({name: "numeric" | "any"}) must be
+    in the source, numeric ones as numbers.
     """
     uri = resolve_uri(source_uri, data_root)
     fs, files = list_source_files(uri, fmt)
@@ -158,7 +185,7 @@ def ingest(source_uri: str, data_root: Path, stage_dir: Path, fmt: str | None = 
     with atomic_dir(stage_dir) as tmp:
         for index, path in enumerate(files):
             part_rows, schema, digest = _copy_file(fs, path, tmp / f"part-{index:05d}.parquet", schema)
-            _check_columns(path, schema, required or [])
+            _check_columns(path, tmp / f"part-{index:05d}.parquet", schema, expected or {})
             rows += part_rows
             source_digests.append(digest)
             log.info("ingested %s: %d rows", path, part_rows)

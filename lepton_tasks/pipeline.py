@@ -111,10 +111,11 @@ def _shape(ctx: RunContext, shards: dict):
 def ingest(ctx: RunContext) -> dict:
     from lepton_tasks import ingest as stage
 
-    required = [*ctx.spec.feature_columns, ctx.spec.target.column]
+    expected = {c: "numeric" if kind == "numeric" else "any" for c, kind in ctx.spec.features.items()}
+    expected[ctx.spec.target.column] = "numeric" if ctx.spec.target.task == "regression" else "any"
     return _run_stage(ctx, "ingest",
                       lambda: stage.ingest(ctx.params.source_uri, ctx.settings.data_root, ctx.stage_dir("ingest"),
-                                           ctx.spec.source.format, required),
+                                           ctx.spec.source.format, expected),
                       lambda m: {"rows": m["rows"], "files": len(m["source_files"]), "sha256": m["sha256"],
                                  "source_sha256": m["source_sha256"]})
 
