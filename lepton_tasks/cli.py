@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from lepton_tasks.config import REPO_ROOT, Settings, mlflow_tracking_uri, parse_params
+from lepton_tasks.config import REPO_ROOT, Settings, mlflow_tracking_uri, parse_params, redact_uri
 from lepton_tasks.errors import LeptonError
 from lepton_tasks.specs import expectations_dir, find_spec, load_spec, pipelines_dir, spec_files
 
@@ -30,10 +30,11 @@ def _newest_report(settings: Settings, dag_id: str, since: float) -> Path | None
 
 def _ui_hints(settings: Settings) -> list[str]:
     home = os.environ.get("AIRFLOW_HOME", str(REPO_ROOT))
+    store = redact_uri(mlflow_tracking_uri(settings))
     return [
         f"Airflow UI: AIRFLOW_HOME={home} {REPO_ROOT}/.venv/bin/airflow api-server --port 8080, then "
         f"http://localhost:8080 (user admin, password in {home}/simple_auth_manager_passwords.json.generated)",
-        f"MLflow UI:  {REPO_ROOT}/.venv/bin/mlflow ui --port 5000 --backend-store-uri {mlflow_tracking_uri(settings)}"
+        f"MLflow UI:  {REPO_ROOT}/.venv/bin/mlflow ui --port 5000 --backend-store-uri {store}"
         f" --default-artifact-root {settings.mlflow_artifact_root()}, then http://127.0.0.1:5000",
     ]
 

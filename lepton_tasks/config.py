@@ -136,15 +136,46 @@ def airflow_connection(conn_id: str):
 
 
 def mlflow_tracking_uri(settings: Settings) -> str:
-    """Connection `mlflow_default` (extra `tracking_uri`, else its host), else MLFLOW_TRACKING_URI, else local."""
+    """Connection `mlflow_default`, else MLFLOW_TRACKING_URI, else a local SQLite store.
+
+    The connection is a tracking server (type http/https: host, port; login and password become MLflow's basic
+    auth, see `mlflow_auth_env`), a database store (type postgres/mysql: host, port, schema = database, login,
+    password), or any URI in its extra `tracking_uri`.
+    """
     conn = airflow_connection(MLFLOW_CONN_ID)
-    if conn is not None:
-        uri = (conn.extra_dejson or {}).get("tracking_uri") or conn.host
-        if uri and "://" not in uri:
-            uri = f"{conn.schema or 'http'}://{uri}" + (f":{conn.port}" if conn.port else "")
-        if uri:
-            return uri
-    return settings.mlflow_tracking_uri or settings.local_mlflow_uri()
+    uri = _connection_tracking_uri(conn) if conn is not None else None
+    return uri or settings.mlflow_tracking_uri or settings.local_mlflow_uri()
+
+
+DB_SCHEMES = {"postgres": ("postgresql", 5432), "postgresql": ("postgresql", 5432), "mysql": ("mysql", 3306)}
+
+
+def _connection_tracking_uri(conn) -> str | None:
+    from urllib.parse import quote
+
+    extra = conn.extra_dejson or {}
+    if extra.get("tracking_uri"):
+        return extra["tracking_uri"]
+    if not conn.host:
+        return None
+    if "://" in conn.host:
+        return conn.host
+    if conn.conn_type in DB_SCHEMES:
+        scheme, port = DB_SCHEMES[conn.conn_type]
+        auth = ""
+        if conn.login:
+            auth = quote(conn.login, safe="") + (f":{quote(conn.password, safe='')}" if conn.password else "") + "@"
+        return f"{scheme}://{auth}{conn.host}:{conn.port or port}/{conn.schema or 'mlflow'}"
+    scheme = "https" if conn.conn_type == "https" else "http"
+    return f"{scheme}://{conn.host}" + (f":{conn.port}" if conn.port else "")
+
+
+def mlflow_auth_env() -> dict[str, str]:
+    """MLflow's basic-auth variables from an http(s) connection `mlflow_default` with a login (else none)."""
+    conn = airflow_connection(MLFLOW_CONN_ID)
+    if conn is None or not conn.login or conn.conn_type in DB_SCHEMES:
+        return {}
+    return {"MLFLOW_TRACKING_USERNAME": conn.login, "MLFLOW_TRACKING_PASSWORD": conn.password or ""}
 
 
 def stable_json(value: Any) -> str:

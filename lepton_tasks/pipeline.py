@@ -9,6 +9,7 @@ into `{run}/report.json`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lepton_tasks.config import RunParams, Settings, mlflow_tracking_uri, parse_params
+from lepton_tasks.config import RunParams, Settings, mlflow_auth_env, mlflow_tracking_uri, parse_params
 from lepton_tasks.errors import LeptonError
 from lepton_tasks.specs import LoadedSpec, PipelineSpec
 from lepton_tasks.storage import RunPaths, read_json, write_json
@@ -181,6 +182,7 @@ def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
     from lepton_tasks import register as stage
 
     def body():
+        os.environ.update(mlflow_auth_env())  # read by the MLflow client; never logged
         record = stage.RunRecord(ctx.dag_id, ctx.run_id, ctx.params.model_dump(), str(ctx.loaded.path),
                                  ctx.loaded.sha256, manifests["ingest"], manifests["validate"], manifests["shard"],
                                  manifests["train"], manifests["merge"], manifests["compress"])

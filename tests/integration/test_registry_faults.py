@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,43 +14,9 @@ import pytest
 from lepton_tasks import pipeline
 from lepton_tasks.errors import RegistryError
 from lepton_tasks.specs import find_spec
-from tests.integration.airflow_env import BIN, SMALL_CONF, write_demo
+from tests.integration.airflow_env import SMALL_CONF, TrackingServer, write_demo
 
 pytestmark = pytest.mark.slow
-
-
-class TrackingServer:
-    """`mlflow server` on a free loopback port, with its own SQLite store and artifact folder."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=(self.root / "server.log").open("ab"), start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"mlflow server did not answer: {(self.root / 'server.log').read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        import os
-
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
