@@ -51,8 +51,8 @@ def build(loaded: LoadedSpec) -> DAG:
             return pipeline.validate(pipeline.from_airflow(context, loaded), ingested)
 
         @task
-        def shard(ingested: dict, **context) -> dict:
-            return pipeline.shard(pipeline.from_airflow(context, loaded), ingested)
+        def shard(validated: dict, **context) -> dict:
+            return pipeline.shard(pipeline.from_airflow(context, loaded), validated)
 
         @task
         def train(shards: dict, **context) -> dict:
@@ -76,8 +76,7 @@ def build(loaded: LoadedSpec) -> DAG:
 
         ingested = ingest()
         validated = validate(ingested)
-        shards = shard(ingested)
-        validated >> shards
+        shards = shard(validated)  # the validated rows: the stage, or its clean part after a quarantine
         trained = train(shards)
         merged = merge(shards, trained)
         compressed = compress(shards, merged)

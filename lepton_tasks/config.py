@@ -64,6 +64,11 @@ class RunParams(BaseModel):
         0.2, gt=0, lt=1, title="Held-out fraction", description="Rows kept out of every shard for evaluation."
     )
     seed: int = Field(42, ge=0, le=2**31 - 1, title="Seed", description="Seeds the split, the init and the shuffles.")
+    quarantine_max_fraction: float = Field(
+        0.0, ge=0, le=0.5, title="Quarantine up to",
+        description="Rows failing row-level expectations go to a run-scoped quarantine file (with reasons) and the "
+        "run goes on while they are at most this share of the data; 0 stops the run on any failed expectation.",
+    )
 
     def digest(self) -> str:
         """Short content hash, used to tell whether a checkpoint was made with these params."""

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "validate", "shard", "train", "merge", "compress", "register")
 VARIANT_FIGURES = ("score", "metrics", "bytes", "latency_p50_ms", "latency_p99_ms")
-REPORT_METRICS = {"ingest": ["rows"], "validate": ["passed", "failed"], "shard": ["shard_rows", "eval_rows"],
+REPORT_METRICS = {"ingest": ["rows"], "validate": ["passed", "failed", "quarantined_rows"],
+                  "shard": ["shard_rows", "eval_rows"],
                   "merge": ["metric", "merged_metrics", "shard_metrics"], "compress": ["chosen", "variants"]}
 
 
@@ -125,17 +126,19 @@ def validate(ctx: RunContext, ingested: dict) -> dict:
     from lepton_tasks import validate as stage
 
     return _run_stage(ctx, "validate",
-                      lambda: stage.validate(ingested["parts"], ctx.spec.suite_file, ctx.stage_dir("validate")),
-                      lambda m: {k: m[k] for k in ("suite", "evaluated", "passed", "failed", "docs_index")})
+                      lambda: stage.validate(ingested["parts"], ctx.spec.suite_file, ctx.stage_dir("validate"),
+                                             ctx.params.quarantine_max_fraction),
+                      lambda m: {k: m[k] for k in ("suite", "evaluated", "passed", "failed", "docs_index",
+                                                   "quarantined_rows", "quarantine_path")})
 
 
-def shard(ctx: RunContext, ingested: dict) -> dict:
+def shard(ctx: RunContext, validated: dict) -> dict:
     from lepton_tasks import shard as stage
     from lepton_tasks.cluster import dask_client
 
     def body():
         with dask_client(ctx.settings, ctx.params.num_shards) as client:
-            return stage.shard(ingested["parts"], ctx.stage_dir("shard"), ctx.params.num_shards,
+            return stage.shard(validated["parts"], ctx.stage_dir("shard"), ctx.params.num_shards,
                                ctx.params.eval_fraction, ctx.params.seed, ctx.spec, client)
 
     return _run_stage(ctx, "shard", body, lambda m: {

@@ -114,6 +114,7 @@ def summary_metrics(record: RunRecord) -> dict[str, float]:
         "rows_ingested": record.ingest["rows"],
         "expectations_passed": record.validation["passed"],
         "expectations_failed": record.validation["failed"],
+        "rows_quarantined": record.validation.get("quarantined_rows", 0),
         "eval_rows": record.merge["eval_rows"],
         **{f"eval_{name}": value for name, value in record.merge["merged_metrics"].items()},
     }
@@ -145,7 +146,10 @@ def _log_shard_runs(client, experiment_id: str, parent: str, record: RunRecord) 
 
 
 def _log_artifacts(client, run_id: str, record: RunRecord) -> None:
-    client.log_artifacts(run_id, str(Path(record.validation["result_path"]).parent), "validation")
+    client.log_artifact(run_id, record.validation["result_path"], "validation")
+    client.log_artifacts(run_id, str(Path(record.validation["docs_index"]).parent), "validation/docs")
+    if record.validation.get("quarantine_path"):  # the rows held back, with their reasons (not the clean data)
+        client.log_artifact(run_id, record.validation["quarantine_path"], "validation/quarantine")
     client.log_dict(run_id, record.shards, "shards/manifest.json")
     client.log_dict(run_id, record.shards["encoder"], "model/encoder.json")  # how to turn rows into model input
     client.log_artifact(run_id, record.spec_path, "spec")

@@ -203,7 +203,7 @@ def _run_until_failure(data_root: Path, source: str, extra: dict) -> tuple[str, 
     try:
         manifests["ingest"] = pipeline.ingest(ctx)
         manifests["validate"] = pipeline.validate(ctx, manifests["ingest"])
-        manifests["shard"] = pipeline.shard(ctx, manifests["ingest"])
+        manifests["shard"] = pipeline.shard(ctx, manifests["validate"])
     except Exception:
         report = pipeline.report(ctx)
         failed = report["failed_stage"]

@@ -54,3 +54,34 @@ def test_bad_data_fails_naming_expectation_and_column(tmp_path, corrupt, expecta
     if column:
         assert f"column '{column}'" in str(err.value)
     assert (tmp_path / "validate" / "docs" / "index.html").exists()  # the docs show what failed
+
+
+def _with_bad_rows(rows: int, bad: int):
+    frame = mnist_frame(rows)
+    frame.loc[: bad // 2 - 1, "x_01"] = np.nan  # not null fails
+    frame.loc[bad // 2: bad - 1, "x_02"] = 99.0  # out of range
+    return frame
+
+
+def test_failing_rows_under_the_threshold_are_quarantined_with_reasons_and_the_rest_goes_on(tmp_path):
+    import pandas as pd
+
+    from lepton_tasks.validate import REASONS_COLUMN
+
+    manifest = validate(_write(tmp_path, _with_bad_rows(300, 6)), MNIST_SPEC.spec.suite_file, tmp_path / "v", 0.05)
+    assert manifest.quarantined_rows == 6 and manifest.failed == 2 and not manifest.success
+    quarantined = pd.read_parquet(manifest.quarantine_path)
+    assert len(quarantined) == 6 and quarantined[REASONS_COLUMN].str.contains("x_01|x_02").all()
+    assert "expect_column_values_to_not_be_null(x_01)" in quarantined[REASONS_COLUMN].iloc[0]
+    clean = pd.concat(pd.read_parquet(p) for p in manifest.parts)
+    assert len(clean) == 294 and clean["x_01"].notna().all() and (clean["x_02"] < 99).all()
+    assert all(f.rows is None for f in manifest.failures)  # row lists stay out of XCom
+
+
+def test_too_many_failing_rows_or_a_table_level_failure_still_stops_the_run(tmp_path):
+    with pytest.raises(ValidationFailed, match="over param 'quarantine_max_fraction'=5.00%"):
+        validate(_write(tmp_path, _with_bad_rows(300, 30)), MNIST_SPEC.spec.suite_file, tmp_path / "a", 0.05)
+    renamed = mnist_frame(300).rename(columns={"x_05": "x_five"})
+    with pytest.raises(ValidationFailed, match="expect_table_columns_to_match_ordered_list"):
+        validate(_write(tmp_path, renamed), MNIST_SPEC.spec.suite_file, tmp_path / "b", 0.05)
+    assert not (tmp_path / "a" / "quarantine").exists()

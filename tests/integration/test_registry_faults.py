@@ -31,7 +31,7 @@ def stages(tmp_path_factory):
     ctx = pipeline.context(loaded, "prepared", SMALL_CONF)
     manifests = {"ingest": pipeline.ingest(ctx)}
     manifests["validate"] = pipeline.validate(ctx, manifests["ingest"])
-    manifests["shard"] = pipeline.shard(ctx, manifests["ingest"])
+    manifests["shard"] = pipeline.shard(ctx, manifests["validate"])
     manifests["train"] = pipeline.train(ctx, manifests["shard"])
     manifests["merge"] = pipeline.merge(ctx, manifests["shard"], manifests["train"])
     manifests["compress"] = pipeline.compress(ctx, manifests["shard"], manifests["merge"])
