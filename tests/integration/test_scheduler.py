@@ -48,7 +48,31 @@ def _runs(env: AirflowEnv, extra: dict) -> list[dict]:
     return json.loads(rows[-1]) if done.returncode == 0 and rows else []
 
 
-def test_triggered_run_succeeds_under_the_scheduler(tmp_path):
+LOGICAL_DATE = "2026-07-01T00:00:00+00:00"
+
+
+def _state(env: AirflowEnv, extra: dict) -> str | None:
+    return next((r["state"] for r in _runs(env, extra) if r["run_id"] == "triggered_by_test"), None)
+
+
+def _merged_and_registry(env: AirflowEnv) -> tuple[str, int, int]:
+    """The run's merged-model checksum, and how many parent MLflow runs and model versions exist for it."""
+    from mlflow import MlflowClient
+
+    report = read_report(env.data_root / "lepton_mnist1d" / "triggered_by_test")
+    client = MlflowClient(env.mlflow_uri)
+    experiment = client.get_experiment_by_name("lepton_mnist1d")
+    parents = client.search_runs([experiment.experiment_id], "tags.`lepton.dag_run_id` = 'triggered_by_test' and "
+                                 "tags.`mlflow.parentRunId` IS NULL")
+    versions = client.search_model_versions("name = 'lepton-mnist1d' and tags.`lepton.dag_run_id` = "
+                                            "'triggered_by_test'")  # (unpausing also starts a scheduled run)
+    merged = json.loads((env.data_root / "lepton_mnist1d" / "triggered_by_test" / "summaries" / "merge.json")
+                        .read_text())
+    assert report["status"] == "success"
+    return json.dumps(merged["merged_metrics"]), len(parents), len(versions)
+
+
+def test_triggered_run_succeeds_under_the_scheduler_and_a_cleared_rerun_duplicates_nothing(tmp_path):
     env = AirflowEnv.sqlite(tmp_path)
     port = _free_port()
     extra = {"AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__EXECUTION_API_SERVER_URL":
@@ -62,19 +86,25 @@ def test_triggered_run_succeeds_under_the_scheduler(tmp_path):
             stack.callback(process.terminate)
         _wait_for(lambda: env.airflow("dags", "details", "lepton_mnist1d", check=False, **extra).returncode == 0,
                   120, "the dag-processor to serialise lepton_mnist1d")
-        env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", "triggered_by_test", "-c",
-                    json.dumps(SMALL_CONF), **extra)
+        env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", "triggered_by_test", "--logical-date",
+                    LOGICAL_DATE, "-c", json.dumps(SMALL_CONF), **extra)
         env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
 
-        def triggered_finished() -> bool:
-            return any(r["run_id"] == "triggered_by_test" and r["state"] in ("success", "failed")
-                       for r in _runs(env, extra))
+        _wait_for(lambda: _state(env, extra) in ("success", "failed"), RUN_TIMEOUT_S, "the triggered run to finish")
+        state = _state(env, extra)
+        logs = "\n".join(p.read_text()[-3000:] for p in env.home.glob("*.log"))
+        assert state == "success", f"run ended {state}; component logs:\n{logs}"
+        first = _merged_and_registry(env)
+        assert first[1:] == (1, 1)
 
-        _wait_for(triggered_finished, RUN_TIMEOUT_S, "the triggered run to finish")
-    state = next(r["state"] for r in _runs(env, extra) if r["run_id"] == "triggered_by_test")
-    logs = "\n".join(p.read_text()[-3000:] for p in env.home.glob("*.log"))
-    assert state == "success", f"run ended {state}; component logs:\n{logs}"
+        # clear every task of the finished run: the scheduler runs it all again
+        env.airflow("tasks", "clear", "lepton_mnist1d", "--yes", "--start-date", LOGICAL_DATE, "--end-date",
+                    LOGICAL_DATE, **extra)
+        _wait_for(lambda: _state(env, extra) not in ("success", "failed"), 60, "the cleared run to restart")
+        _wait_for(lambda: _state(env, extra) in ("success", "failed"), RUN_TIMEOUT_S, "the rerun to finish")
+        assert _state(env, extra) == "success"
+    assert _merged_and_registry(env) == first  # same model, still one MLflow run and one version
     report = read_report(env.data_root / "lepton_mnist1d" / "triggered_by_test")
-    assert report["status"] == "success" and report["mlflow"]["model_version"]
+    assert report["stages"]["train"]["resumed"] > 0  # the rerun reused the finished checkpoints
     task_logs = "\n".join(p.read_text() for p in (env.home / "logs").rglob("*.log") if "task_id=train" in str(p))
     assert "LocalCluster" in task_logs and "epoch" in task_logs  # the cluster choice and per-epoch progress
