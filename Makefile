@@ -12,6 +12,7 @@ export LEPTON_DATA_ROOT ?= $(CURDIR)/var/data
 export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export MLFLOW_ALLOW_PICKLE_DESERIALIZATION := false
 
 .PHONY: setup run test bench lint clean
 

@@ -69,11 +69,19 @@ def _lineage(record: RunRecord) -> dict[str, str]:
 
 
 def _experiment_id(client, name: str, artifact_root: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     location = f"{artifact_root}/{name}" if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # a concurrent run created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def _find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:

@@ -35,6 +35,7 @@ PARAM_SECTIONS = {
                  "eval_fraction", "seed"),
     "merge": ("merge_rounds",),
     "compression": ("prune_sparsity", "compression_tolerance"),
+    "validation": ("quarantine_max_fraction",),
 }
 
 
@@ -50,6 +51,7 @@ def _params_section(name: str, fields: tuple[str, ...]) -> type[BaseModel]:
 
 TrainingSection = _params_section("TrainingSection", PARAM_SECTIONS["training"])
 MergeSection = _params_section("MergeSection", PARAM_SECTIONS["merge"])
+ValidationSection = _params_section("ValidationSection", PARAM_SECTIONS["validation"])
 _CompressionParams = _params_section("_CompressionParams", PARAM_SECTIONS["compression"])
 
 
@@ -95,6 +97,7 @@ class PipelineSpec(_Strict):
     target: TargetSection
     preprocessing: PreprocessingSection = Field(default_factory=PreprocessingSection)
     expectations: str | None = Field(None, description="Suite file in expectations/; default NAME.json.")
+    validation: ValidationSection = Field(default_factory=ValidationSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     merge: MergeSection = Field(default_factory=MergeSection)
     compression: CompressionSection = Field(default_factory=CompressionSection)
@@ -154,7 +157,7 @@ class PipelineSpec(_Strict):
     def run_defaults(self) -> RunParams:
         """The run params this pipeline starts from: the Airflow form's defaults."""
         values: dict[str, Any] = {"source_uri": self.source.uri}
-        for section in (self.training, self.merge, self.compression):
+        for section in (self.training, self.merge, self.compression, self.validation):
             values.update(section.model_dump(exclude={"metric"}))
         return RunParams(**values)
 

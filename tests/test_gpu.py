@@ -36,3 +36,26 @@ def test_a_shard_trains_on_the_gpu(tmp_path):
         assert result["epochs"][-1]["loss"] < result["epochs"][0]["loss"]
     finally:
         cluster.close()
+
+
+def test_gpu_out_of_memory_falls_back_to_a_smaller_batch(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from lepton_tasks.train import train_shard
+    from tests.conftest import mnist_frame
+    from tests.test_train import _job
+
+    path = tmp_path / "shard.parquet"
+    mnist_frame(4000).to_parquet(path, index=False)
+    job = _job(tmp_path, {"name": "shard-000", "files": [str(path)], "rows": 4000}, epochs=1)
+    job.batch_size = 4000
+    free, _ = torch.cuda.mem_get_info()
+    ballast = torch.empty(int(free * 0.999) // 4 - (4 << 20), dtype=torch.float32, device="cuda")  # leave ~16 MiB
+    try:
+        with caplog.at_level(logging.WARNING, logger="lepton_tasks.train"):
+            result = train_shard(job)
+    finally:
+        del ballast
+    assert result["epochs"][-1]["batch_size"] < 4000 and "GPU out of memory" in caplog.text

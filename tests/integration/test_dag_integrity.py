@@ -20,6 +20,8 @@ heavy = [m for m in {heavy!r} if m in sys.modules]
 print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "heavy": heavy,
     "dags": {{d.dag_id: {{"schedule": str(d.schedule), "owner": d.owner, "tags": sorted(d.tags),
         "retries": [t.retries for t in d.tasks], "max_active_runs": d.max_active_runs, "catchup": d.catchup,
+        "register_upstream": sorted(d.get_task("register").upstream_task_ids),
+        "register_rule": str(d.get_task("register").trigger_rule).lower(),
         "doc": bool(d.doc_md)}} for d in bag.dags.values()}}}}))
 """
 
@@ -45,6 +47,9 @@ def test_every_dag_is_scheduled_retried_owned_tagged_and_documented(parsed):
         assert max(dag["retries"]) >= 1, dag_id
     nightly = parsed[0]["dags"]["lepton_mnist1d"]
     assert nightly["schedule"] == "0 2 * * *" and nightly["max_active_runs"] == 1 and nightly["catchup"] is False
+    for dag in parsed[0]["dags"].values():  # a failed stage never reaches register, so never moves `champion`
+        assert dag["register_rule"].endswith("all_success")
+        assert dag["register_upstream"] == ["compress", "ingest", "merge", "shard", "train", "validate"]
     houses = parsed[0]["dags"]["lepton_house_prices"]
     assert houses["schedule"] == "30 2 * * *" and houses["owner"] == "data-engineering"
 
