@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export MLFLOW_ALLOW_PICKLE_DESERIALIZATION := false
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run test bench lint clean up down browser
 
 setup: $(VENV)/.installed var/secrets.env
 
@@ -36,8 +36,20 @@ run: setup
 	source var/secrets.env && airflow db migrate > var/db-migrate.log 2>&1 && \
 	  lepton run lepton_mnist1d --samples $(DEMO_SAMPLES)
 
-test: setup
+# Debian's Chromium for the browser test (no browser download); skipped with a note where it cannot be installed
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get install -y -q chromium >/dev/null 2>&1; } || echo "chromium not installed: the browser test will skip"
+
+test: setup browser
 	source var/secrets.env && $(BIN)/ruff check . && $(BIN)/pytest $(PYTEST_ARGS)
+
+# the local production profile: Airflow + MLflow on PostgreSQL (LEPTON_POSTGRES_URL), a Dask cluster; loopback only
+up: setup
+	lepton up
+
+down:
+	$(BIN)/lepton down
 
 bench: setup
 	source var/secrets.env && $(BIN)/python -m bench.run

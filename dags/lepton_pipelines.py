@@ -6,13 +6,14 @@ trigger form whose defaults are the spec's values. Every task is one call into `
 output lands under `{LEPTON_DATA_ROOT}/{dag_id}/{run_id}/{stage}/` and `report.json` sums it up.
 
 ingest → validate (Great Expectations) → shard (Dask) → train (one model per shard on Dask workers, R rounds)
-→ merge (FedAvg) → compress (pruning, ONNX, int8) → register (MLflow; `champion` moves only on a better model).
+→ merge (FedAvg) → compress (pruning, ONNX, int8) → register (MLflow; `champion` moves only on a better model)
+→ publish_champion (the Asset `NAME.champion`, only when `champion` moved) → report.
 
 A spec that does not validate becomes an import error naming its file and fields; the others still load.
 """
 
 import pendulum
-from airflow.sdk import DAG, Param, dag, task
+from airflow.sdk import DAG, Asset, Param, dag, task
 
 from lepton_tasks import pipeline
 from lepton_tasks.config import airflow_param_specs
@@ -27,8 +28,16 @@ DEFAULT_ARGS = {
 }
 
 
+def assets(loaded: LoadedSpec) -> tuple[Asset, Asset]:
+    """The pipeline's validated data, and its champion model (what a downstream DAG schedules on)."""
+    spec = loaded.spec
+    return (Asset(name=f"{spec.name}.validated_data", uri=spec.validated_data_asset_uri),
+            Asset(name=f"{spec.name}.champion", uri=spec.champion_asset_uri))
+
+
 def build(loaded: LoadedSpec) -> DAG:
     spec = loaded.spec
+    validated_data, champion_model = assets(loaded)
 
     @dag(
         dag_id=spec.name,
@@ -44,34 +53,54 @@ def build(loaded: LoadedSpec) -> DAG:
     def lepton_pipeline():
         @task
         def ingest(**context) -> dict:
+            """Copy the source (params.source_uri) into this run's immutable Parquet stage; row count, schema and
+            checksums in the manifest."""
             return pipeline.ingest(pipeline.from_airflow(context, loaded))
 
-        @task
+        @task(outlets=[validated_data])
         def validate(ingested: dict, **context) -> dict:
-            return pipeline.validate(pipeline.from_airflow(context, loaded), ingested)
+            """Run the pipeline's Great Expectations suite; result JSON and HTML data docs in the run folder (extra
+            link *Data docs*). A failed expectation stops the run, naming it and its column."""
+            validated = pipeline.validate(pipeline.from_airflow(context, loaded), ingested)
+            context["outlet_events"][validated_data].extra = pipeline.validated_event(validated)
+            return validated
 
         @task
         def shard(validated: dict, **context) -> dict:
+            """Split the validated rows on Dask into stratified Parquet shards and a held-out split, with a
+            manifest (rows, label histograms, checksums)."""
             return pipeline.shard(pipeline.from_airflow(context, loaded), validated)
 
         @task
         def train(shards: dict, **context) -> dict:
+            """Train one model per shard on the Dask workers, round after round from the last merge; a retry
+            resumes from the checkpoints that exist (extra link *Dask dashboard*)."""
             return pipeline.train(pipeline.from_airflow(context, loaded), shards)
 
         @task
         def merge(shards: dict, trained: dict, **context) -> dict:
+            """FedAvg the last round's shard checkpoints; score merged and shard models on the held-out split."""
             return pipeline.merge(pipeline.from_airflow(context, loaded), shards, trained)
 
         @task
         def compress(shards: dict, merged: dict, **context) -> dict:
+            """Prune, export to ONNX, quantize to int8; keep the smallest variant within the tolerance."""
             return pipeline.compress(pipeline.from_airflow(context, loaded), shards, merged)
 
         @task
         def register(manifests: dict, **context) -> dict:
+            """Log the run to MLflow (one run per DAG run), register the model, move `candidate`, and `champion`
+            only if it is at least as good on the same held-out rows (extra links *MLflow run*, *model version*)."""
             return pipeline.register(pipeline.from_airflow(context, loaded), manifests)
+
+        @task(outlets=[champion_model], retries=0)
+        def publish_champion(registered: dict, **context) -> None:
+            """Update the champion-model Asset when this run moved `champion`; skipped otherwise."""
+            context["outlet_events"][champion_model].extra = pipeline.champion_event(registered)
 
         @task(trigger_rule="all_done", retries=0)
         def report(**context) -> str:
+            """Write report.json from every stage's summary; fail the DAG run if a stage failed."""
             return pipeline.finish(pipeline.from_airflow(context, loaded))
 
         ingested = ingest()
@@ -82,7 +111,7 @@ def build(loaded: LoadedSpec) -> DAG:
         compressed = compress(shards, merged)
         registered = register({"ingest": ingested, "validate": validated, "shard": shards, "train": trained,
                                "merge": merged, "compress": compressed})
-        registered >> report()
+        publish_champion(registered) >> report()
 
     return lepton_pipeline()
 

@@ -111,7 +111,33 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-data", help="write a bundled example's demo data to its landing folder")
     demo.add_argument("name", nargs="?", default=DEFAULT_PIPELINE)
     demo.add_argument("--rows", "--samples", type=int)
+    commands.add_parser("up", help="start the local production profile (Airflow, MLflow on PostgreSQL; Dask)")
+    commands.add_parser("down", help="stop what `lepton up` started")
     return parser
+
+
+def services_up() -> int:
+    """Start the production profile with bundled demo data in place; print the URLs and the login."""
+    from lepton_tasks import services
+    from lepton_tasks.demo_data import ensure_example_data
+
+    profile = services.Profile.from_env()
+    ensure_example_data(DEFAULT_PIPELINE, profile.data_root, None)
+    urls = services.up(profile)
+    print(f"Airflow UI:     {urls['airflow']}  (user {urls['username']}, password in {urls['password_file']})")
+    print(f"MLflow UI:      {urls['mlflow']}")
+    print(f"Dask dashboard: {urls['dask_dashboard']}  (scheduler {urls['dask_scheduler']})")
+    print(f"Logs:           {urls['logs']};  `source {urls['env']}` points airflow/mlflow commands at it")
+    print("Stop with `make down`.")
+    return 0
+
+
+def services_down() -> int:
+    from lepton_tasks import services
+
+    stopped = services.down(services.Profile.from_env())
+    print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(validate_specs(args.files))
         if args.command == "new-pipeline":
             sys.exit(new_pipeline(args))
+        if args.command == "up":
+            sys.exit(services_up())
+        if args.command == "down":
+            sys.exit(services_down())
         from lepton_tasks.demo_data import EXAMPLES, ensure_example_data
 
         if args.name not in EXAMPLES:

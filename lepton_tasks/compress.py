@@ -13,12 +13,13 @@ import logging
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lepton_tasks import plots
 from lepton_tasks.metrics import evaluate, worsening
 from lepton_tasks.models import ModelShape, load_checkpoint, load_model, predict
 from lepton_tasks.storage import atomic_dir, sha256_file
@@ -56,6 +57,7 @@ class CompressManifest:
     metric: str
     tolerance: float
     sparsity: float
+    plots: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,12 +155,14 @@ def compress(merged_path: Path, merged_sha256: str, shape: ModelShape, eval_data
                                     worsening(metric, reference.score, metrics[metric]) <= tolerance + 1e-12))
         chosen = _choose(variants, reference)
         shutil.copyfile(tmp / Path(chosen.path).name, tmp / CHOSEN_FILE)
+        tradeoff = plots.compression_tradeoff([asdict(v) for v in [reference, *variants]], chosen.name, metric,
+                                              tmp / "plots" / "compression_tradeoff.png")
     for v in variants:
         log.info("%-18s %s %.4f  %8d bytes  p50 %.3f ms  p99 %.3f ms%s", v.name, metric, v.score, v.bytes,
                  v.latency_p50_ms, v.latency_p99_ms, "" if v.within_tolerance else "  (outside tolerance)")
     chosen_path = Path(stage_dir) / CHOSEN_FILE
     return CompressManifest(reference, variants, chosen.name, str(chosen_path), sha256_file(chosen_path),
-                            metric, tolerance, sparsity)
+                            metric, tolerance, sparsity, [str(Path(stage_dir) / "plots" / tradeoff.name)])
 
 
 def _choose(variants: list[Variant], reference: Variant) -> Variant:

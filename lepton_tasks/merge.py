@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from lepton_tasks.models import ModelShape, evaluate, load_checkpoint, load_model, save_checkpoint
+from lepton_tasks.models import ModelShape, evaluate, load_checkpoint, load_model, predict, save_checkpoint
 from lepton_tasks.storage import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
 MERGED_FILE = "merged.safetensors"
+PLOTS_DIR = "plots"
 
 
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -45,7 +46,7 @@ def fedavg_files(checkpoints: list[dict], out_path: Path, metadata: dict[str, st
 
 @dataclass
 class MergeManifest:
-    """The merged model and how it and each shard model score on the held-out split."""
+    """The merged model, how it and each shard model score on the held-out split, and the run's plots."""
 
     merged_path: str
     merged_sha256: str
@@ -54,6 +55,8 @@ class MergeManifest:
     metric: str  # the one models are compared on
     merged_metrics: dict[str, float]
     shard_metrics: dict[str, dict[str, float]]
+    round_scores: list[float] = field(default_factory=list)  # the merged model's metric after each round
+    plots: list[str] = field(default_factory=list)
 
     @property
     def merged_score(self) -> float:
@@ -63,21 +66,48 @@ class MergeManifest:
         return asdict(self)
 
 
-def merge(final_round: list[dict], shape: ModelShape, eval_data: tuple[torch.Tensor, torch.Tensor],
-          stage_dir: Path, rounds: int, metric: str) -> MergeManifest:
-    """Average the last round's shard checkpoints and score merged and shard models on the held-out split."""
+def _round_state(checkpoints: list[dict]) -> dict[str, torch.Tensor]:
+    states = [load_checkpoint(Path(c["path"]), c["sha256"])[0] for c in checkpoints]
+    return fedavg(states, [c["rows"] for c in checkpoints])
+
+
+def _plots(rounds: list[list[dict]], epochs_per_round: int, round_scores: list[float], model, shape: ModelShape,
+           eval_data, metric: str, classes: list[str], out: Path) -> list[Path]:
+    from lepton_tasks import plots
+
     features, targets = eval_data
+    outputs = predict(model, features).numpy()
+    curves = plots.training_curves(rounds, epochs_per_round, round_scores, metric, out / "training_curves.png")
+    if shape.task == "regression":
+        return [curves, plots.residuals(targets.numpy(), outputs, out / "residuals.png")]
+    return [curves, plots.confusion_matrix(targets.numpy(), outputs.argmax(axis=1), classes,
+                                           out / "confusion_matrix.png")]
+
+
+def merge(rounds: list[list[dict]], shape: ModelShape, eval_data: tuple[torch.Tensor, torch.Tensor],
+          stage_dir: Path, metric: str, epochs_per_round: int, classes: list[str]) -> MergeManifest:
+    """Average the last round's shard checkpoints; score merged (after every round) and shard models on the
+    held-out split; draw the training curves and a confusion matrix or residual plot."""
+    features, targets = eval_data
+    final_round = rounds[-1]
+    round_scores = [evaluate(load_model(shape, _round_state(r)), shape, features, targets)[metric] for r in rounds]
+    merged_state = _round_state(final_round)
+    merged_model = load_model(shape, merged_state)
+    stage_dir = Path(stage_dir)
     with atomic_dir(stage_dir) as tmp:
-        fedavg_files(final_round, tmp / MERGED_FILE, {"rounds": str(rounds), "kind": shape.kind})
-    merged_path = Path(stage_dir) / MERGED_FILE
-    merged_state, _ = load_checkpoint(merged_path)
+        save_checkpoint(tmp / MERGED_FILE, merged_state, {"rounds": str(len(rounds)), "kind": shape.kind})
+        drawn = _plots(rounds, epochs_per_round, round_scores, merged_model, shape, eval_data, metric, classes,
+                       tmp / PLOTS_DIR)
+    merged_path = stage_dir / MERGED_FILE
     shard_metrics = {
         c["shard"]: evaluate(load_model(shape, load_checkpoint(Path(c["path"]), c["sha256"])[0]), shape, features,
                              targets)
         for c in final_round
     }
-    merged_metrics = evaluate(load_model(shape, merged_state), shape, features, targets)
-    log.info("merged %s %.4f on %d held-out rows; shards %s", metric, merged_metrics[metric], len(targets),
+    merged_metrics = evaluate(merged_model, shape, features, targets)
+    log.info("merged %s %.4f on %d held-out rows (by round: %s); shards %s", metric, merged_metrics[metric],
+             len(targets), [round(v, 4) for v in round_scores],
              {k: round(v[metric], 4) for k, v in shard_metrics.items()})
-    return MergeManifest(str(merged_path), sha256_file(merged_path), rounds, len(targets), metric, merged_metrics,
-                         shard_metrics)
+    return MergeManifest(str(merged_path), sha256_file(merged_path), len(rounds), len(targets), metric,
+                         merged_metrics, shard_metrics, round_scores,
+                         [str(stage_dir / PLOTS_DIR / p.name) for p in drawn])

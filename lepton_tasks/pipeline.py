@@ -93,9 +93,28 @@ def _run_stage(ctx: RunContext, stage: str, body: Callable[[], Any], figures: Ca
         if isinstance(err, LeptonError) and not err.retryable:
             raise _without_retry(err) from err
         raise  # a service that is down, or a bug: Airflow's retries apply
-    write_json(ctx.summary_path(stage), {"status": "success", "seconds": round(time.perf_counter() - started, 3),
-                                         **figures(result)})
+    summary = {"status": "success", "seconds": round(time.perf_counter() - started, 3), **figures(result)}
+    write_json(ctx.summary_path(stage), summary)
+    log.info("%s summary:\n%s", stage, summary_table(summary))
     return result
+
+
+def summary_table(summary: dict, width: int = 72) -> str:
+    """A stage summary as a two-column table for the task log (nested figures flattened, long values cut)."""
+    rows = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            rows.append((prefix, text if len(text) <= width else text[:width - 3] + "..."))
+
+    walk("", summary)
+    key_width = max(len(k) for k, _ in rows)
+    rule = f"+{'-' * (key_width + 2)}+{'-' * (width + 2)}+"
+    return "\n".join([rule, *(f"| {k:<{key_width}} | {v:<{width}} |" for k, v in rows), rule])
 
 
 def _eval_tensors(shards: dict):
@@ -151,8 +170,10 @@ def train(ctx: RunContext, shards: dict) -> dict:
 
     def body():
         with dask_client(ctx.settings, ctx.params.num_shards) as client:
-            return stage.train(shards["shards"], shards["encoder"], _shape(ctx, shards), ctx.params,
-                               ctx.stage_dir("train"), client)
+            manifest = stage.train(shards["shards"], shards["encoder"], _shape(ctx, shards), ctx.params,
+                                   ctx.stage_dir("train"), client)
+            manifest.dashboard_link = client.dashboard_link
+            return manifest
 
     return _run_stage(ctx, "train", body, lambda m: {
         "rounds": len(m["rounds"]),
@@ -164,10 +185,11 @@ def merge(ctx: RunContext, shards: dict, trained: dict) -> dict:
     from lepton_tasks import merge as stage
 
     return _run_stage(ctx, "merge",
-                      lambda: stage.merge(trained["rounds"][-1], _shape(ctx, shards), _eval_tensors(shards),
-                                          ctx.stage_dir("merge"), len(trained["rounds"]), ctx.spec.metric),
+                      lambda: stage.merge(trained["rounds"], _shape(ctx, shards), _eval_tensors(shards),
+                                          ctx.stage_dir("merge"), ctx.spec.metric, ctx.params.local_epochs,
+                                          shards["encoder"].get("classes", [])),
                       lambda m: {"metric": m["metric"], "merged_metrics": m["merged_metrics"],
-                                 "shard_metrics": m["shard_metrics"]})
+                                 "round_scores": m["round_scores"], "shard_metrics": m["shard_metrics"]})
 
 
 def compress(ctx: RunContext, shards: dict, merged: dict) -> dict:
@@ -194,6 +216,23 @@ def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
                               ctx.spec.registered_model_name, artifact_root, _eval_tensors(manifests["shard"])[0])
 
     return _run_stage(ctx, "register", body, lambda m: {"mlflow": m})
+
+
+def validated_event(validated: dict) -> dict:
+    """What the validated-data Asset event carries: where the rows are and how they fared."""
+    return {k: validated.get(k) for k in ("suite", "rows", "passed", "failed", "quarantined_rows", "parts")}
+
+
+def champion_event(registered: dict) -> dict:
+    """The champion-model Asset event for a run that moved `champion`; skips the task (no event) otherwise."""
+    if "champion" not in registered.get("aliases", []):
+        message = f"champion stays at version {registered.get('champion_before')}: no new champion to publish"
+        try:
+            from airflow.sdk.exceptions import AirflowSkipException
+        except ImportError:  # not under Airflow
+            raise LeptonError(message) from None
+        raise AirflowSkipException(message)
+    return {k: registered[k] for k in ("model_name", "model_version", "run_id", "tracking_uri", "champion_before")}
 
 
 def _is_local(ctx: RunContext) -> bool:
@@ -236,3 +275,21 @@ def _metrics(stages: dict) -> dict:
             if key in stages[stage]:
                 figures[f"{stage}.{key}" if stage == "validate" else key] = stages[stage][key]
     return figures
+
+
+def score_champion(upstream: PipelineSpec, run_id: str, params: dict, dag_id: str = "lepton_score_champion") -> dict:
+    """The consumer DAG's task: score a batch with `upstream`'s champion model (see `lepton_tasks.score`)."""
+    from lepton_tasks import score
+
+    settings = Settings.from_env()
+    os.environ.update(mlflow_auth_env())
+    out_dir = RunPaths.of(settings.data_root, dag_id, run_id).stage("score")
+    try:
+        manifest = score.score(mlflow_tracking_uri(settings), upstream.registered_model_name, params["batch_uri"],
+                               settings.data_root, out_dir, int(params["rows"]))
+    except LeptonError as err:
+        if err.retryable:
+            raise
+        raise _without_retry(err) from err
+    log.info("score summary:\n%s", summary_table(manifest.to_dict()))
+    return manifest.to_dict()

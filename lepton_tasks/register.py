@@ -166,6 +166,8 @@ def _log_artifacts(client, run_id: str, record: RunRecord) -> None:
     client.log_artifact(run_id, record.merge["merged_path"], "merged")
     client.log_artifact(run_id, record.compress["chosen_path"], "onnx")
     client.log_dict(run_id, record.compress, "onnx/variants.json")
+    for plot in [*record.merge.get("plots", []), *record.compress.get("plots", [])]:
+        client.log_artifact(run_id, plot, "plots")
 
 
 def _log_dataset(run_id: str, record: RunRecord) -> None:
@@ -362,6 +364,9 @@ def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord
     for key, value in record.params.items():
         client.log_param(run_id, key, value)
     _log_metrics(client, run_id, summary_metrics(record))
+    metric = record.merge["metric"]
+    for rnd, score in enumerate(record.merge.get("round_scores", []), start=1):  # the merged curve, per round
+        _log_metrics(client, run_id, {f"merged_eval_{metric}_by_round": score}, step=rnd)
     _log_shard_runs(client, experiment_id, run_id, record)
     _log_artifacts(client, run_id, record)
     _log_dataset(run_id, record)

@@ -151,6 +151,16 @@ class PipelineSpec(_Strict):
         return self.mlflow.registered_model or self.name.replace("_", "-")
 
     @property
+    def champion_asset_uri(self) -> str:
+        """The Airflow Asset a run updates when it moves `champion` (the MLflow URI of that model)."""
+        return f"models:/{self.registered_model_name}@champion"
+
+    @property
+    def validated_data_asset_uri(self) -> str:
+        """The Airflow Asset a run updates when its data passed validation."""
+        return f"x-lepton://{self.name}/validated-data"
+
+    @property
     def feature_columns(self) -> list[str]:
         return list(self.features)
 

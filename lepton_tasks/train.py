@@ -150,6 +150,7 @@ class TrainManifest:
     shape: ModelShape
     init: dict
     rounds: list[list[dict]] = field(default_factory=list)
+    dashboard_link: str | None = None  # the Dask dashboard of the cluster that trained it
 
     @property
     def final_round(self) -> list[dict]:

@@ -20,9 +20,11 @@ heavy = [m for m in {heavy!r} if m in sys.modules]
 print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "heavy": heavy,
     "dags": {{d.dag_id: {{"schedule": str(d.schedule), "owner": d.owner, "tags": sorted(d.tags),
         "retries": [t.retries for t in d.tasks], "max_active_runs": d.max_active_runs, "catchup": d.catchup,
-        "register_upstream": sorted(d.get_task("register").upstream_task_ids),
-        "register_rule": str(d.get_task("register").trigger_rule).lower(),
-        "doc": bool(d.doc_md)}} for d in bag.dags.values()}}}}))
+        "register_upstream": sorted(d.task_dict["register"].upstream_task_ids) if "register" in d.task_dict else None,
+        "register_rule": str(d.task_dict["register"].trigger_rule).lower() if "register" in d.task_dict else None,
+        "doc": bool(d.doc_md), "undocumented_tasks": [t.task_id for t in d.tasks if not t.doc_md],
+        "outlets": {{t.task_id: [a.uri for a in t.outlets] for t in d.tasks if t.outlets}}}}
+        for d in bag.dags.values()}}}}))
 """
 
 
@@ -36,7 +38,8 @@ def parsed(tmp_path_factory):
 
 def test_one_dag_per_bundled_spec_imports_without_errors(parsed):
     result, _ = parsed
-    assert result["errors"] == {} and set(result["dags"]) == {"lepton_mnist1d", "lepton_house_prices"}
+    assert result["errors"] == {} and set(result["dags"]) == {"lepton_mnist1d", "lepton_house_prices",
+                                                             "lepton_score_champion"}  # + the Asset consumer
 
 
 def test_every_dag_is_scheduled_retried_owned_tagged_and_documented(parsed):
@@ -47,9 +50,16 @@ def test_every_dag_is_scheduled_retried_owned_tagged_and_documented(parsed):
         assert max(dag["retries"]) >= 1, dag_id
     nightly = parsed[0]["dags"]["lepton_mnist1d"]
     assert nightly["schedule"] == "0 2 * * *" and nightly["max_active_runs"] == 1 and nightly["catchup"] is False
-    for dag in parsed[0]["dags"].values():  # a failed stage never reaches register, so never moves `champion`
+    pipelines = [dag for dag in parsed[0]["dags"].values() if dag["register_upstream"] is not None]
+    assert len(pipelines) == 2
+    for dag in pipelines:  # a failed stage never reaches register, so never moves `champion`
         assert dag["register_rule"].endswith("all_success")
         assert dag["register_upstream"] == ["compress", "ingest", "merge", "shard", "train", "validate"]
+    for dag in parsed[0]["dags"].values():
+        assert dag["undocumented_tasks"] == []
+    assert nightly["outlets"] == {"validate": ["x-lepton://lepton_mnist1d/validated-data"],
+                                  "publish_champion": ["models:/lepton-mnist1d@champion"]}
+    assert "lepton_mnist1d.champion" in parsed[0]["dags"]["lepton_score_champion"]["schedule"]
     houses = parsed[0]["dags"]["lepton_house_prices"]
     assert houses["schedule"] == "30 2 * * *" and houses["owner"] == "data-engineering"
 
@@ -95,6 +105,6 @@ def test_a_bad_spec_is_an_import_error_naming_it_and_the_other_pipelines_still_l
     listed = json.loads(env.airflow("dags", "list", "-o", "json", **extra).stdout.strip().splitlines()[-1])
     reported = env.airflow("dags", "list-import-errors", "-o", "json", check=False, **extra)  # exits 1: there are
     errors = json.loads(reported.stdout.strip().splitlines()[-1])
-    assert [d["dag_id"] for d in listed] == ["lepton_mnist1d"]
+    assert [d["dag_id"] for d in listed] == ["lepton_mnist1d", "lepton_score_champion"]
     assert len(errors) == 1 and "broken.yaml" in errors[0]["error"]
     assert "field 'training.num_shards': Input should be greater than or equal to 1" in errors[0]["error"]

@@ -51,7 +51,11 @@ def _check_good_run(env: AirflowEnv, run_dir: Path) -> dict:
     assert run.data.params["num_shards"] == "2"
     assert run.data.metrics["eval_accuracy"] == pytest.approx(report["metrics"]["merged_metrics"]["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
-    assert {"validation", "shards", "checkpoints", "merged", "onnx", "spec", "model"} <= artifacts
+    assert {"validation", "shards", "checkpoints", "merged", "onnx", "spec", "model", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(info["run_id"], "plots")}
+    assert plots == {"plots/training_curves.png", "plots/confusion_matrix.png", "plots/compression_tradeoff.png"}
+    by_round = client.get_metric_history(info["run_id"], "merged_eval_accuracy_by_round")
+    assert [m.step for m in by_round] == list(range(1, report["params"]["merge_rounds"] + 1))
     assert any(a.path.endswith("docs") for a in client.list_artifacts(info["run_id"], "validation"))
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "ingested"
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{info['run_id']}'")

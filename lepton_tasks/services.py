@@ -1,0 +1,300 @@
+"""`make up` / `make down`: the local production profile, every service its own process on loopback.
+
+- Airflow 3 (api-server, scheduler, dag-processor, triggerer; LocalExecutor) on a PostgreSQL database;
+- an MLflow tracking server on a PostgreSQL database, artifacts in `{state}/mlartifacts`;
+- a Dask cluster: `dask scheduler` and `dask worker` processes (`dask cuda worker` where GPUs exist);
+- with LEPTON_EXECUTOR=CeleryExecutor, an `airflow celery worker` on the Redis broker LEPTON_CELERY_BROKER_URL
+  (default the local Redis), results in the Airflow database.
+
+The PostgreSQL server is named by LEPTON_POSTGRES_URL (default the local one); its databases are created once.
+The Airflow login is `admin` with a password generated on first `up` and kept in `{state}/login.json` (mode
+600, under git-ignored `var/`); the UI and the REST API refuse anonymous requests (SimpleAuthManager, JWT).
+The pipelines reach MLflow and Dask through the Airflow connections `mlflow_default` and `dask_default`, set here
+as environment variables, so they run unchanged. State, logs and PIDs live in `{state}` (default `var/up`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lepton_tasks.cluster import gpu_count
+from lepton_tasks.config import REPO_ROOT, redact_uri
+from lepton_tasks.errors import LeptonError
+
+BIN = Path(sys.executable).parent
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+AIRFLOW_PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
+BACKING_SERVICES = ("mlflow", "dask-scheduler", "dask-worker")  # stopped after Airflow
+START_TIMEOUT_S = 180
+
+
+class ServiceError(LeptonError):
+    pass
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where the services listen and keep their state."""
+
+    state: Path
+    data_root: Path
+    postgres_url: str = DEFAULT_POSTGRES
+    db_prefix: str = "lepton"
+    airflow_port: int = 8080
+    mlflow_port: int = 5000
+    dask_port: int = 8786
+    dashboard_port: int = 8787
+    dask_workers: int = 2
+    executor: str = "LocalExecutor"  # or CeleryExecutor: adds an `airflow celery worker` on the Redis broker
+    celery_broker_url: str = "redis://127.0.0.1:6379/0"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Profile:
+        env = (os.environ if environ is None else environ).get
+        state = Path(env("LEPTON_UP_DIR", REPO_ROOT / "var" / "up")).resolve()
+        return cls(state=state, data_root=Path(env("LEPTON_DATA_ROOT", REPO_ROOT / "var" / "data")).resolve(),
+                   postgres_url=env("LEPTON_POSTGRES_URL", DEFAULT_POSTGRES),
+                   db_prefix=env("LEPTON_UP_DB_PREFIX", "lepton"),
+                   airflow_port=int(env("LEPTON_AIRFLOW_PORT", 8080)),
+                   mlflow_port=int(env("LEPTON_MLFLOW_PORT", 5000)),
+                   dask_port=int(env("LEPTON_DASK_PORT", 8786)),
+                   dashboard_port=int(env("LEPTON_DASK_DASHBOARD_PORT", 8787)),
+                   dask_workers=int(env("LEPTON_DASK_WORKERS", 2)),
+                   executor=env("LEPTON_EXECUTOR", "LocalExecutor"),
+                   celery_broker_url=env("LEPTON_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.airflow_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def dask_address(self) -> str:
+        return f"tcp://127.0.0.1:{self.dask_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}/status"
+
+    def database_url(self, purpose: str, driver: str = "postgresql") -> str:
+        """The URL of database `{prefix}_{purpose}` on the profile's server."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.postgres_url).set(drivername=driver, database=f"{self.db_prefix}_{purpose}") \
+            .render_as_string(hide_password=False)
+
+
+def ensure_databases(profile: Profile, purposes: tuple[str, ...] = ("airflow", "mlflow")) -> None:
+    """Create the profile's databases where missing; a clear error when no PostgreSQL answers."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(profile.postgres_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            existing = {row[0] for row in conn.execute(sa.text("SELECT datname FROM pg_database"))}
+            for purpose in purposes:
+                name = f"{profile.db_prefix}_{purpose}"
+                if name not in existing:
+                    conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as err:
+        raise ServiceError(f"no PostgreSQL answers at {redact_uri(profile.postgres_url)} (set LEPTON_POSTGRES_URL to "
+                           f"a server Lepton may create databases on): {err.orig}") from None
+    finally:
+        engine.dispose()
+
+
+def login(profile: Profile) -> dict[str, str]:
+    """The admin login and the shared JWT/API keys: generated once, kept in the state folder (mode 600)."""
+    path = profile.state / "login.json"
+    if not path.exists():
+        profile.state.mkdir(parents=True, exist_ok=True)
+        values = {"username": "admin", "password": secrets.token_urlsafe(18),
+                  "jwt_secret": secrets.token_hex(32), "api_secret_key": secrets.token_hex(32)}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(values, handle)
+    return json.loads(path.read_text())
+
+
+def service_env(profile: Profile) -> dict[str, str]:
+    """The environment every service (and so every task) runs with."""
+    keys = login(profile)
+    passwords = profile.state / "passwords.json"  # SimpleAuthManager's user file
+    passwords.write_text(json.dumps({keys["username"]: keys["password"]}))
+    passwords.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__", "MLFLOW_TRACKING"))}
+    env.update({
+        "AIRFLOW_HOME": str(REPO_ROOT),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": profile.database_url("airflow", "postgresql+psycopg2"),
+        "AIRFLOW__CORE__EXECUTOR": profile.executor,
+        "AIRFLOW__CELERY__BROKER_URL": profile.celery_broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{profile.database_url('airflow')}",
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{keys['username']}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__API__PORT": str(profile.airflow_port),
+        "AIRFLOW__API__BASE_URL": profile.airflow_url,
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{profile.airflow_url}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
+        "AIRFLOW__API__SECRET_KEY": keys["api_secret_key"],
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(profile.state / "logs" / "airflow"),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({"conn_type": "http", "host": "127.0.0.1",
+                                                   "port": profile.mlflow_port}),
+        "AIRFLOW_CONN_DASK_DEFAULT": json.dumps({"conn_type": "generic", "host": "127.0.0.1",
+                                                 "port": profile.dask_port}),
+        "LEPTON_DATA_ROOT": str(profile.data_root),
+        "LEPTON_MLFLOW_UI_URL": profile.mlflow_url,
+        "LEPTON_DASK_DASHBOARD_URL": profile.dashboard_url,
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def commands(profile: Profile) -> dict[str, list[str]]:
+    """Each service's command line, by name (the order they start in)."""
+    worker = ["dask", "cuda", "worker"] if gpu_count() else ["dask", "worker", "--nworkers", str(profile.dask_workers),
+                                                             "--nthreads", "1"]
+    return {
+        "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(profile.mlflow_port),
+                   "--workers", "2", "--backend-store-uri", profile.database_url("mlflow"),
+                   "--artifacts-destination", str(profile.state / "mlartifacts")],
+        "dask-scheduler": [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(profile.dask_port),
+                           "--dashboard-address", f"127.0.0.1:{profile.dashboard_port}"],
+        "dask-worker": [str(BIN / worker[0]), *worker[1:], profile.dask_address, "--host", "127.0.0.1"],
+        **{name: [str(BIN / "airflow"), name] for name in AIRFLOW_PROCESSES},
+        **({"celery-worker": [str(BIN / "airflow"), "celery", "worker"]} if profile.executor == "CeleryExecutor"
+           else {}),
+    }
+
+
+def _pids_file(profile: Profile) -> Path:
+    return profile.state / "pids.json"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status < 500
+    except urllib.error.HTTPError as err:
+        return err.code < 500
+    except OSError:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait(what: str, ready, processes: dict[str, subprocess.Popen], logs: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready():
+        for name, process in processes.items():
+            if process.poll() is not None:
+                tail = (logs / f"{name}.log").read_text()[-3000:]
+                raise ServiceError(f"{name} exited with code {process.returncode} while waiting for {what}; "
+                                   f"log {logs / (name + '.log')}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{what} did not answer within {START_TIMEOUT_S}s; logs in {logs}")
+        time.sleep(1)
+
+
+def up(profile: Profile) -> dict[str, str]:
+    """Start every service (none may be running already); return the URLs and the login."""
+    if running(profile):
+        raise ServiceError(f"services are already up (see {_pids_file(profile)}); `make down` first")
+    busy = [p for p in (profile.airflow_port, profile.mlflow_port, profile.dask_port, profile.dashboard_port)
+            if _port_open(p)]
+    if busy:
+        raise ServiceError(f"port(s) {busy} on 127.0.0.1 are taken; set LEPTON_AIRFLOW_PORT, LEPTON_MLFLOW_PORT, "
+                           "LEPTON_DASK_PORT or LEPTON_DASK_DASHBOARD_PORT")
+    ensure_databases(profile)
+    env = service_env(profile)
+    logs = profile.state / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True)
+    if migrate.returncode != 0:
+        raise ServiceError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-2000:]}")
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        for name, command in commands(profile).items():
+            processes[name] = subprocess.Popen(command, env=env, cwd=profile.state, start_new_session=True,
+                                               stdout=(logs / f"{name}.log").open("ab"), stderr=subprocess.STDOUT)
+            _pids_file(profile).write_text(json.dumps({n: p.pid for n, p in processes.items()}))
+        _wait("MLflow", lambda: _answers(f"{profile.mlflow_url}/health"), processes, logs)
+        _wait("the Dask scheduler", lambda: _port_open(profile.dask_port), processes, logs)
+        _wait("the Airflow api-server", lambda: _answers(f"{profile.airflow_url}/api/v2/monitor/health"),
+              processes, logs)
+    except BaseException:
+        down(profile)
+        raise
+    keys = login(profile)
+    script = profile.state / "env.sh"  # holds the keys: private
+    script.write_text(env_script(profile))
+    script.chmod(0o600)
+    return {"airflow": profile.airflow_url, "mlflow": profile.mlflow_url, "dask_dashboard": profile.dashboard_url,
+            "dask_scheduler": profile.dask_address, "username": keys["username"],
+            "password_file": str(profile.state / "login.json"), "logs": str(logs), "env": str(script)}
+
+
+def running(profile: Profile) -> dict[str, int]:
+    """The services whose processes are still alive, by name."""
+    path = _pids_file(profile)
+    if not path.exists():
+        return {}
+    alive = {}
+    for name, pid in json.loads(path.read_text()).items():
+        try:
+            os.kill(pid, 0)
+            alive[name] = pid
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def down(profile: Profile, timeout: float = 30) -> list[str]:
+    """Stop every service (its whole process group), Airflow first; return the names stopped."""
+    alive = running(profile)
+    for name in sorted(alive, key=lambda n: n in BACKING_SERVICES):
+        try:
+            os.killpg(alive[name], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while running(profile) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in running(profile).values():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _pids_file(profile).unlink(missing_ok=True)
+    return sorted(alive)
+
+
+def env_script(profile: Profile) -> str:
+    """`export` lines that point a shell's `airflow` / `mlflow` commands at the running profile."""
+    env = service_env(profile)
+    names = [k for k in env if k.startswith(("AIRFLOW", "LEPTON_"))]
+    return "\n".join(f"export {k}={shlex.quote(env[k])}" for k in names) + "\n"
