@@ -1,104 +1,124 @@
-"""`make bench`: quality and cost of the merged model against central training, measured in one run.
+"""`make bench`: every stage against the best hand-written baseline, measured in the same run on this machine.
 
-Writes bench/results/merge_vs_central.json. Figures are ratios against a baseline measured in the same run on
-the same machine: central training sees the same rows, epochs budget (rounds x local epochs), batch size,
-learning rate, initialisation and feature encoding as the shards. MNIST-1D is scored on its standard 1000-row
-test split (accuracy); the house-prices example on 1200 held-out rows (R², MAE in k EUR).
+Writes `bench/results/summary.json` ({"machine", "benchmarks": {NAME: {"value", "baseline", "ratio", "goal",
+"unit", "higher_is_better", "met", ...}}}), one detail file per benchmark beside it, and PNG plots. Names:
+shard, validate, train, orchestration_overhead, merge_vs_central, compression_size, compression_latency,
+scale_10x, scale_100x. `python -m bench.run NAME...` runs a subset (merged into an existing summary).
+CPU figures here are not GPU claims; see the README for the GPU path.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
+import sys
 import time
-from pathlib import Path
 
 import torch
 
-from lepton_tasks.demo_data import make_house_prices, make_mnist1d
-from lepton_tasks.features import fit, partition_stats
-from lepton_tasks.merge import fedavg
-from lepton_tasks.metrics import HIGHER_IS_BETTER, worsening
-from lepton_tasks.models import evaluate, init_weights, load_model, loss_fn
-from lepton_tasks.specs import find_spec
-from lepton_tasks.train import model_shape
-
-RESULTS = Path(__file__).parent / "results"
+from bench import plots, stages, whole_run
+from bench.common import RESULTS, mnist_frame, record, write_json
+from bench.quality import merge_grid, merge_vs_central
 
 
-def _train(shape, state, x, y, epochs, params, seed):
-    model = load_model(shape, state).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=generator).split(params.batch_size):
-            loss = loss_fn(shape, model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def machine() -> dict:
+    import psutil
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def _fedavg_run(shape, x, y, params):
-    shards = [torch.arange(i, len(y), params.num_shards) for i in range(params.num_shards)]
-    state = init_weights(shape, params.seed)
-    for rnd in range(params.merge_rounds):
-        states = [_train(shape, state, x[s], y[s], params.local_epochs, params, params.seed + 31 * rnd + i)
-                  for i, s in enumerate(shards)]
-        state = fedavg(states, [len(s) for s in shards])
-    return state
+def bench_merge(work) -> dict:
+    from lepton_tasks.demo_data import make_house_prices
+    from lepton_tasks.specs import find_spec
+
+    mnist = mnist_frame(5000)  # the package's 4000 train rows first, then its 1000 test rows
+    loaded = find_spec("lepton_mnist1d")
+    defaults = loaded.spec.run_defaults()
+    headline = merge_vs_central(loaded, mnist, 4000, defaults)
+    mlp = merge_vs_central(loaded, mnist, 4000, defaults.model_copy(update={"model_kind": "mlp", "hidden_size": 100}))
+    houses = find_spec("lepton_house_prices")
+    regression = merge_vs_central(houses, make_house_prices(6000, 42), 4800, houses.spec.run_defaults())
+    grid = merge_grid(loaded, mnist, 4000, defaults.model_copy(update={"local_epochs": 2}))
+    at_four = [p for p in grid if p["shards"] == 4]
+    plots.merge_grid(grid, RESULTS / "merge_vs_central.png")
+    write_json("merge_vs_central.json", {"cnn_defaults": headline, "mlp": mlp, "house_prices": regression,
+                                         "grid_local_epochs_2": grid})
+    return record(headline["value"], headline["baseline"], "merged within 1 point of central at 4 shards",
+                  "accuracy", True, headline["gap"] <= 0.01,
+                  gap=headline["gap"], shards=defaults.num_shards, rounds=defaults.merge_rounds,
+                  local_epochs=defaults.local_epochs, grid_gap_at_4_shards={p["rounds"]: p["gap"] for p in at_four},
+                  mlp_gap=mlp["gap"], house_prices_r2=(regression["value"], regression["baseline"]))
 
 
-def _tensors(loaded, frame, train_rows: int):
-    """Encode as the pipeline does (encoder fitted on the training rows); first rows train, the rest test."""
-    encoder = fit(loaded.spec, partition_stats(frame.iloc[:train_rows], loaded.spec))
-    x = torch.from_numpy(encoder.encode_features(frame))
-    y = torch.from_numpy(encoder.encode_target(frame[encoder.target]))
-    return encoder, x[:train_rows], y[:train_rows], x[train_rows:], y[train_rows:]
+def bench_shard(work) -> dict:
+    summary, detail = stages.shard_bench(work)
+    write_json("shard.json", detail)
+    plots.shard_memory(detail["curve"], RESULTS / "shard_memory.png")
+    return summary
 
 
-def merge_vs_central(pipeline: str, frame, train_rows: int, **overrides) -> dict:
-    """Merged (FedAvg) vs central on the same rows, encoding and budget, scored on held-out rows."""
-    torch.set_num_threads(1)
-    loaded = find_spec(pipeline)
-    params = loaded.spec.run_defaults().model_copy(update=overrides)
-    encoder, x, y, xt, yt = _tensors(loaded, frame, train_rows)
-    shape = model_shape(encoder, params.model_kind, params.hidden_size)
-    metric = loaded.spec.metric
-    started = time.perf_counter()
-    merged = evaluate(load_model(shape, _fedavg_run(shape, x, y, params)), shape, xt, yt)
-    merged_s = time.perf_counter() - started
-    started = time.perf_counter()
-    central_state = _train(shape, init_weights(shape, params.seed), x, y,
-                           params.local_epochs * params.merge_rounds, params, params.seed)
-    central = evaluate(load_model(shape, central_state), shape, xt, yt)
-    central_s = time.perf_counter() - started
-    return {"value": merged[metric], "baseline": central[metric], "ratio": merged[metric] / central[metric],
-            "goal": f"{metric} within 0.02 of central", "unit": metric, "higher_is_better": HIGHER_IS_BETTER[metric],
-            "gap": worsening(metric, central[metric], merged[metric]), "merged_metrics": merged,
-            "central_metrics": central, "merged_train_s": merged_s, "central_train_s": central_s,
-            "params": params.model_dump()}
+def bench_validate(work) -> dict:
+    summary, detail = stages.validate_bench(work)
+    write_json("validate.json", detail)
+    return summary
 
 
-def main() -> None:
+def bench_train(work) -> dict:
+    summary, detail = stages.train_bench(work)
+    write_json("train.json", detail)
+    plots.train_scaling(detail["scaling"], RESULTS / "train_scaling.png")
+    return summary
+
+
+def bench_compression(work) -> dict:
+    size, latency, detail = stages.compression_bench(work)
+    write_json("compression.json", detail)
+    return {"compression_size": size, "compression_latency": latency}
+
+
+def bench_orchestration(work) -> dict:
+    summary, detail = whole_run.orchestration_bench(work)
+    write_json("orchestration_overhead.json", detail)
+    return summary
+
+
+def bench_scale(work) -> dict:
+    ten, hundred, detail = whole_run.scale_bench(work)
+    write_json("scale.json", detail)
+    plots.scale(detail["curve"], RESULTS / "scale.png")
+    return {"scale_10x": ten, "scale_100x": hundred}
+
+
+BENCHES = {"shard": bench_shard, "validate": bench_validate, "train": bench_train,
+           "orchestration_overhead": bench_orchestration, "merge_vs_central": bench_merge,
+           "compression": bench_compression, "scale": bench_scale}
+
+
+def main(names: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                           "torch": torch.__version__, "cpu_threads": 1}, "benchmarks": {}}
-    features, labels = make_mnist1d(5000, 42)  # the package's 4000 train rows first, then its 1000 test rows
-    import pandas as pd
-
-    mnist = pd.DataFrame(features, columns=[f"x_{i:02d}" for i in range(40)]).assign(label=labels)
-    runs = {
-        "merge_vs_central_cnn": ("lepton_mnist1d", mnist, 4000, {}),
-        "merge_vs_central_mlp": ("lepton_mnist1d", mnist, 4000, {"model_kind": "mlp", "hidden_size": 100}),
-        "merge_vs_central_house_prices": ("lepton_house_prices", make_house_prices(6000, 42), 4800, {}),
-    }
-    for name, (pipeline, frame, train_rows, overrides) in runs.items():
-        results["benchmarks"][name] = merge_vs_central(pipeline, frame, train_rows, **overrides)
-        print(name, json.dumps({k: v for k, v in results["benchmarks"][name].items() if k != "params"}))
-    (RESULTS / "merge_vs_central.json").write_text(json.dumps(results, indent=2))
-    print(RESULTS / "merge_vs_central.json")
+    summary_path = RESULTS / "summary.json"
+    summary = json.loads(summary_path.read_text()) if names and summary_path.exists() else {"benchmarks": {}}
+    summary["machine"] = machine()
+    for name in names or list(BENCHES):
+        work = stages.scratch()
+        started = time.perf_counter()
+        try:
+            result = BENCHES[name](work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        summary["benchmarks"].update(result if name in ("compression", "scale") else {name: result})
+        print(f"== {name}: {time.perf_counter() - started:.0f}s", flush=True)
+        write_json("summary.json", summary)
+    for name, bench in summary["benchmarks"].items():
+        print(f"{name:24} {'met' if bench['met'] else 'MISSED':6} value {bench['value']:.4g} vs baseline "
+              f"{bench['baseline']:.4g} {bench['unit']} (goal: {bench['goal']})")
+    print(summary_path)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

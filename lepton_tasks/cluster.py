@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120
 
+# Worker settings for training speed, measured with bench/stages.py's train benchmark on this CPU:
+# - Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker; any explicit value turns off glibc's adaptive
+#   mmap threshold and PyTorch then pays an mmap/munmap per activation (2.2x slower). Lepton's workers run
+#   without it; memory still goes back to the OS when the worker exits.
+# - the statistical profiler samples every thread's stack every 10 ms under the GIL, which a Python-level
+#   training loop of small batches feels; off (the dashboard's profile page stays empty).
+WORKER_DASK_CONFIG = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None}},
+                                      "worker": {"profile": {"enabled": False}}}}
+
 
 def gpu_count() -> int:
     """GPUs visible through NVML; 0 when there is no driver or no device."""
@@ -143,7 +152,10 @@ def _stop(process: subprocess.Popen) -> None:
 
 def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int) -> None:
     """Start a local cluster, publish its address in `scheduler_file`, and hold it until SIGTERM."""
+    import dask
+
     logging.basicConfig(level=logging.INFO, format="[lepton.cluster] %(message)s")
+    dask.config.update(dask.config.config, WORKER_DASK_CONFIG, priority="new")
     cluster, kind = make_local_cluster(n_workers, threads_per_worker)
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))

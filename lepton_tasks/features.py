@@ -121,15 +121,26 @@ def partition_stats(frame, spec: PipelineSpec) -> dict:
             present = numbers.dropna()
             stats["numeric"][name] = [len(present), float(present.sum()), float((present ** 2).sum())]
         else:
-            counts = values.map(label_key, na_action="ignore").fillna(MISSING).value_counts()
-            stats["categorical"][name] = {k: int(v) for k, v in counts.items()}
+            stats["categorical"][name] = _key_counts(values, missing=MISSING)
     target = frame[spec.target.column]
     if spec.target.task == "regression":
         numbers = target.astype("float64").dropna()
         stats["target"] = [len(numbers), float(numbers.sum()), float((numbers ** 2).sum())]
     else:
-        stats["target"] = {k: int(v) for k, v in target.map(label_key).value_counts().items()}
+        stats["target"] = _key_counts(target)
     return stats
+
+
+def _key_counts(values, missing: str | None = None) -> dict[str, int]:
+    """Rows per `label_key` (missing values under `missing`, if given): counted per distinct raw value first,
+    so `label_key` runs once per value, not once per row."""
+    import pandas as pd
+
+    counts: dict[str, int] = {}
+    for raw, count in values.value_counts(dropna=False).items():
+        key = missing if missing is not None and pd.isna(raw) else label_key(raw)
+        counts[key] = counts.get(key, 0) + int(count)
+    return counts
 
 
 def merge_stats(parts: list[dict]) -> dict:

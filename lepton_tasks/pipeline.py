@@ -123,6 +123,16 @@ def _eval_tensors(shards: dict):
     return load_xy(shards["eval"]["files"], shards["encoder"])
 
 
+CALIBRATION_ROWS = 1024
+
+
+def _calibration_rows(shards: dict):
+    """Encoded training rows (from the first shard) that static int8 quantization calibrates on."""
+    from lepton_tasks.train import load_xy
+
+    return load_xy(shards["shards"][0]["files"], shards["encoder"])[0][:CALIBRATION_ROWS].numpy()
+
+
 def _shape(ctx: RunContext, shards: dict):
     from lepton_tasks.train import model_shape
 
@@ -198,7 +208,8 @@ def compress(ctx: RunContext, shards: dict, merged: dict) -> dict:
     return _run_stage(ctx, "compress",
                       lambda: stage.compress(Path(merged["merged_path"]), merged["merged_sha256"], _shape(ctx, shards),
                                              _eval_tensors(shards), ctx.stage_dir("compress"), ctx.spec.metric,
-                                             ctx.params.compression_tolerance, ctx.params.prune_sparsity),
+                                             ctx.params.compression_tolerance, ctx.params.prune_sparsity,
+                                             _calibration_rows(shards)),
                       lambda m: {"chosen": m["chosen"], "variants": {
                           v["name"]: {k: v[k] for k in VARIANT_FIGURES} for v in [m["reference"], *m["variants"]]}})
 

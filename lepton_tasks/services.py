@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lepton_tasks.cluster import gpu_count
+from lepton_tasks.cluster import WORKER_DASK_CONFIG, gpu_count
 from lepton_tasks.config import REPO_ROOT, redact_uri
 from lepton_tasks.errors import LeptonError
 
@@ -137,6 +137,9 @@ def service_env(profile: Profile) -> dict[str, str]:
     passwords = profile.state / "passwords.json"  # SimpleAuthManager's user file
     passwords.write_text(json.dumps({keys["username"]: keys["password"]}))
     passwords.chmod(0o600)
+    dask_config = profile.state / "dask"  # the same worker settings as Lepton's local clusters
+    dask_config.mkdir(parents=True, exist_ok=True)
+    (dask_config / "lepton.yaml").write_text(json.dumps(WORKER_DASK_CONFIG))  # JSON is YAML
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__", "MLFLOW_TRACKING"))}
     env.update({
         "AIRFLOW_HOME": str(REPO_ROOT),
@@ -162,6 +165,7 @@ def service_env(profile: Profile) -> dict[str, str]:
         "LEPTON_DATA_ROOT": str(profile.data_root),
         "LEPTON_MLFLOW_UI_URL": profile.mlflow_url,
         "LEPTON_DASK_DASHBOARD_URL": profile.dashboard_url,
+        "DASK_CONFIG": str(dask_config),
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",

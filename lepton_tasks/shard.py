@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lepton_tasks.errors import ShardError
 from lepton_tasks.features import fit, label_key, merge_stats, partition_stats
@@ -68,19 +70,26 @@ def held_out_mask(row_numbers: np.ndarray, seed: int, eval_fraction: float) -> n
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < eval_fraction
 
 
-def _strata(frame, spec: PipelineSpec) -> np.ndarray:
-    """The stratum of each row: its label (classification), or one stratum for all (regression)."""
+def _strata(frame, spec: PipelineSpec) -> tuple[np.ndarray, list]:
+    """Each row's stratum as an index into the returned keys: its label (classification; labels equal under
+    `label_key` share one), or one stratum for all (regression). Factorised, so no Python call per row."""
     if spec.target.task == "regression":
-        return np.zeros(len(frame), dtype=object)
-    return frame[spec.target.column].map(label_key).to_numpy(dtype=object)
+        return np.zeros(len(frame), dtype=np.int64), [0]
+    codes, uniques = pd.factorize(frame[spec.target.column], use_na_sentinel=False)
+    raw_keys = [label_key(value) for value in uniques]
+    keys = sorted(set(raw_keys))
+    key_index = np.array([keys.index(k) for k in raw_keys], dtype=np.int64)
+    return key_index[codes], keys
 
 
 def _count_partition(frame, spec: PipelineSpec, seed: int, eval_fraction: float, start: int) -> tuple[dict, dict]:
     """Per-stratum counts and encoder statistics of one partition's training rows (the first pass)."""
     rows = np.arange(start, start + len(frame))
     training = ~held_out_mask(rows, seed, eval_fraction)
-    values, counts = np.unique(_strata(frame, spec)[training], return_counts=True)
-    return dict(zip(values.tolist(), counts.tolist(), strict=True)), partition_stats(frame[training], spec)
+    codes, keys = _strata(frame, spec)
+    counts = np.bincount(codes[training], minlength=len(keys))
+    return ({key: int(n) for key, n in zip(keys, counts, strict=True) if n},
+            partition_stats(frame[training], spec))
 
 
 def _write_partition(frame, index: int, start: int, offsets: dict, out_dir: str, num_shards: int,
@@ -88,21 +97,24 @@ def _write_partition(frame, index: int, start: int, offsets: dict, out_dir: str,
     """Write one partition's slice of every shard and of the held-out split (the second pass)."""
     rows = np.arange(start, start + len(frame))
     held_out = held_out_mask(rows, seed, eval_fraction)
-    labels = _strata(frame, spec)
+    codes, keys = _strata(frame, spec)
     shard_of = np.full(len(frame), -1)
     train_index = np.flatnonzero(~held_out)
-    for value in np.unique(labels[train_index]):
-        members = train_index[labels[train_index] == value]
-        shard_of[members] = (offsets.get(value, 0) + np.arange(len(members))) % num_shards
+    train_codes = codes[train_index]
+    for code, key in enumerate(keys):
+        members = train_index[train_codes == code]
+        shard_of[members] = (offsets.get(key, 0) + np.arange(len(members))) % num_shards
     written = []
+    table = pa.Table.from_pandas(frame, preserve_index=False)  # converted once, sliced per shard
     for name, mask in [(EVAL_NAME, held_out)] + [(f"shard-{i:03d}", shard_of == i) for i in range(num_shards)]:
         if mask.any():
-            part = frame[mask]
             path = Path(out_dir) / name / f"part-{index:05d}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
-            part.to_parquet(path, index=False)
-            hist = {} if spec.target.task == "regression" else pd.Series(labels[mask]).value_counts().to_dict()
-            written.append((name, str(path), {str(k): int(v) for k, v in hist.items()}, int(mask.sum())))
+            pq.write_table(table.filter(mask), path)
+            counts = np.bincount(codes[mask], minlength=len(keys))
+            hist = {} if spec.target.task == "regression" else {
+                str(key): int(n) for key, n in zip(keys, counts, strict=True) if n}
+            written.append((name, str(path), hist, int(mask.sum())))
     return written
 
 
