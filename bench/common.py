@@ -76,17 +76,13 @@ def classification_spec(features: int = 8):
 
 def mnist_frame(rows: int, seed: int = 42):
     """MNIST-1D rows: the package's 5000 generated rows, tiled (with small noise) up to `rows`."""
-    import pandas as pd
+    from lepton_tasks.demo_data import mnist1d_frame
 
-    from lepton_tasks.demo_data import make_mnist1d
-
-    features, labels = make_mnist1d(5000, seed)
-    reps = -(-rows // len(labels))
-    rng = np.random.default_rng(seed)
-    x = np.tile(features, (reps, 1))[:rows]
-    x = x + rng.normal(0, 0.01, x.shape).astype(np.float32) * (np.arange(rows) >= len(labels))[:, None]
-    frame = pd.DataFrame(x, columns=[f"x_{i:02d}" for i in range(40)])
-    frame["label"] = np.tile(labels, reps)[:rows]
+    demo = mnist1d_frame(5000, seed)
+    frame = demo.iloc[np.arange(rows) % len(demo)].reset_index(drop=True)
+    features = [c for c in frame.columns if c != "label"]
+    noise = np.random.default_rng(seed).normal(0, 0.01, (rows, len(features))).astype(np.float32)
+    frame[features] += noise * (np.arange(rows) >= len(demo))[:, None]  # the first 5000 rows stay as generated
     return frame
 
 

@@ -66,18 +66,7 @@ def plain_run(data_root: Path, rows: int, conf: dict) -> dict:
         landing.parent.mkdir(parents=True, exist_ok=True)
         mnist_frame(rows).to_parquet(landing, index=False)
     ctx = pipeline.context(find_spec("lepton_mnist1d"), f"plain_{rows}_{time.time_ns()}", conf)
-    seconds, manifests = {}, {}
-    steps = [("ingest", lambda: pipeline.ingest(ctx)),
-             ("validate", lambda: pipeline.validate(ctx, manifests["ingest"])),
-             ("shard", lambda: pipeline.shard(ctx, manifests["validate"])),
-             ("train", lambda: pipeline.train(ctx, manifests["shard"])),
-             ("merge", lambda: pipeline.merge(ctx, manifests["shard"], manifests["train"])),
-             ("compress", lambda: pipeline.compress(ctx, manifests["shard"], manifests["merge"])),
-             ("register", lambda: pipeline.register(ctx, manifests))]
-    for name, step in steps:
-        started = time.perf_counter()
-        manifests[name] = step()
-        seconds[name] = time.perf_counter() - started
+    _, seconds = pipeline.run_in_process(ctx)
     started = time.perf_counter()
     with dask_client(ctx.settings, ctx.params.num_shards):
         pass

@@ -171,16 +171,13 @@ def _mnist_shards(work: Path, frame, count: int) -> tuple[list[str], dict]:
 def compression_bench(work: Path) -> tuple[dict, dict, dict]:
     """The compress stage on the default CNN (trained on MNIST-1D's 4000 training rows): the chosen variant's
     size and CPU latency against the fp32 PyTorch model."""
-    import pandas as pd
-
     from bench.quality import train_central
     from lepton_tasks.compress import compress
-    from lepton_tasks.demo_data import make_mnist1d
+    from lepton_tasks.demo_data import mnist1d_frame
     from lepton_tasks.models import save_checkpoint
     from lepton_tasks.specs import find_spec
 
-    features, labels = make_mnist1d(5000, 42)
-    frame = pd.DataFrame(features, columns=[f"x_{i:02d}" for i in range(40)]).assign(label=labels)
+    frame = mnist1d_frame(5000, 42)  # the package's 4000 train rows first, then its 1000 test rows
     loaded = find_spec("lepton_mnist1d")
     params = loaded.spec.run_defaults()
     shape, state, (xt, yt), calibration = train_central(loaded, frame, 4000, params, epochs=10)

@@ -35,13 +35,19 @@ def make_mnist1d(samples: int = DEFAULT_SAMPLES, seed: int = 42) -> tuple[np.nda
     return features[:samples], labels[:samples]
 
 
-def write_mnist1d(landing_dir: Path, samples: int = DEFAULT_SAMPLES, seed: int = 42, fmt: str = "parquet") -> Path:
-    """Write the demo data as one Parquet or CSV file in `landing_dir`; returns the file."""
+def mnist1d_frame(samples: int = DEFAULT_SAMPLES, seed: int = 42):
+    """The demo data as a pandas frame: columns x_00..x_39, then label."""
     import pandas as pd
 
     features, labels = make_mnist1d(samples, seed)
     frame = pd.DataFrame(features, columns=[f"x_{i:02d}" for i in range(features.shape[1])])
     frame["label"] = labels
+    return frame
+
+
+def write_mnist1d(landing_dir: Path, samples: int = DEFAULT_SAMPLES, seed: int = 42, fmt: str = "parquet") -> Path:
+    """Write the demo data as one Parquet or CSV file in `landing_dir`; returns the file."""
+    frame = mnist1d_frame(samples, seed)
     target = Path(landing_dir) / f"mnist1d.{fmt}"
     with atomic_file(target) as tmp:
         if fmt == "csv":

@@ -6,8 +6,10 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from lepton_tasks import metrics
 from lepton_tasks.models import ModelShape, evaluate, load_checkpoint, load_model, predict, save_checkpoint
 from lepton_tasks.storage import atomic_dir, sha256_file
 
@@ -71,12 +73,11 @@ def _round_state(checkpoints: list[dict]) -> dict[str, torch.Tensor]:
     return fedavg(states, [c["rows"] for c in checkpoints])
 
 
-def _plots(rounds: list[list[dict]], epochs_per_round: int, round_scores: list[float], model, shape: ModelShape,
-           eval_data, metric: str, classes: list[str], out: Path) -> list[Path]:
+def _plots(rounds: list[list[dict]], epochs_per_round: int, round_scores: list[float], outputs: np.ndarray,
+           shape: ModelShape, targets: torch.Tensor, metric: str, classes: list[str], out: Path) -> list[Path]:
+    """Training curves, and the merged model's confusion matrix or residuals from its held-out `outputs`."""
     from lepton_tasks import plots
 
-    features, targets = eval_data
-    outputs = predict(model, features).numpy()
     curves = plots.training_curves(rounds, epochs_per_round, round_scores, metric, out / "training_curves.png")
     if shape.task == "regression":
         return [curves, plots.residuals(targets.numpy(), outputs, out / "residuals.png")]
@@ -90,13 +91,15 @@ def merge(rounds: list[list[dict]], shape: ModelShape, eval_data: tuple[torch.Te
     held-out split; draw the training curves and a confusion matrix or residual plot."""
     features, targets = eval_data
     final_round = rounds[-1]
-    round_scores = [evaluate(load_model(shape, _round_state(r)), shape, features, targets)[metric] for r in rounds]
     merged_state = _round_state(final_round)
-    merged_model = load_model(shape, merged_state)
+    outputs = predict(load_model(shape, merged_state), features).numpy()  # scored and plotted from one pass
+    merged_metrics = metrics.evaluate(shape.task, outputs, targets.numpy())
+    round_scores = [evaluate(load_model(shape, _round_state(r)), shape, features, targets)[metric]
+                    for r in rounds[:-1]] + [merged_metrics[metric]]
     stage_dir = Path(stage_dir)
     with atomic_dir(stage_dir) as tmp:
         save_checkpoint(tmp / MERGED_FILE, merged_state, {"rounds": str(len(rounds)), "kind": shape.kind})
-        drawn = _plots(rounds, epochs_per_round, round_scores, merged_model, shape, eval_data, metric, classes,
+        drawn = _plots(rounds, epochs_per_round, round_scores, outputs, shape, targets, metric, classes,
                        tmp / PLOTS_DIR)
     merged_path = stage_dir / MERGED_FILE
     shard_metrics = {
@@ -104,7 +107,6 @@ def merge(rounds: list[list[dict]], shape: ModelShape, eval_data: tuple[torch.Te
                              targets)
         for c in final_round
     }
-    merged_metrics = evaluate(merged_model, shape, features, targets)
     log.info("merged %s %.4f on %d held-out rows (by round: %s); shards %s", metric, merged_metrics[metric],
              len(targets), [round(v, 4) for v in round_scores],
              {k: round(v[metric], 4) for k, v in shard_metrics.items()})

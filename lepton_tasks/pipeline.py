@@ -229,6 +229,26 @@ def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
     return _run_stage(ctx, "register", body, lambda m: {"mlflow": m})
 
 
+def run_in_process(ctx: RunContext, last: str = "register") -> tuple[dict[str, dict], dict[str, float]]:
+    """Every stage up to `last`, one after another in this process, wired as the DAG wires them: the manifests
+    and each stage's wall seconds. For plain scripts, benchmarks and tests (the DAG runs each in a task)."""
+    steps: dict[str, Callable[[dict], dict]] = {
+        "ingest": lambda m: ingest(ctx),
+        "validate": lambda m: validate(ctx, m["ingest"]),
+        "shard": lambda m: shard(ctx, m["validate"]),
+        "train": lambda m: train(ctx, m["shard"]),
+        "merge": lambda m: merge(ctx, m["shard"], m["train"]),
+        "compress": lambda m: compress(ctx, m["shard"], m["merge"]),
+        "register": lambda m: register(ctx, m),
+    }
+    manifests, seconds = {}, {}
+    for stage in STAGES[:STAGES.index(last) + 1]:
+        started = time.perf_counter()
+        manifests[stage] = steps[stage](manifests)
+        seconds[stage] = time.perf_counter() - started
+    return manifests, seconds
+
+
 def validated_event(validated: dict) -> dict:
     """What the validated-data Asset event carries: where the rows are and how they fared."""
     return {k: validated.get(k) for k in ("suite", "rows", "passed", "failed", "quarantined_rows", "parts")}

@@ -255,7 +255,7 @@ def up(profile: Profile) -> dict[str, str]:
         raise
     keys = login(profile)
     script = profile.state / "env.sh"  # holds the keys: private
-    script.write_text(env_script(profile))
+    script.write_text(env_script(env))
     script.chmod(0o600)
     return {"airflow": profile.airflow_url, "mlflow": profile.mlflow_url, "dask_dashboard": profile.dashboard_url,
             "dask_scheduler": profile.dask_address, "username": keys["username"],
@@ -297,8 +297,7 @@ def down(profile: Profile, timeout: float = 30) -> list[str]:
     return sorted(alive)
 
 
-def env_script(profile: Profile) -> str:
-    """`export` lines that point a shell's `airflow` / `mlflow` commands at the running profile."""
-    env = service_env(profile)
+def env_script(env: dict[str, str]) -> str:
+    """`export` lines (from `service_env`) that point a shell's `airflow` commands at the running profile."""
     names = [k for k in env if k.startswith(("AIRFLOW", "LEPTON_"))]
     return "\n".join(f"export {k}={shlex.quote(env[k])}" for k in names) + "\n"

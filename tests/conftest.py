@@ -9,13 +9,11 @@ import pandas as pd
 import pytest
 
 from lepton_tasks.config import PIPELINES_DIR
-from lepton_tasks.demo_data import make_mnist1d
+from lepton_tasks.demo_data import mnist1d_frame
 from lepton_tasks.specs import load_spec
 
 MNIST_SPEC = load_spec(PIPELINES_DIR / "lepton_mnist1d.yaml")
 HOUSE_SPEC = load_spec(PIPELINES_DIR / "lepton_house_prices.yaml")
-FEATURES = MNIST_SPEC.spec.feature_columns
-LABEL = MNIST_SPEC.spec.target.column
 
 
 @pytest.fixture(autouse=True)
@@ -33,10 +31,7 @@ def data_root(tmp_path, monkeypatch) -> Path:
 
 
 def mnist_frame(rows: int = 600, seed: int = 7) -> pd.DataFrame:
-    features, labels = make_mnist1d(rows, seed)
-    frame = pd.DataFrame(features, columns=FEATURES)
-    frame[LABEL] = labels
-    return frame
+    return mnist1d_frame(rows, seed)
 
 
 def encoder_for(frame: pd.DataFrame, loaded=MNIST_SPEC):

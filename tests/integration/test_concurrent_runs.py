@@ -18,13 +18,7 @@ import json, sys
 from lepton_tasks import pipeline
 from lepton_tasks.specs import find_spec
 ctx = pipeline.context(find_spec("lepton_mnist1d"), sys.argv[1], json.loads(sys.argv[2]))
-m = {"ingest": pipeline.ingest(ctx)}
-m["validate"] = pipeline.validate(ctx, m["ingest"])
-m["shard"] = pipeline.shard(ctx, m["validate"])
-m["train"] = pipeline.train(ctx, m["shard"])
-m["merge"] = pipeline.merge(ctx, m["shard"], m["train"])
-m["compress"] = pipeline.compress(ctx, m["shard"], m["merge"])
-m["register"] = pipeline.register(ctx, m)
+m, _ = pipeline.run_in_process(ctx)
 pipeline.finish(ctx)
 print(json.dumps(m))
 """

@@ -29,12 +29,7 @@ def stages(tmp_path_factory):
     write_demo(root / "data", 900)
     loaded = find_spec("lepton_mnist1d")
     ctx = pipeline.context(loaded, "prepared", SMALL_CONF)
-    manifests = {"ingest": pipeline.ingest(ctx)}
-    manifests["validate"] = pipeline.validate(ctx, manifests["ingest"])
-    manifests["shard"] = pipeline.shard(ctx, manifests["validate"])
-    manifests["train"] = pipeline.train(ctx, manifests["shard"])
-    manifests["merge"] = pipeline.merge(ctx, manifests["shard"], manifests["train"])
-    manifests["compress"] = pipeline.compress(ctx, manifests["shard"], manifests["merge"])
+    manifests, _ = pipeline.run_in_process(ctx, last="compress")
     yield root, loaded, manifests
     os.environ.pop("LEPTON_DATA_ROOT", None)
 
