@@ -86,6 +86,23 @@ def write_demo(data_root: Path, samples: int) -> None:
     write_mnist1d(data_root / "landing" / "mnist1d", samples)
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll `predicate` every 3 s until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
@@ -99,9 +116,7 @@ class TrackingServer:
 
     def __init__(self, root: Path):
         self.root = root
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 

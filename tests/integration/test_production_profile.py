@@ -27,8 +27,7 @@ import yaml
 
 from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.services import DEFAULT_POSTGRES, Profile, ensure_databases
-from tests.integration.airflow_env import BIN, write_demo
-from tests.integration.test_scheduler import _free_port, _wait_for
+from tests.integration.airflow_env import BIN, free_port, wait_for, write_demo
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +65,8 @@ def profile(tmp_path_factory):
     pipelines.mkdir()
     spec = yaml.safe_load((REPO_ROOT / "dags" / "pipelines" / "lepton_mnist1d.yaml").read_text())
     (pipelines / "lepton_mnist1d.yaml").write_text(yaml.safe_dump({**spec, "schedule": None}))
-    ports = {"LEPTON_AIRFLOW_PORT": _free_port(), "LEPTON_MLFLOW_PORT": _free_port(),
-             "LEPTON_DASK_PORT": _free_port(), "LEPTON_DASK_DASHBOARD_PORT": _free_port()}
+    ports = {"LEPTON_AIRFLOW_PORT": free_port(), "LEPTON_MLFLOW_PORT": free_port(),
+             "LEPTON_DASK_PORT": free_port(), "LEPTON_DASK_DASHBOARD_PORT": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW", "LEPTON"))}
     env.update({k: str(v) for k, v in ports.items()})
     env.update({"LEPTON_UP_DIR": str(root / "state"), "LEPTON_DATA_ROOT": str(root / "data"),
@@ -140,7 +139,7 @@ def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(profile)
         try:
             _log_in(page, up, password)
             run_id = _trigger_from_form(page, up, token)
-            _wait_for(lambda: _state(up, token, run_id) in ("success", "failed"), RUN_TIMEOUT_S, "the run")
+            wait_for(lambda: _state(up, token, run_id) in ("success", "failed"), RUN_TIMEOUT_S, "the run")
             assert _state(up, token, run_id) == "success", _task_states(up, token, run_id)
             version = _follow_model_version_link(page, context, up, run_id)
         finally:
@@ -150,7 +149,7 @@ def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(profile)
     assert conf["num_shards"] == 2 and conf["merge_rounds"] == 2  # the form's values reached the run
     assert version == "1"
     # the champion Asset started the consumer DAG, which scored a batch with the new champion
-    _wait_for(lambda: any(r["state"] == "success" for r in _runs(up, token, "lepton_score_champion")), 180,
+    wait_for(lambda: any(r["state"] == "success" for r in _runs(up, token, "lepton_score_champion")), 180,
               "the asset-triggered lepton_score_champion run")
     scored = _runs(up, token, "lepton_score_champion")[0]
     assert scored["run_type"] == "asset_triggered"
@@ -176,7 +175,7 @@ def _trigger_from_form(page, up: Profile, token: str) -> str:
     page.screenshot(path=str(ARTIFACTS / "02-trigger-form.png"), full_page=True)
     before = {r["dag_run_id"] for r in _runs(up, token, "lepton_mnist1d")}
     dialog.get_by_role("button", name=re.compile("^trigger$", re.I)).click()
-    _wait_for(lambda: {r["dag_run_id"] for r in _runs(up, token, "lepton_mnist1d")} - before, 60, "the new run")
+    wait_for(lambda: {r["dag_run_id"] for r in _runs(up, token, "lepton_mnist1d")} - before, 60, "the new run")
     return next(r["dag_run_id"] for r in _runs(up, token, "lepton_mnist1d") if r["dag_run_id"] not in before)
 
 

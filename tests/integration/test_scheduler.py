@@ -7,39 +7,22 @@ re-import the `airflow` entry point; this test runs the pipeline the way the nig
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
 from contextlib import ExitStack
 
 import pytest
 
-from tests.integration.airflow_env import BIN, SMALL_CONF, AirflowEnv, read_report, write_demo
+from tests.integration.airflow_env import BIN, SMALL_CONF, AirflowEnv, free_port, read_report, wait_for, write_demo
 
 pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_S = 420
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start(env: AirflowEnv, extra: dict, *command: str) -> subprocess.Popen:
     log = open(env.home / f"{command[0]}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([str(BIN / "airflow"), *command], env=env.env(**extra), stdout=log,
                             stderr=subprocess.STDOUT, cwd=env.home)
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _runs(env: AirflowEnv, extra: dict) -> list[dict]:
@@ -74,7 +57,7 @@ def _merged_and_registry(env: AirflowEnv) -> tuple[str, int, int]:
 
 def test_triggered_run_succeeds_under_the_scheduler_and_a_cleared_rerun_duplicates_nothing(tmp_path):
     env = AirflowEnv.sqlite(tmp_path)
-    port = _free_port()
+    port = free_port()
     extra = {"AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__EXECUTION_API_SERVER_URL":
              f"http://127.0.0.1:{port}/execution/", "AIRFLOW__CORE__PARALLELISM": "4"}
     write_demo(env.data_root, 1500)
@@ -84,13 +67,13 @@ def test_triggered_run_succeeds_under_the_scheduler_and_a_cleared_rerun_duplicat
             process = _start(env, extra, *command)
             stack.callback(process.wait, 30)
             stack.callback(process.terminate)
-        _wait_for(lambda: env.airflow("dags", "details", "lepton_mnist1d", check=False, **extra).returncode == 0,
+        wait_for(lambda: env.airflow("dags", "details", "lepton_mnist1d", check=False, **extra).returncode == 0,
                   120, "the dag-processor to serialise lepton_mnist1d")
         env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", "triggered_by_test", "--logical-date",
                     LOGICAL_DATE, "-c", json.dumps(SMALL_CONF), **extra)
         env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
 
-        _wait_for(lambda: _state(env, extra) in ("success", "failed"), RUN_TIMEOUT_S, "the triggered run to finish")
+        wait_for(lambda: _state(env, extra) in ("success", "failed"), RUN_TIMEOUT_S, "the triggered run to finish")
         state = _state(env, extra)
         logs = "\n".join(p.read_text()[-3000:] for p in env.home.glob("*.log"))
         assert state == "success", f"run ended {state}; component logs:\n{logs}"
@@ -100,8 +83,8 @@ def test_triggered_run_succeeds_under_the_scheduler_and_a_cleared_rerun_duplicat
         # clear every task of the finished run: the scheduler runs it all again
         env.airflow("tasks", "clear", "lepton_mnist1d", "--yes", "--start-date", LOGICAL_DATE, "--end-date",
                     LOGICAL_DATE, **extra)
-        _wait_for(lambda: _state(env, extra) not in ("success", "failed"), 60, "the cleared run to restart")
-        _wait_for(lambda: _state(env, extra) in ("success", "failed"), RUN_TIMEOUT_S, "the rerun to finish")
+        wait_for(lambda: _state(env, extra) not in ("success", "failed"), 60, "the cleared run to restart")
+        wait_for(lambda: _state(env, extra) in ("success", "failed"), RUN_TIMEOUT_S, "the rerun to finish")
         assert _state(env, extra) == "success"
     assert _merged_and_registry(env) == first  # same model, still one MLflow run and one version
     report = read_report(env.data_root / "lepton_mnist1d" / "triggered_by_test")
