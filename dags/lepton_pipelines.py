@@ -20,6 +20,8 @@ from lepton_tasks.config import airflow_param_specs
 from lepton_tasks.errors import SpecError
 from lepton_tasks.specs import LoadedSpec, load_all
 
+MANIFEST = {"multiple_outputs": False}  # a task's manifest is one XCom value, not one per key (a call each)
+
 DEFAULT_ARGS = {
     "retries": 2,
     "retry_delay": pendulum.duration(seconds=30),
@@ -51,13 +53,13 @@ def build(loaded: LoadedSpec) -> DAG:
         doc_md=f"{spec.description}\n\nSpec: `{loaded.path.name}` (sha256 `{loaded.sha256[:12]}`)\n{__doc__}",
     )
     def lepton_pipeline():
-        @task
+        @task(**MANIFEST)
         def ingest(**context) -> dict:
             """Copy the source (params.source_uri) into this run's immutable Parquet stage; row count, schema and
             checksums in the manifest."""
             return pipeline.ingest(pipeline.from_airflow(context, loaded))
 
-        @task(outlets=[validated_data])
+        @task(outlets=[validated_data], **MANIFEST)
         def validate(ingested: dict, **context) -> dict:
             """Run the pipeline's Great Expectations suite; result JSON and HTML data docs in the run folder (extra
             link *Data docs*). A failed expectation stops the run, naming it and its column."""
@@ -65,29 +67,29 @@ def build(loaded: LoadedSpec) -> DAG:
             context["outlet_events"][validated_data].extra = pipeline.validated_event(validated)
             return validated
 
-        @task
+        @task(**MANIFEST)
         def shard(validated: dict, **context) -> dict:
             """Split the validated rows on Dask into stratified Parquet shards and a held-out split, with a
             manifest (rows, label histograms, checksums)."""
             return pipeline.shard(pipeline.from_airflow(context, loaded), validated)
 
-        @task
+        @task(**MANIFEST)
         def train(shards: dict, **context) -> dict:
             """Train one model per shard on the Dask workers, round after round from the last merge; a retry
             resumes from the checkpoints that exist (extra link *Dask dashboard*)."""
             return pipeline.train(pipeline.from_airflow(context, loaded), shards)
 
-        @task
+        @task(**MANIFEST)
         def merge(shards: dict, trained: dict, **context) -> dict:
             """FedAvg the last round's shard checkpoints; score merged and shard models on the held-out split."""
             return pipeline.merge(pipeline.from_airflow(context, loaded), shards, trained)
 
-        @task
+        @task(**MANIFEST)
         def compress(shards: dict, merged: dict, **context) -> dict:
             """Prune, export to ONNX, quantize to int8; keep the smallest variant within the tolerance."""
             return pipeline.compress(pipeline.from_airflow(context, loaded), shards, merged)
 
-        @task
+        @task(**MANIFEST)
         def register(manifests: dict, **context) -> dict:
             """Log the run to MLflow (one run per DAG run), register the model, move `candidate`, and `champion`
             only if it is at least as good on the same held-out rows (extra links *MLflow run*, *model version*)."""

@@ -100,6 +100,9 @@ def airflow_param_specs(defaults: RunParams) -> dict[str, dict[str, Any]]:
     return specs
 
 
+DEFAULT_VALIDATE_MEMORY_BYTES = 2 << 30
+
+
 @dataclass(frozen=True)
 class Settings:
     """Machine-level locations and services. Read with `Settings.from_env()` inside a task, never at import."""
@@ -108,6 +111,8 @@ class Settings:
     mlflow_tracking_uri: str | None  # None: the Airflow connection, else a local SQLite store under data_root
     dask_address: str | None  # None: the Airflow connection `dask_default`, else a local cluster
     dask_workers: int | None  # None: one per shard, capped by cores (CPU) or one per GPU
+    # A stage whose decoded size is over this is validated partition by partition on Dask, not in one frame
+    validate_memory_bytes: int = DEFAULT_VALIDATE_MEMORY_BYTES
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -117,6 +122,7 @@ class Settings:
             mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
             dask_address=os.environ.get("LEPTON_DASK_ADDRESS"),
             dask_workers=int(workers) if workers else None,
+            validate_memory_bytes=int(os.environ.get("LEPTON_VALIDATE_MEMORY_BYTES", DEFAULT_VALIDATE_MEMORY_BYTES)),
         )
 
     def local_mlflow_uri(self) -> str:
@@ -127,6 +133,7 @@ class Settings:
 
 
 MLFLOW_CONN_ID = "mlflow_default"
+PRELOADING_EXECUTOR = "lepton_tasks.executor.PreloadingLocalExecutor"  # airflow.cfg's [core] executor
 DASK_CONN_ID = "dask_default"
 
 

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +154,23 @@ def ingest(ctx: RunContext) -> dict:
 
 def validate(ctx: RunContext, ingested: dict) -> dict:
     from lepton_tasks import validate as stage
+    from lepton_tasks.cluster import dask_client
+    from lepton_tasks.storage import decoded_bytes
 
-    return _run_stage(ctx, "validate",
-                      lambda: stage.validate(ingested["parts"], ctx.spec.suite_file, ctx.stage_dir("validate"),
-                                             ctx.params.quarantine_max_fraction),
+    def body():
+        run = partial(stage.validate, ingested["parts"], ctx.spec.suite_file, ctx.stage_dir("validate"),
+                      ctx.params.quarantine_max_fraction)
+        size = decoded_bytes(ingested["parts"])
+        if size <= ctx.settings.validate_memory_bytes:
+            return run()
+        log.info("the stage decodes to %.1f GiB, over LEPTON_VALIDATE_MEMORY_BYTES (%.1f GiB): validating it "
+                 "partition by partition on Dask", size / 2**30, ctx.settings.validate_memory_bytes / 2**30)
+        with dask_client(ctx.settings) as client:
+            return run(client=client)
+
+    return _run_stage(ctx, "validate", body,
                       lambda m: {k: m[k] for k in ("suite", "evaluated", "passed", "failed", "docs_index",
-                                                   "quarantined_rows", "quarantine_path")})
+                                                   "quarantined_rows", "quarantine_path", "partitions")})
 
 
 def shard(ctx: RunContext, validated: dict) -> dict:

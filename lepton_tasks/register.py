@@ -157,7 +157,7 @@ def _log_artifacts(client, run_id: str, record: RunRecord) -> None:
     client.log_artifact(run_id, record.validation["result_path"], "validation")
     client.log_artifacts(run_id, str(Path(record.validation["docs_index"]).parent), "validation/docs")
     if record.validation.get("quarantine_path"):  # the rows held back, with their reasons (not the clean data)
-        client.log_artifact(run_id, record.validation["quarantine_path"], "validation/quarantine")
+        client.log_artifacts(run_id, record.validation["quarantine_path"], "validation/quarantine")
     client.log_dict(run_id, record.shards, "shards/manifest.json")
     client.log_dict(run_id, record.shards["encoder"], "model/encoder.json")  # how to turn rows into model input
     client.log_artifact(run_id, record.spec_path, "spec")

@@ -1,6 +1,7 @@
 """`make up` / `make down`: the local production profile, every service its own process on loopback.
 
-- Airflow 3 (api-server, scheduler, dag-processor, triggerer; LocalExecutor) on a PostgreSQL database;
+- Airflow 3 (api-server, scheduler, dag-processor, triggerer; LocalExecutor, preloading the stage libraries) on a
+  PostgreSQL database;
 - an MLflow tracking server on a PostgreSQL database, artifacts in `{state}/mlartifacts`;
 - a Dask cluster: `dask scheduler` and `dask worker` processes (`dask cuda worker` where GPUs exist);
 - with LEPTON_EXECUTOR=CeleryExecutor, an `airflow celery worker` on the Redis broker LEPTON_CELERY_BROKER_URL
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lepton_tasks.cluster import WORKER_DASK_CONFIG, gpu_count
-from lepton_tasks.config import REPO_ROOT, redact_uri
+from lepton_tasks.config import PRELOADING_EXECUTOR, REPO_ROOT, redact_uri
 from lepton_tasks.errors import LeptonError
 
 BIN = Path(sys.executable).parent
@@ -57,7 +58,7 @@ class Profile:
     dask_port: int = 8786
     dashboard_port: int = 8787
     dask_workers: int = 2
-    executor: str = "LocalExecutor"  # or CeleryExecutor: adds an `airflow celery worker` on the Redis broker
+    executor: str = PRELOADING_EXECUTOR  # or CeleryExecutor: adds an `airflow celery worker` on the Redis broker
     celery_broker_url: str = "redis://127.0.0.1:6379/0"
 
     @classmethod
@@ -72,7 +73,7 @@ class Profile:
                    dask_port=int(env("LEPTON_DASK_PORT", 8786)),
                    dashboard_port=int(env("LEPTON_DASK_DASHBOARD_PORT", 8787)),
                    dask_workers=int(env("LEPTON_DASK_WORKERS", 2)),
-                   executor=env("LEPTON_EXECUTOR", "LocalExecutor"),
+                   executor=env("LEPTON_EXECUTOR", PRELOADING_EXECUTOR),
                    celery_broker_url=env("LEPTON_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
 
     @property

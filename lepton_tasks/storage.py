@@ -115,3 +115,14 @@ def sha256_files(paths: list[Path]) -> str:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def decoded_bytes(parts: list[str]) -> int:
+    """The uncompressed size of Parquet parts, from their footers (no data read): about what they take in memory."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for part in parts:
+        metadata = pq.ParquetFile(part).metadata
+        total += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    return total

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -85,3 +87,98 @@ def test_too_many_failing_rows_or_a_table_level_failure_still_stops_the_run(tmp_
     with pytest.raises(ValidationFailed, match="expect_table_columns_to_match_ordered_list"):
         validate(_write(tmp_path, renamed), MNIST_SPEC.spec.suite_file, tmp_path / "b", 0.05)
     assert not (tmp_path / "a" / "quarantine").exists()
+
+
+def _write_parts(tmp_path, frame, count: int) -> list[str]:
+    folder = tmp_path / "stage"
+    folder.mkdir(parents=True)
+    paths = []
+    for index, rows in enumerate(np.array_split(np.arange(len(frame)), count)):
+        paths.append(str(folder / f"part-{index:05d}.parquet"))
+        frame.iloc[rows].to_parquet(paths[-1], index=False)
+    return paths
+
+
+def _outcome(run) -> tuple:
+    """What a validation concluded, comparable across the two ways of running it; and its manifest."""
+    try:
+        manifest = run()
+    except ValidationFailed as err:
+        return ("failed", str(err).split(":\n", 1)[1]), None
+    return ("passed", manifest.evaluated, [str(f) for f in manifest.failures], manifest.quarantined_rows), manifest
+
+
+def test_partition_by_partition_on_dask_concludes_what_one_frame_does(tmp_path, dask_client):
+    import pandas as pd
+
+    frame = mnist_frame(900)
+    frame.loc[[5, 450], "x_01"] = np.nan  # failing rows in the first and the second of three partitions
+    frame.loc[899, "x_02"] = 99.0  # and in the last
+    parts = _write_parts(tmp_path, frame, 3)
+    suite = MNIST_SPEC.spec.suite_file
+    in_memory, _ = _outcome(lambda: validate(parts, suite, tmp_path / "one", 0.05))
+    partitioned, many = _outcome(lambda: validate(parts, suite, tmp_path / "many", 0.05, client=dask_client))
+    assert partitioned == in_memory
+    assert "expect_column_values_to_not_be_null on column 'x_01': 2 unexpected" in str(partitioned)
+    assert many.partitions == 3 and len(many.parts) == 3 and many.quarantined_rows == 3
+    held = pd.read_parquet(many.quarantine_path)
+    assert sorted(held["x_01"].isna().tolist()) == [False, True, True]  # the same three rows, wherever they were
+    assert sum(len(pd.read_parquet(p)) for p in many.parts) == 897
+
+
+def _suite_with(tmp_path, *extra: dict, base: bool = True) -> str:
+    """The MNIST-1D suite (or an empty one) plus `extra` expectations, as a file."""
+    import json
+
+    raw = json.loads(MNIST_SPEC.spec.suite_file.read_text()) if base else {"name": "extra", "expectations": []}
+    raw["expectations"] += list(extra)
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+def test_whole_stage_expectations_see_every_row_when_partitioned(tmp_path, dask_client):
+    """Row counts, means and uniqueness do not add up over partitions: they run once over the stage."""
+    frame = mnist_frame(900)
+    frame["row_id"] = np.arange(900)
+    suite = _suite_with(
+        tmp_path,
+        {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 900, "max_value": 900}},
+        {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "row_id"}},
+        {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "row_id", "min_value": 449,
+                                                                "max_value": 450}},
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": "row_id", "min_value": 0}},
+        base=False,
+    )
+    manifest = validate(_write_parts(tmp_path / "a", frame, 3), suite, tmp_path / "v", client=dask_client)
+    assert manifest.success and manifest.partitions == 3 and manifest.rows == 900 and manifest.evaluated == 4
+    frame.loc[899, "row_id"] = 0  # a duplicate across partitions: no single partition sees it
+    with pytest.raises(ValidationFailed, match="expect_column_values_to_be_unique on column 'row_id'"):
+        validate(_write_parts(tmp_path / "b", frame, 3), suite, tmp_path / "w", client=dask_client)
+
+
+def test_dtype_expectations_see_columns_as_stored_though_values_are_checked_upcast(tmp_path):
+    """float32 columns are checked as float64 for speed (GX's vectorised path); their dtype is still float32."""
+    as_stored = {"type": "expect_column_values_to_be_in_type_list", "kwargs": {"column": "x_00",
+                                                                               "type_list": ["float32"]}}
+    between = {"type": "expect_column_values_to_be_between", "kwargs": {"column": "x_00", "min_value": -10}}
+    parts = _write(tmp_path, mnist_frame(200))
+    assert validate(parts, _suite_with(tmp_path, as_stored, between, base=False), tmp_path / "a").success
+    as_stored["kwargs"]["type_list"] = ["float64"]
+    with pytest.raises(ValidationFailed, match="expect_column_values_to_be_in_type_list on column 'x_00'"):
+        validate(parts, _suite_with(tmp_path, as_stored, between, base=False), tmp_path / "b")
+
+
+def test_a_stage_over_the_memory_budget_is_validated_on_dask(data_root, monkeypatch):
+    """The pipeline picks the way by the stage's decoded size (Parquet footers), against the setting."""
+    from lepton_tasks import pipeline
+
+    landing = data_root / "landing" / "m"
+    _write_parts(landing.parent, mnist_frame(600), 2)
+    (landing.parent / "stage").rename(landing)
+    monkeypatch.setenv("LEPTON_VALIDATE_MEMORY_BYTES", "1000")
+    monkeypatch.setenv("LEPTON_DASK_WORKERS", "1")
+    ctx = pipeline.context(MNIST_SPEC, "big", {"source_uri": "landing/m/"})
+    validated = pipeline.validate(ctx, pipeline.ingest(ctx))
+    summary = json.loads(ctx.summary_path("validate").read_text())
+    assert validated["partitions"] == 2 and summary["partitions"] == 2 and validated["failed"] == 0

@@ -12,6 +12,8 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,46 @@ class AirflowEnv:
     def migrate(self) -> None:
         self.airflow("db", "migrate", timeout=300)
 
+    @contextmanager
+    def serving(self, dag_id: str = "lepton_mnist1d", **extra: str) -> Iterator[dict[str, str]]:
+        """api-server, scheduler and dag-processor (LocalExecutor) as their own processes, as in production,
+        until the block ends; yields the environment that CLI calls against them need. Logs in `home`."""
+        port = free_port()
+        served = {"AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__EXECUTION_API_SERVER_URL":
+                  f"http://127.0.0.1:{port}/execution/", "AIRFLOW__CORE__PARALLELISM": "4", **extra}
+        with ExitStack() as stack:
+            for command in (("api-server", "--port", str(port)), ("scheduler",), ("dag-processor",)):
+                log = stack.enter_context(open(self.home / f"{command[0]}.log", "w"))
+                process = subprocess.Popen([str(BIN / "airflow"), *command], env=self.env(**served), stdout=log,
+                                           stderr=subprocess.STDOUT, cwd=self.home)
+                stack.callback(process.wait, 30)
+                stack.callback(process.terminate)
+            wait_for(lambda: self.airflow("dags", "details", dag_id, check=False, **served).returncode == 0,
+                     120, f"the dag-processor to serialise {dag_id}")
+            yield served
+
+    def component_logs(self) -> str:
+        return "\n".join(p.read_text()[-3000:] for p in self.home.glob("*.log"))
+
+    def run_state(self, run_id: str, dag_id: str = "lepton_mnist1d") -> str | None:
+        """The run's state, read from the metadata DB: polling with `airflow dags list-runs` would start an
+        `airflow` process (seconds of CPU) every few seconds beside the run being measured."""
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.sql_alchemy_conn)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("SELECT state FROM dag_run WHERE dag_id = :dag AND run_id = :run"),
+                                    {"dag": dag_id, "run": run_id}).scalar()
+        finally:
+            engine.dispose()
+
+    def finished_state(self, run_id: str, timeout: float, dag_id: str = "lepton_mnist1d") -> str:
+        """Wait for the run to end (under a scheduler); its final state."""
+        wait_for(lambda: self.run_state(run_id, dag_id) in ("success", "failed"), timeout,
+                 f"{dag_id} run {run_id} to finish")
+        return self.run_state(run_id, dag_id)
+
     def runs(self, dag_id: str = "lepton_mnist1d") -> set[Path]:
         return set((self.data_root / dag_id).glob("*/"))
 
@@ -84,6 +126,17 @@ def write_demo(data_root: Path, samples: int) -> None:
     from lepton_tasks.demo_data import write_mnist1d
 
     write_mnist1d(data_root / "landing" / "mnist1d", samples)
+
+
+def unscheduled_specs(folder: Path, name: str = "lepton_mnist1d") -> Path:
+    """A copy of a pipeline spec without its schedule (for LEPTON_PIPELINES_DIR), so that unpausing its DAG
+    under a scheduler creates no run of its own: the only run is the one triggered."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = yaml.safe_load((REPO_ROOT / "dags" / "pipelines" / f"{name}.yaml").read_text())
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump({**spec, "schedule": None}))
+    return folder
 
 
 def free_port() -> int:

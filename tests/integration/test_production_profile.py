@@ -23,11 +23,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.services import DEFAULT_POSTGRES, Profile, ensure_databases
-from tests.integration.airflow_env import BIN, free_port, wait_for, write_demo
+from tests.integration.airflow_env import BIN, free_port, unscheduled_specs, wait_for, write_demo
 
 pytestmark = pytest.mark.slow
 
@@ -61,10 +60,7 @@ def _drop_databases(profile: Profile) -> None:
 def profile(tmp_path_factory):
     """The profile, up; the nightly spec copied without its schedule so the only run is the one we trigger."""
     root = tmp_path_factory.mktemp("up")
-    pipelines = root / "pipelines"
-    pipelines.mkdir()
-    spec = yaml.safe_load((REPO_ROOT / "dags" / "pipelines" / "lepton_mnist1d.yaml").read_text())
-    (pipelines / "lepton_mnist1d.yaml").write_text(yaml.safe_dump({**spec, "schedule": None}))
+    pipelines = unscheduled_specs(root / "pipelines")
     ports = {"LEPTON_AIRFLOW_PORT": free_port(), "LEPTON_MLFLOW_PORT": free_port(),
              "LEPTON_DASK_PORT": free_port(), "LEPTON_DASK_DASHBOARD_PORT": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW", "LEPTON"))}
