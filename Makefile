@@ -5,6 +5,9 @@ VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
 DEMO_SAMPLES ?= 5000
 PYTEST_ARGS ?=
+TORCH_VERSION := 2.13.0
+# cuda where an NVIDIA driver is present, else cpu; `make setup TORCH_BUILD=cpu` forces the CPU wheel
+TORCH_BUILD ?= $(shell { test -e /proc/driver/nvidia/version || nvidia-smi -L; } >/dev/null 2>&1 && echo cuda || echo cpu)
 
 # this repository is the AIRFLOW_HOME; outputs, the SQLite stores and secrets live in var/ (git-ignored)
 export AIRFLOW_HOME := $(CURDIR)
@@ -21,20 +24,24 @@ setup: $(VENV)/.installed var/secrets.env
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0  # the CPU wheel, first, so nothing else pulls a CUDA build
+ifeq ($(TORCH_BUILD),cuda)
+	# PyPI's Linux build of the same version is the CUDA one; no local wheel folder or cap may stand in for it
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -c 'import sys, torch; sys.exit(None if torch.version.cuda else "an NVIDIA driver is present but pip installed torch " + torch.__version__ + " without CUDA")'
+else
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)  # the CPU wheel (on disk here), first, so nothing pulls a CUDA build
+endif
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-# keys Airflow's components must share; generated once per checkout, never committed
-var/secrets.env:
-	mkdir -p var
-	umask 077; { echo "export AIRFLOW__API_AUTH__JWT_SECRET=$$(openssl rand -hex 32)"; \
-	  echo "export AIRFLOW__API__SECRET_KEY=$$(openssl rand -hex 32)"; } > $@
+# keys Airflow's components must share; generated once per checkout (mode 600), never committed
+var/secrets.env: $(VENV)/.installed
+	$(BIN)/python -m lepton_tasks.home
 
+# `lepton run` migrates the Airflow DB, loads var/secrets.env and finds Airflow beside itself (works from cron too)
 run: setup
-	source var/secrets.env && airflow db migrate > var/db-migrate.log 2>&1 && \
-	  lepton run lepton_mnist1d --samples $(DEMO_SAMPLES)
+	$(BIN)/lepton run lepton_mnist1d --samples $(DEMO_SAMPLES)
 
 # Debian's Chromium for the browser test (no browser download); skipped with a note where it cannot be installed
 browser:

@@ -40,17 +40,27 @@ def _ui_hints(settings: Settings) -> list[str]:
 
 
 def run(name: str, conf: dict, rows: int | None) -> int:
-    """Run the pipeline's DAG once with `airflow dags test` (a real DagRun in the metadata DB)."""
+    """Run the pipeline's DAG once with `airflow dags test` (a real DagRun in the metadata DB).
+
+    Works from any shell or cron: Airflow is the one beside this interpreter, the checkout's keys are loaded
+    (`lepton_tasks.home`), and the metadata DB is migrated first (a no-op when it is current)."""
     from lepton_tasks.demo_data import ensure_example_data
+    from lepton_tasks.home import airflow_command, checkout_env
 
     settings = Settings.from_env()
     loaded = find_spec(name)
     parse_params(conf, loaded.spec.run_defaults())  # fail here, naming the param, before Airflow starts
     if "source_uri" not in conf:
         ensure_example_data(loaded.name, settings.data_root, rows)
+    env = checkout_env()
+    migrated = subprocess.run([airflow_command(), "db", "migrate"], env=env, capture_output=True, text=True)
+    if migrated.returncode != 0:
+        print(f"airflow db migrate failed:\n{migrated.stdout[-2000:]}{migrated.stderr[-2000:]}")
+        return migrated.returncode
     started = time.time()
     logical_date = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    code = subprocess.call(["airflow", "dags", "test", loaded.name, logical_date, "-c", json.dumps(conf)])
+    code = subprocess.call([airflow_command(), "dags", "test", loaded.name, logical_date, "-c", json.dumps(conf)],
+                           env=env)
     report = _newest_report(settings, loaded.name, started)
     if report is None:
         print(f"no report.json was written under {settings.data_root / loaded.name} (airflow exited {code})")
@@ -119,10 +129,11 @@ def _parser() -> argparse.ArgumentParser:
 def services_up() -> int:
     """Start the production profile with bundled demo data in place; print the URLs and the login."""
     from lepton_tasks import services
-    from lepton_tasks.demo_data import ensure_example_data
+    from lepton_tasks.demo_data import EXAMPLES, ensure_example_data
 
     profile = services.Profile.from_env()
-    ensure_example_data(DEFAULT_PIPELINE, profile.data_root, None)
+    for example in EXAMPLES:  # every bundled pipeline runs from the UI with its defaults
+        ensure_example_data(example, profile.data_root, None)
     urls = services.up(profile)
     print(f"Airflow UI:     {urls['airflow']}  (user {urls['username']}, password in {urls['password_file']})")
     print(f"MLflow UI:      {urls['mlflow']}")

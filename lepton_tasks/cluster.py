@@ -2,8 +2,13 @@
 
 Order of choice (`dask_client`):
 1. an external scheduler (`tcp://...`): the Airflow connection `dask_default`, or `LEPTON_DASK_ADDRESS`;
-2. `dask_cuda.LocalCUDACluster` (one worker per GPU) when NVML sees a GPU;
-3. `distributed.LocalCluster` otherwise; the fallback is logged.
+2. `dask_cuda.LocalCUDACluster` (one worker per GPU) when torch itself can use a CUDA device;
+3. `distributed.LocalCluster` otherwise, one worker per shard up to the cores; the fallback is logged.
+
+Faults (`recovering`): a lost worker is Dask's to handle (it reschedules, or recomputes a lost result, which the
+stages make cheap by reading back what was already written). A lost scheduler cancels every future; the stage
+body is then run again once the client has reconnected and a worker has joined, and a cluster that does not
+come back within LEPTON_DASK_RECOVERY_S becomes a retryable ClusterError for Airflow's retry.
 
 Why a helper process: under Airflow's scheduler a task process is started from the `airflow` entry point, and
 Dask's default `spawn` start method re-imports that entry point in every new worker, which then crashes on its
@@ -22,15 +27,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from lepton_tasks.config import DASK_CONN_ID, Settings, airflow_connection
+from lepton_tasks.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120
+T = TypeVar("T")
 
 # Worker settings for training speed, measured with bench/stages.py's train benchmark on this CPU:
 # - Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker; any explicit value turns off glibc's adaptive
@@ -38,12 +46,25 @@ START_TIMEOUT_S = 120
 #   without it; memory still goes back to the OS when the worker exits.
 # - the statistical profiler samples every thread's stack every 10 ms under the GIL, which a Python-level
 #   training loop of small batches feels; off (the dashboard's profile page stays empty).
-WORKER_DASK_CONFIG = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None}},
+# - MKL_CBWR=AUTO,STRICT: MKL's results stop depending on buffer alignment, part of the determinism policy (see
+#   `train`); no measurable cost for these models.
+WORKER_DASK_CONFIG = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None,
+                                                                      "MKL_CBWR": "AUTO,STRICT"}},
                                       "worker": {"profile": {"enabled": False}}}}
 
 
 def gpu_count() -> int:
-    """GPUs visible through NVML; 0 when there is no driver or no device."""
+    """CUDA devices torch itself can use: 0 with a CPU build of torch, without a driver or without a device."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken driver or CUDA runtime: no usable GPU
+        return 0
+
+
+def nvml_gpu_count() -> int:
+    """GPUs the driver reports through NVML, whether or not torch can use them."""
     try:
         import pynvml
 
@@ -54,6 +75,10 @@ def gpu_count() -> int:
             pynvml.nvmlShutdown()
     except Exception:  # no library, no driver, no device: all mean "no GPU" here
         return 0
+
+
+def _cpu_workers(wanted: int | None) -> int:
+    return max(1, min(wanted or 1, os.cpu_count() or 1))
 
 
 def external_scheduler_address(settings: Settings) -> str | None:
@@ -77,11 +102,16 @@ def make_local_cluster(n_workers: int | None, threads_per_worker: int):
                                     dashboard_address=":0"), "LocalCUDACluster"
         except Exception as err:  # an NVML or CUDA error: run on CPU rather than not at all
             log.warning("LocalCUDACluster failed (%s); falling back to a CPU LocalCluster", err)
+    elif nvml_gpu_count():
+        import torch
+
+        log.warning("the driver reports %d GPU(s) but torch %s cannot use them (a CPU build?): training on the CPU; "
+                    "`make setup` on this machine installs the CUDA build", nvml_gpu_count(), torch.__version__)
     else:
-        log.info("no GPU visible through NVML: using a CPU LocalCluster")
+        log.info("no GPU usable by torch: using a CPU LocalCluster")
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=n_workers or 1, threads_per_worker=threads_per_worker, processes=True,
+    return LocalCluster(n_workers=_cpu_workers(n_workers), threads_per_worker=threads_per_worker, processes=True,
                         dashboard_address=":0"), "LocalCluster"
 
 
@@ -91,7 +121,7 @@ def _default_workers(wanted: int | None, settings: Settings) -> int | None:
         return settings.dask_workers
     if gpu_count():
         return None
-    return max(1, min(wanted or 1, os.cpu_count() or 1))
+    return _cpu_workers(wanted)
 
 
 @contextmanager
@@ -102,7 +132,11 @@ def dask_client(settings: Settings, wanted_workers: int | None = None) -> Iterat
     address = external_scheduler_address(settings)
     if address:
         log.info("using the external Dask scheduler at %s", address)
-        with Client(address, timeout=f"{START_TIMEOUT_S}s") as client:
+        try:
+            client = Client(address, timeout=f"{START_TIMEOUT_S}s")
+        except (OSError, TimeoutError) as err:
+            raise ClusterError(f"no Dask scheduler answers at {address} (connection '{DASK_CONN_ID}'): {err}") from err
+        with client:
             yield client
         return
     with _local_cluster_process(_default_workers(wanted_workers, settings)) as scheduler_file:
@@ -112,6 +146,52 @@ def dask_client(settings: Settings, wanted_workers: int | None = None) -> Iterat
             log.info("%s with %d worker(s) at %s (dashboard %s)", info["kind"], info["n_workers"],
                      info["address"], info.get("dashboard_link"))
             yield client
+
+
+def is_cluster_fault(err: BaseException) -> bool:
+    """Whether `err` is the cluster failing (scheduler connection lost, futures cancelled, a comm closed), not
+    the work itself raising."""
+    from concurrent.futures import CancelledError
+
+    return isinstance(err, (CancelledError, OSError, TimeoutError, ClusterError))
+
+
+def recovering(client, what: str, body: Callable[[int], T], timeout_s: float | None = None) -> T:
+    """`body(attempt)`, called again (attempt 1, 2, ...) whenever the cluster fails under it, once the client has
+    reconnected and a worker has joined; a ClusterError (retryable) when it has not within `timeout_s`.
+
+    `body` must be idempotent: it starts from what earlier attempts wrote, never from their futures."""
+    timeout_s = Settings.from_env().dask_recovery_s if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        try:
+            return body(attempt)
+        except Exception as err:
+            if not is_cluster_fault(err):
+                raise
+            log.warning("%s: the Dask cluster failed under it (%s: %s); waiting up to %.0fs for it to come back",
+                        what, type(err).__name__, str(err).splitlines()[0] if str(err) else "", timeout_s)
+            _wait_until_usable(client, deadline, what, err)
+            attempt += 1
+            log.warning("%s: the cluster is back (%d worker(s)); attempt %d resumes from what was written", what,
+                        len(client.scheduler_info(n_workers=-1)["workers"]), attempt + 1)
+
+
+def _wait_until_usable(client, deadline: float, what: str, cause: BaseException) -> None:
+    """Block until the client is connected with at least one worker; ClusterError at `deadline`."""
+    while time.monotonic() < deadline:
+        if client.status in ("closing", "closed"):
+            break  # it gave up reconnecting: only a new client (Airflow's retry) can go on
+        try:
+            if client.status == "running" and client.scheduler_info(n_workers=-1)["workers"]:
+                return
+        except Exception:  # still reconnecting
+            pass
+        time.sleep(0.5)
+    raise ClusterError(f"{what}: the Dask cluster at {client.scheduler.address if client.scheduler else '?'} did "
+                       f"not come back with a worker in time ({type(cause).__name__}: {cause}); Airflow's retry "
+                       "resumes from the outputs already written") from cause
 
 
 @contextmanager

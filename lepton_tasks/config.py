@@ -101,6 +101,7 @@ def airflow_param_specs(defaults: RunParams) -> dict[str, dict[str, Any]]:
 
 
 DEFAULT_VALIDATE_MEMORY_BYTES = 2 << 30
+DEFAULT_DASK_RECOVERY_S = 180.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,12 @@ class Settings:
     dask_workers: int | None  # None: one per shard, capped by cores (CPU) or one per GPU
     # A stage whose decoded size is over this is validated partition by partition on Dask, not in one frame
     validate_memory_bytes: int = DEFAULT_VALIDATE_MEMORY_BYTES
+    # How long a stage waits for a failed Dask cluster (scheduler restarted, every worker gone) to come back
+    # before it fails with a retryable error (Airflow's retry then resumes from what was written)
+    dask_recovery_s: float = DEFAULT_DASK_RECOVERY_S
+    # Threads each shard trains with: part of the determinism policy (bit-equal weights for a fixed count, see
+    # `train`); Dask's parallelism is across shards
+    train_threads: int = 1
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -123,6 +130,8 @@ class Settings:
             dask_address=os.environ.get("LEPTON_DASK_ADDRESS"),
             dask_workers=int(workers) if workers else None,
             validate_memory_bytes=int(os.environ.get("LEPTON_VALIDATE_MEMORY_BYTES", DEFAULT_VALIDATE_MEMORY_BYTES)),
+            dask_recovery_s=float(os.environ.get("LEPTON_DASK_RECOVERY_S", DEFAULT_DASK_RECOVERY_S)),
+            train_threads=int(os.environ.get("LEPTON_TRAIN_THREADS", 1)),
         )
 
     def local_mlflow_uri(self) -> str:

@@ -37,6 +37,13 @@ class IntegrityError(LeptonError):
     """An artifact does not match the checksum its manifest recorded."""
 
 
+class ClusterError(LeptonError):
+    """The Dask cluster failed under a stage (scheduler lost or restarted, no worker left) and did not come back
+    in time; Airflow's retry resumes from what was written."""
+
+    retryable = True
+
+
 class RegistryError(LeptonError):
     """MLflow was unreachable, or refused or lost part of the registration."""
 

@@ -62,6 +62,8 @@ def list_source_files(uri: str, fmt: str | None = None) -> tuple[object, list[st
     try:
         if any(ch in path for ch in "*?["):
             candidates = fs.glob(path)
+            if not candidates:
+                raise BadSource(f"no file matches '{uri}'")
         elif fs.isdir(path):
             candidates = [p for p in fs.find(path) if not Path(p).name.startswith((".", "_"))]
         elif fs.exists(path):

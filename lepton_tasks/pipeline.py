@@ -154,7 +154,7 @@ def ingest(ctx: RunContext) -> dict:
 
 def validate(ctx: RunContext, ingested: dict) -> dict:
     from lepton_tasks import validate as stage
-    from lepton_tasks.cluster import dask_client
+    from lepton_tasks.cluster import dask_client, recovering
     from lepton_tasks.storage import decoded_bytes
 
     def body():
@@ -166,7 +166,7 @@ def validate(ctx: RunContext, ingested: dict) -> dict:
         log.info("the stage decodes to %.1f GiB, over LEPTON_VALIDATE_MEMORY_BYTES (%.1f GiB): validating it "
                  "partition by partition on Dask", size / 2**30, ctx.settings.validate_memory_bytes / 2**30)
         with dask_client(ctx.settings) as client:
-            return run(client=client)
+            return recovering(client, "validate", lambda attempt: run(client=client))
 
     return _run_stage(ctx, "validate", body,
                       lambda m: {k: m[k] for k in ("suite", "evaluated", "passed", "failed", "docs_index",
@@ -175,12 +175,13 @@ def validate(ctx: RunContext, ingested: dict) -> dict:
 
 def shard(ctx: RunContext, validated: dict) -> dict:
     from lepton_tasks import shard as stage
-    from lepton_tasks.cluster import dask_client
+    from lepton_tasks.cluster import dask_client, recovering
 
     def body():
         with dask_client(ctx.settings, ctx.params.num_shards) as client:
-            return stage.shard(validated["parts"], ctx.stage_dir("shard"), ctx.params.num_shards,
-                               ctx.params.eval_fraction, ctx.params.seed, ctx.spec, client)
+            return recovering(client, "shard", lambda attempt: stage.shard(
+                validated["parts"], ctx.stage_dir("shard"), ctx.params.num_shards, ctx.params.eval_fraction,
+                ctx.params.seed, ctx.spec, client))
 
     return _run_stage(ctx, "shard", body, lambda m: {
         "shard_rows": {s["name"]: s["rows"] for s in m["shards"]}, "eval_rows": m["eval"]["rows"]})
@@ -193,7 +194,7 @@ def train(ctx: RunContext, shards: dict) -> dict:
     def body():
         with dask_client(ctx.settings, ctx.params.num_shards) as client:
             manifest = stage.train(shards["shards"], shards["encoder"], _shape(ctx, shards), ctx.params,
-                                   ctx.stage_dir("train"), client)
+                                   ctx.stage_dir("train"), client, ctx.settings.train_threads)
             manifest.dashboard_link = client.dashboard_link
             return manifest
 

@@ -57,6 +57,7 @@ class RegisterManifest:
     model_version: str
     aliases: list[str] = field(default_factory=list)
     champion_before: str | None = None
+    promotion: dict = field(default_factory=dict)  # promotion.json: the comparison, its outcome and reason
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,16 +225,9 @@ def _register_version(client, model_name: str, model_uri: str, run_id: str, reco
     return version
 
 
-def _champion_score(champion, metric: str) -> float | None:
-    """The champion's recorded score on `metric`, or None when it was scored on another metric."""
-    if champion.tags.get(TAG_METRIC, "accuracy") != metric or TAG_SCORE not in champion.tags:
-        return None
-    return float(champion.tags[TAG_SCORE])
-
-
-def _champion_on_this_data(client, champion, record: RunRecord, metric: str) -> float | None:
+def _champion_on_this_data(client, champion, record: RunRecord, metric: str) -> tuple[float | None, str | None]:
     """The champion re-scored on this run's held-out rows, with its own encoder and weights (safetensors: no
-    pickle); None when its artifacts are missing or its columns no longer fit the data."""
+    pickle), or (None, why) when its artifacts are missing or its columns no longer fit the data."""
     import json
     import tempfile
 
@@ -252,49 +246,62 @@ def _champion_on_this_data(client, champion, record: RunRecord, metric: str) -> 
             shape = model_shape(encoder, params["model_kind"], int(params["hidden_size"]))
             model = load_model(shape, load_checkpoint(Path(weights))[0])
             features, targets = load_xy(record.shards["eval"]["files"], encoder)
-            return evaluate(model, shape, features, targets)[metric]
-    except Exception as err:  # an older champion, or another schema: fall back to its recorded score
+            return evaluate(model, shape, features, targets)[metric], None
+    except Exception as err:  # an older champion, or another schema: no comparison, so no promotion
         log.warning("could not re-score champion version %s on this run's held-out rows: %s", champion.version, err)
-        return None
+        return None, f"{type(err).__name__}: {err}"
 
 
-def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: str) -> tuple[list[str], str | None]:
-    """`candidate` always; `champion` only if this version scores at least as well as the current champion on
-    the same held-out rows. The comparison is recorded in the run (metric, tag and promotion.json)."""
+PROMOTED, KEPT, NOT_COMPARED = "promoted", "kept_champion", "not_compared"  # tag lepton.promotion
+
+
+def _current_champion(client, model_name: str):
+    """The version holding `champion`, or None when the model has no champion yet. Any other failure (the
+    registry unreachable, say) propagates: the gate fails closed."""
+    version = client.get_registered_model(model_name).aliases.get(CHAMPION)
+    return None if version is None else client.get_model_version(model_name, str(version))
+
+
+def _compare(client, champion, version, record: RunRecord) -> dict:
+    """Whether this version may take `champion`: only when it is the first, or when it scores at least as well
+    as the champion re-scored on this run's held-out rows. No comparison on the same rows, no promotion."""
     metric = record.merge["metric"]
     score = record.merge["merged_metrics"][metric]
-    client.set_registered_model_alias(model_name, CANDIDATE, version.version)
-    try:
-        champion = client.get_model_version_by_alias(model_name, CHAMPION)
-    except Exception:  # no champion yet
-        champion = None
-    before = champion.version if champion else None
     comparison = {"metric": metric, "candidate_version": str(version.version), "candidate_score": score,
                   "eval_rows": record.merge["eval_rows"], "eval_sha256": record.shards["eval"]["sha256"],
-                  "champion_version": str(before) if before else None}
-    if champion is None or str(champion.version) == str(version.version):
-        promote, comparison["reason"] = True, "no other champion"
-    else:
-        same_data = _champion_on_this_data(client, champion, record, metric)
-        recorded = _champion_score(champion, metric)
-        best = same_data if same_data is not None else recorded
-        comparison.update(champion_score_same_data=same_data, champion_score_recorded=recorded)
-        promote = best is None or at_least_as_good(metric, score, best)
-        comparison["reason"] = "compared on this run's held-out rows" if same_data is not None else (
-            "compared with the champion's recorded score" if recorded is not None else "champion has no score")
-        if same_data is not None:
-            _log_metrics(client, run_id, {f"champion_eval_{metric}": same_data})
-    comparison["promoted"] = promote
+                  "champion_version": str(champion.version) if champion else None}
+    if champion is None:
+        return {**comparison, "outcome": PROMOTED, "reason": "no champion yet: the first one of this model"}
+    if str(champion.version) == str(version.version):
+        return {**comparison, "outcome": PROMOTED, "reason": "already champion (a retry of this registration)"}
+    same_data, why_not = _champion_on_this_data(client, champion, record, metric)
+    comparison["champion_score_same_data"] = same_data
+    if same_data is None:
+        return {**comparison, "outcome": NOT_COMPARED,
+                "reason": f"champion version {champion.version} could not be re-scored on this run's held-out rows "
+                          f"({why_not}): not promoted without a comparison on the same rows"}
+    better = at_least_as_good(metric, score, same_data)
+    return {**comparison, "outcome": PROMOTED if better else KEPT,
+            "reason": f"{metric} {score:.4f} vs champion {same_data:.4f} on this run's held-out rows"}
+
+
+def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: str) -> tuple[list[str], dict]:
+    """`candidate` always; `champion` only as `_compare` decides. The comparison is recorded in the run (tag
+    `lepton.promotion`, metric, promotion.json) and returned for the report."""
+    client.set_registered_model_alias(model_name, CANDIDATE, version.version)
+    champion = _current_champion(client, model_name)
+    comparison = _compare(client, champion, version, record)
+    comparison["promoted"] = comparison["outcome"] == PROMOTED
+    if comparison.get("champion_score_same_data") is not None:
+        _log_metrics(client, run_id, {f"champion_eval_{comparison['metric']}": comparison["champion_score_same_data"]})
     client.log_dict(run_id, comparison, "promotion.json")
-    client.set_tag(run_id, "lepton.promotion", "promoted" if promote else "kept_champion")
-    if promote:
+    client.set_tag(run_id, "lepton.promotion", comparison["outcome"])
+    if comparison["promoted"]:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
-        log.info("champion -> version %s (was %s): %s", version.version, before, comparison["reason"])
-    else:
-        log.info("champion stays at version %s: %s %.4f vs candidate %.4f", before, metric,
-                 comparison.get("champion_score_same_data") or comparison.get("champion_score_recorded"), score)
+    log.info("champion %s version %s (was %s): %s", "->" if comparison["promoted"] else "stays, not",
+             version.version, comparison["champion_version"], comparison["reason"])
     aliases = client.get_model_version(model_name, version.version).aliases
-    return sorted(aliases), before
+    return sorted(aliases), comparison
 
 
 def _limit_mlflow_retries() -> None:
@@ -344,7 +351,7 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
                             f"{err}") from err
     try:
         version = _log_and_register(client, experiment_id, run_id, record, model_name, eval_features)
-        aliases, before = _move_aliases(client, model_name, version, record, run_id)
+        aliases, promotion = _move_aliases(client, model_name, version, record, run_id)
         client.set_tag(run_id, TAG_COMPLETE, "true")
         client.set_terminated(run_id, "FINISHED")
     except Exception as err:
@@ -354,7 +361,8 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
             pass
         raise RegistryError(f"registering in MLflow at {where} failed (run {run_id}): {type(err).__name__}: "
                             f"{err}") from err
-    return RegisterManifest(where, experiment_id, run_id, model_name, str(version.version), aliases, before)
+    return RegisterManifest(where, experiment_id, run_id, model_name, str(version.version), aliases,
+                            promotion["champion_version"], promotion)
 
 
 def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord, model_name: str, eval_features):

@@ -3,7 +3,9 @@
 - Airflow 3 (api-server, scheduler, dag-processor, triggerer; LocalExecutor, preloading the stage libraries) on a
   PostgreSQL database;
 - an MLflow tracking server on a PostgreSQL database, artifacts in `{state}/mlartifacts`;
-- a Dask cluster: `dask scheduler` and `dask worker` processes (`dask cuda worker` where GPUs exist);
+- a Dask cluster: a `dask scheduler` and one `dask worker` process per worker (`dask cuda worker` where torch can
+  use a GPU), each kept running by `lepton_tasks.supervisor` (a worker exits for good when it loses its
+  scheduler; a scheduler that dies comes back at the same address);
 - with LEPTON_EXECUTOR=CeleryExecutor, an `airflow celery worker` on the Redis broker LEPTON_CELERY_BROKER_URL
   (default the local Redis), results in the Airflow database.
 
@@ -37,7 +39,7 @@ from lepton_tasks.errors import LeptonError
 BIN = Path(sys.executable).parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 AIRFLOW_PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
-BACKING_SERVICES = ("mlflow", "dask-scheduler", "dask-worker")  # stopped after Airflow
+BACKING_PREFIXES = ("mlflow", "dask-")  # stopped after Airflow
 START_TIMEOUT_S = 180
 
 
@@ -57,7 +59,7 @@ class Profile:
     mlflow_port: int = 5000
     dask_port: int = 8786
     dashboard_port: int = 8787
-    dask_workers: int = 2
+    dask_workers: int = 0  # 0: one per core
     executor: str = PRELOADING_EXECUTOR  # or CeleryExecutor: adds an `airflow celery worker` on the Redis broker
     celery_broker_url: str = "redis://127.0.0.1:6379/0"
 
@@ -72,7 +74,7 @@ class Profile:
                    mlflow_port=int(env("LEPTON_MLFLOW_PORT", 5000)),
                    dask_port=int(env("LEPTON_DASK_PORT", 8786)),
                    dashboard_port=int(env("LEPTON_DASK_DASHBOARD_PORT", 8787)),
-                   dask_workers=int(env("LEPTON_DASK_WORKERS", 2)),
+                   dask_workers=int(env("LEPTON_DASK_WORKERS", 0)),
                    executor=env("LEPTON_EXECUTOR", PRELOADING_EXECUTOR),
                    celery_broker_url=env("LEPTON_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
 
@@ -175,17 +177,27 @@ def service_env(profile: Profile) -> dict[str, str]:
     return env
 
 
+def dask_commands(profile: Profile) -> dict[str, list[str]]:
+    """The Dask scheduler and worker processes, each under the supervisor, by name."""
+    supervised = [sys.executable, "-m", "lepton_tasks.supervisor", "--"]
+    scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(profile.dask_port),
+                 "--dashboard-address", f"127.0.0.1:{profile.dashboard_port}"]
+    if gpu_count():
+        workers = {"dask-worker": [str(BIN / "dask"), "cuda", "worker", profile.dask_address, "--host", "127.0.0.1"]}
+    else:  # one process per worker: losing one (its nanny and all) leaves the others working
+        count = profile.dask_workers or os.cpu_count() or 1
+        workers = {f"dask-worker-{i}": [str(BIN / "dask"), "worker", profile.dask_address, "--nthreads", "1",
+                                        "--host", "127.0.0.1", "--name", f"worker-{i}"] for i in range(1, count + 1)}
+    return {name: [*supervised, *command] for name, command in {"dask-scheduler": scheduler, **workers}.items()}
+
+
 def commands(profile: Profile) -> dict[str, list[str]]:
     """Each service's command line, by name (the order they start in)."""
-    worker = ["dask", "cuda", "worker"] if gpu_count() else ["dask", "worker", "--nworkers", str(profile.dask_workers),
-                                                             "--nthreads", "1"]
     return {
         "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(profile.mlflow_port),
                    "--workers", "2", "--backend-store-uri", profile.database_url("mlflow"),
                    "--artifacts-destination", str(profile.state / "mlartifacts")],
-        "dask-scheduler": [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(profile.dask_port),
-                           "--dashboard-address", f"127.0.0.1:{profile.dashboard_port}"],
-        "dask-worker": [str(BIN / worker[0]), *worker[1:], profile.dask_address, "--host", "127.0.0.1"],
+        **dask_commands(profile),
         **{name: [str(BIN / "airflow"), name] for name in AIRFLOW_PROCESSES},
         **({"celery-worker": [str(BIN / "airflow"), "celery", "worker"]} if profile.executor == "CeleryExecutor"
            else {}),
@@ -281,7 +293,7 @@ def running(profile: Profile) -> dict[str, int]:
 def down(profile: Profile, timeout: float = 30) -> list[str]:
     """Stop every service (its whole process group), Airflow first; return the names stopped."""
     alive = running(profile)
-    for name in sorted(alive, key=lambda n: n in BACKING_SERVICES):
+    for name in sorted(alive, key=lambda n: n.startswith(BACKING_PREFIXES)):
         try:
             os.killpg(alive[name], signal.SIGTERM)
         except ProcessLookupError:

@@ -2,19 +2,29 @@
 
 Round r starts every shard from the same weights (the seeded init, then the previous round's merge), trains
 `local_epochs` on the shard the worker reads itself, and writes a safetensors checkpoint whose metadata records
-what it was made from. A retried task finds those checkpoints and trains only what is missing.
+what it was made from: the start weights, the params, and the checksums of the shard's data and of the encoder.
+A retried task, or Dask recomputing a result lost with its worker, finds those checkpoints and trains only what
+is missing; a checkpoint made from other data is never reused.
+
+Determinism policy: the same data, params and seed give bit-equal weights on the CPU for a fixed thread count
+(`LEPTON_TRAIN_THREADS`, default 1; MKL in its alignment-independent mode on Lepton's workers), and on a GPU with
+PyTorch's deterministic algorithms on the same GPU model, driver and torch. Resumes, recomputed shards and
+concurrent runs are held to exactly that (tests compare bits).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from lepton_tasks.cluster import recovering
+from lepton_tasks.config import stable_json
 from lepton_tasks.errors import TrainingError
 from lepton_tasks.features import Encoder
 from lepton_tasks.merge import fedavg_files
@@ -64,10 +74,21 @@ class ShardJob:
     batch_size: int
     seed: int
     params_digest: str
+    data_sha256: str  # the shard's Parquet files, from the shard manifest
+    threads: int = 1  # torch threads: the determinism policy holds for a fixed count
 
     def metadata(self) -> dict[str, str]:
+        """What the checkpoint was made from; a checkpoint is reused only when all of it matches."""
         return {"shard": self.shard, "round": str(self.round), "rows": str(self.rows),
-                "start_sha256": self.start["sha256"], "params_digest": self.params_digest}
+                "start_sha256": self.start["sha256"], "params_digest": self.params_digest,
+                "data_sha256": self.data_sha256, "encoder_sha256": encoder_digest(self.encoder),
+                "threads": str(self.threads)}
+
+
+def encoder_digest(encoder: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(stable_json(encoder).encode()).hexdigest()
 
 
 def _report_progress(message: dict) -> None:
@@ -101,12 +122,27 @@ def _fit(job: ShardJob, x: torch.Tensor, y: torch.Tensor, batch_size: int, devic
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, epochs
 
 
+def _deterministic(device: torch.device, threads: int) -> None:
+    """The determinism policy, applied in the process that trains (see the module docstring)."""
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with this
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+
+
 def train_shard(job: ShardJob) -> dict:
     """Train one shard from `job.start` and save its checkpoint; runs on a Dask worker.
 
-    On GPU out-of-memory the shard starts again with half the batch size (said in the log), down to 1.
+    A checkpoint already written for exactly this job is returned instead (a result lost with its worker is
+    recomputed by Dask in milliseconds). On GPU out-of-memory the shard starts again with half the batch size
+    (said in the log), down to 1.
     """
+    done = finished_checkpoint(job)
+    if done is not None:
+        return done
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _deterministic(device, job.threads)
     x, y = (t.to(device) for t in load_xy(job.files, job.encoder))  # the shard stays on the device
     batch_size = job.batch_size
     while True:
@@ -122,9 +158,10 @@ def train_shard(job: ShardJob) -> dict:
             _report_progress({"shard": job.shard, "round": job.round, "warning": "gpu_oom",
                               "batch_size": batch_size // 2})
             batch_size //= 2
-    sha = save_checkpoint(Path(job.out_path), state, {**job.metadata(), "epochs": json.dumps(epochs)})
+    sha = save_checkpoint(Path(job.out_path), state,
+                          {**job.metadata(), "epochs": json.dumps(epochs), "device": str(device)})
     return {"shard": job.shard, "round": job.round, "path": job.out_path, "sha256": sha, "rows": job.rows,
-            "epochs": epochs, "resumed": False}
+            "epochs": epochs, "resumed": False, "device": str(device)}
 
 
 def finished_checkpoint(job: ShardJob) -> dict | None:
@@ -139,7 +176,8 @@ def finished_checkpoint(job: ShardJob) -> dict | None:
     if any(meta.get(k) != v for k, v in job.metadata().items()):
         return None
     return {"shard": job.shard, "round": job.round, "path": str(path), "sha256": sha256_file(path),
-            "rows": job.rows, "epochs": json.loads(meta.get("epochs", "[]")), "resumed": True}
+            "rows": job.rows, "epochs": json.loads(meta.get("epochs", "[]")), "resumed": True,
+            "device": meta.get("device", "unknown")}
 
 
 @dataclass
@@ -167,25 +205,48 @@ class TrainManifest:
 def _run_round(jobs: list[ShardJob], client) -> list[dict]:
     """Train the jobs without a finished checkpoint on the cluster; keep the order of `jobs`.
 
-    Dask reschedules a shard whose worker died; one that keeps killing workers ends, after the scheduler's
+    A worker lost mid-shard: Dask reschedules the shard. A result lost with its worker: Dask recomputes it, which
+    reads the checkpoint back. The scheduler lost: the round starts again from the checkpoints on disk once the
+    cluster is back (`recovering`). A shard that keeps killing its workers ends, after the scheduler's
     `allowed-failures`, as a TrainingError naming it (shards that finished keep their checkpoints).
     """
-    from distributed import wait
+    return recovering(client, f"train round {jobs[0].round}", lambda attempt: _attempt_round(jobs, client, attempt))
 
+
+def _attempt_round(jobs: list[ShardJob], client, attempt: int) -> list[dict]:
     results = {job.shard: finished_checkpoint(job) for job in jobs}
     todo = [job for job in jobs if results[job.shard] is None]
     for job in jobs:
         if results[job.shard] is not None:
             log.info("round %d %s: resumed from %s", job.round, job.shard, job.out_path)
     check_memory(todo, client)
-    futures = [client.submit(train_shard, job, pure=False, key=f"train-r{job.round}-{job.shard}-{job.params_digest}")
-               for job in todo]
-    wait(futures)
-    for job, future in zip(todo, futures, strict=True):
-        if future.status != "finished":
-            raise TrainingError(_failure(job, future.exception())) from future.exception()
-        results[job.shard] = future.result()
+    futures = [client.submit(train_shard, job, pure=False,
+                             key=f"train-r{job.round}-{job.shard}-{job.params_digest}-a{attempt}") for job in todo]
+    try:
+        for job, future in zip(todo, futures, strict=True):
+            results[job.shard] = _outcome(job, future)
+    except BaseException:
+        _cancel_quietly(client, futures)  # the next attempt must not race a stale one for the same file
+        raise
     return [results[job.shard] for job in jobs]
+
+
+def _outcome(job: ShardJob, future) -> dict:
+    """The shard's result; waits through Dask rescheduling or recomputing it. The shard's own failure becomes a
+    TrainingError; a cancelled future (the scheduler was lost) is re-raised for `recovering`."""
+    try:
+        return future.result()
+    except Exception as err:
+        if future.status == "error":  # raised by train_shard itself, or KilledWorker
+            raise TrainingError(_failure(job, err)) from err
+        raise
+
+
+def _cancel_quietly(client, futures: list) -> None:
+    try:
+        client.cancel(futures)
+    except Exception as err:  # the scheduler is gone: nothing left to cancel
+        log.debug("could not cancel stale futures: %s", err)
 
 
 def _failure(job: ShardJob, err: BaseException) -> str:
@@ -232,8 +293,10 @@ def _log_progress(event) -> None:
              msg["seconds"])
 
 
-def train(shards: list[dict], encoder: dict, shape: ModelShape, params, stage_dir: Path, client) -> TrainManifest:
-    """Run `params.merge_rounds` rounds over `shards` (ShardInfo dicts) on the Dask `client`."""
+def train(shards: list[dict], encoder: dict, shape: ModelShape, params, stage_dir: Path, client,
+          threads: int = 1) -> TrainManifest:
+    """Run `params.merge_rounds` rounds over `shards` (ShardInfo dicts) on the Dask `client`, each shard trained
+    with `threads` torch threads."""
     stage_dir = Path(stage_dir)
     init_path = stage_dir / "init.safetensors"
     init_sha = save_checkpoint(init_path, init_weights(shape, params.seed), {"seed": str(params.seed)})
@@ -242,18 +305,25 @@ def train(shards: list[dict], encoder: dict, shape: ModelShape, params, stage_di
     client.subscribe_topic(PROGRESS_TOPIC, _log_progress)
     try:
         for rnd in range(1, params.merge_rounds + 1):
-            jobs = [_job(s, rnd, encoder, shape, start, stage_dir, params) for s in shards]
+            jobs = [_job(s, rnd, encoder, shape, start, stage_dir, params, threads) for s in shards]
             manifest.rounds.append(_run_round(jobs, client))
             if rnd < params.merge_rounds:
                 merged = stage_dir / f"round-{rnd:02d}" / "merged.safetensors"
                 start = {"path": str(merged),
                          "sha256": fedavg_files(manifest.rounds[-1], merged, {"round": str(rnd)})}
     finally:
-        client.unsubscribe_topic(PROGRESS_TOPIC)
+        _unsubscribe_quietly(client)
     return manifest
 
 
-def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, params) -> ShardJob:
+def _unsubscribe_quietly(client) -> None:
+    try:
+        client.unsubscribe_topic(PROGRESS_TOPIC)
+    except Exception as err:  # the scheduler went away with the subscription
+        log.debug("could not unsubscribe from %s: %s", PROGRESS_TOPIC, err)
+
+
+def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, params, threads: int = 1) -> ShardJob:
     index = int(shard["name"].rsplit("-", 1)[-1])
     return ShardJob(
         shard=shard["name"], round=rnd, files=shard["files"], rows=shard["rows"], encoder=encoder,
@@ -261,4 +331,5 @@ def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, pa
         out_path=str(stage_dir / f"round-{rnd:02d}" / f"{shard['name']}.safetensors"),
         epochs=params.local_epochs, learning_rate=params.learning_rate, batch_size=params.batch_size,
         seed=params.seed * 1_000_003 + rnd * 1_009 + index, params_digest=params.digest(),
+        data_sha256=shard["sha256"], threads=threads,
     )

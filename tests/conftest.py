@@ -51,15 +51,31 @@ def mnist_parquet(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def dask_client():
-    """A real two-worker Dask cluster (threads: it shares the test's imports and starts fast)."""
+    """A real two-worker Dask cluster of worker processes under nannies, configured as Lepton's own clusters."""
+    import dask
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+    from lepton_tasks.cluster import WORKER_DASK_CONFIG
+
+    with dask.config.set(_dotted(WORKER_DASK_CONFIG)), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             yield client
 
 
+def _dotted(config: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} as {"a.b": 1}: dask.config.set replaces nested dicts whole."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def has_gpu() -> bool:
+    """Whether torch itself can use a CUDA device (not merely whether the driver reports one)."""
     from lepton_tasks.cluster import gpu_count
 
     return gpu_count() > 0

@@ -1,18 +1,22 @@
 """The local cluster runs in its own process and falls back to CPU, saying so."""
 
 import logging
+import os
+
+import pytest
 
 from lepton_tasks.cluster import dask_client, gpu_count, make_local_cluster
 from lepton_tasks.config import Settings
 
 
-def test_without_a_gpu_the_cpu_cluster_is_used_and_logged(caplog):
-    if gpu_count():
-        return  # covered by tests/test_gpu.py
+@pytest.mark.skipif(gpu_count() > 0, reason="covered by tests/test_gpu.py")
+def test_without_a_gpu_torch_can_use_the_cpu_cluster_is_sized_by_cores_and_logged(caplog):
     with caplog.at_level(logging.INFO, logger="lepton_tasks.cluster"):
-        cluster, kind = make_local_cluster(1, 1)
+        cluster, kind = make_local_cluster((os.cpu_count() or 1) + 6, 1)
+        workers = len(cluster.workers)
         cluster.close()
-    assert kind == "LocalCluster" and "no GPU visible" in caplog.text
+    assert kind == "LocalCluster" and "no GPU usable by torch" in caplog.text
+    assert workers == os.cpu_count()  # more shards than cores: one worker per core, not one per shard
 
 
 def test_dask_client_starts_and_stops_a_cluster_process(tmp_path):

@@ -1,4 +1,5 @@
-"""Faults injected into real Dask workers and real processes: training survives, stops boundedly, or resumes."""
+"""Faults injected into real Dask workers, schedulers and processes: training survives, stops boundedly, or
+resumes, and the weights are bit-equal to a clean run's (the determinism policy in `lepton_tasks.train`)."""
 
 from __future__ import annotations
 
@@ -15,25 +16,32 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from lepton_tasks.config import RunParams
-from lepton_tasks.errors import TrainingError
+from lepton_tasks.errors import ClusterError, TrainingError
 from lepton_tasks.models import ModelShape, load_checkpoint
+from lepton_tasks.storage import sha256_files
 from lepton_tasks.train import PROGRESS_TOPIC, check_memory, train
 from tests.conftest import encoder_for, mnist_frame
+from tests.integration.airflow_env import free_port
 
 ENCODER = encoder_for(mnist_frame(300)).to_dict()
 SHAPE = ModelShape("mlp", 40, 10, 32)
 PARAMS = RunParams(source_uri="x", local_epochs=25, merge_rounds=1, model_kind="mlp", hidden_size=32, batch_size=32)
 
 
+def _write_shards(folder: Path, rows: list[int]) -> list[dict]:
+    """Shard records as the shard stage's manifest has them (files, rows, checksum)."""
+    made = []
+    for i, count in enumerate(rows):
+        path = folder / f"shard-{i:03d}" / "part-00000.parquet"
+        path.parent.mkdir(parents=True)
+        mnist_frame(count, seed=20 + i).to_parquet(path, index=False)
+        made.append({"name": f"shard-{i:03d}", "files": [str(path)], "rows": count, "sha256": sha256_files([path])})
+    return made
+
+
 @pytest.fixture
 def shards(tmp_path):
-    made = []
-    for i in range(2):
-        path = tmp_path / "shards" / f"shard-{i:03d}" / "part-00000.parquet"
-        path.parent.mkdir(parents=True)
-        mnist_frame(300, seed=20 + i).to_parquet(path, index=False)
-        made.append({"name": f"shard-{i:03d}", "files": [str(path)], "rows": 300})
-    return made
+    return _write_shards(tmp_path / "shards", [300, 300])
 
 
 @pytest.fixture
@@ -105,11 +113,45 @@ def test_a_shard_that_kills_every_worker_fails_boundedly_naming_it(tmp_path, sha
     client = process_cluster
     client.register_plugin(_PoisonShard("shard-001"))
     started = time.monotonic()
-    with pytest.raises(TrainingError, match=r"shard-001 \(round 1\) killed its Dask worker on every attempt"):
-        train(shards, ENCODER, SHAPE, PARAMS, tmp_path / "stage", client)
+    with pytest.raises(TrainingError, match=r"shard-001 \(round 1\) killed its Dask worker on every attempt") as err:
+        train(shards, ENCODER, SHAPE, PARAMS.model_copy(update={"merge_rounds": 2}), tmp_path / "stage", client)
+    assert not err.value.retryable  # the same data would kill the retry's workers too
     assert time.monotonic() - started < 180
-    assert not (tmp_path / "stage" / "round-01" / "shard-001.safetensors").exists()
-    assert not (tmp_path / "stage" / "round-01" / "merged.safetensors").exists()
+    round_one = tmp_path / "stage" / "round-01"
+    assert not (round_one / "shard-001.safetensors").exists()
+    assert (round_one / "shard-000.safetensors").exists()  # the healthy shard's work is kept for a resume
+    assert not (round_one / "merged.safetensors").exists()  # the round never completed: nothing was merged
+
+
+def _holder_of_finished(client, shard: str, other: str) -> str | None:
+    """The worker holding `shard`'s finished result while `other` still trains, if that moment is now."""
+    holders = [addr for key, addrs in client.who_has().items() if shard in str(key) for addr in addrs]
+    still_training = any(other in str(k) for keys in client.processing().values() for k in keys)
+    return holders[0] if holders and still_training else None
+
+
+def test_a_finished_result_lost_with_its_worker_is_read_back_not_failed(tmp_path, process_cluster):
+    """The fault that failed one `make up` run in four: a shard had finished, its result lived on the worker
+    that died, and the future was 'lost' (neither finished nor failed)."""
+    client = process_cluster
+    small_and_big = _write_shards(tmp_path / "shards", [60, 900])
+    clean = train(small_and_big, ENCODER, SHAPE, PARAMS, tmp_path / "clean", client)
+    before = _finished_epochs(client, "shard-000", PARAMS.local_epochs)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(
+        manifest=train(small_and_big, ENCODER, SHAPE, PARAMS, tmp_path / "faulty", client)))
+    runner.start()
+    deadline, holder = time.monotonic() + 120, None
+    while holder is None and time.monotonic() < deadline and runner.is_alive():
+        holder = _holder_of_finished(client, "shard-000", "shard-001")
+        time.sleep(0.02)
+    assert holder, "never saw shard-000 finished while shard-001 trained"
+    os.kill(client.run(os.getpid, workers=[holder])[holder], signal.SIGKILL)
+    runner.join(timeout=300)
+    assert "manifest" in outcome, "training did not finish after the worker holding a result was killed"
+    assert _weights(outcome["manifest"]) == _weights(clean)
+    # Dask recomputed the lost key, which read the checkpoint back instead of training the shard again
+    assert _finished_epochs(client, "shard-000", PARAMS.local_epochs) - before == 1
 
 
 def test_a_shard_too_big_for_the_workers_memory_limit_is_refused_naming_the_limit(tmp_path):
@@ -117,7 +159,7 @@ def test_a_shard_too_big_for_the_workers_memory_limit_is_refused_naming_the_limi
 
     from lepton_tasks.train import _job
 
-    huge = {"name": "shard-000", "files": [], "rows": 2_000_000}
+    huge = {"name": "shard-000", "files": [], "rows": 2_000_000, "sha256": "-"}
     job = _job(huge, 1, ENCODER, SHAPE, {"path": "-", "sha256": "-"}, tmp_path, PARAMS)
     with LocalCluster(n_workers=1, processes=False, memory_limit="256MiB", dashboard_address=":0") as cluster:
         with Client(cluster) as client:
@@ -166,3 +208,90 @@ def test_a_train_task_killed_after_a_round_resumes_without_retraining_and_ends_i
     assert _weights(resumed) == _weights(clean)
     assert torch.equal(load_checkpoint(resumed.final_round[0]["path"])[0]["net.0.weight"],
                        load_checkpoint(clean.final_round[0]["path"])[0]["net.0.weight"])
+
+
+@pytest.fixture
+def supervised_cluster(tmp_path):
+    """The Dask topology of `make up`: a `dask scheduler` and two `dask worker` processes, each under
+    `lepton_tasks.supervisor`; yields (the supervisor processes by name, a client)."""
+    from distributed import Client
+
+    from lepton_tasks.services import Profile, dask_commands
+
+    profile = Profile(tmp_path / "state", tmp_path / "data", dask_port=free_port(), dashboard_port=free_port(),
+                      dask_workers=2)
+    log = (tmp_path / "dask.log").open("w")
+    supervisors = {name: subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+                   for name, command in dask_commands(profile).items()}
+    client = Client(profile.dask_address, timeout="60s")
+    client.wait_for_workers(2, timeout=120)
+    yield supervisors, client
+    client.close()
+    for process in supervisors.values():
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+def _kill_child(supervisor: subprocess.Popen) -> int:
+    """SIGKILL the process a supervisor runs (the real `dask scheduler`); returns its pid."""
+    import psutil
+
+    [child] = psutil.Process(supervisor.pid).children()
+    child.kill()
+    return child.pid
+
+
+def _wait_for(path: Path, runner: threading.Thread, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert runner.is_alive() and time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _train_in_thread(shards: list[dict], stage: Path, params: RunParams, client) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def body() -> None:
+        try:
+            outcome["manifest"] = train(shards, ENCODER, SHAPE, params, stage, client)
+        except Exception as err:
+            outcome["error"] = err
+
+    runner = threading.Thread(target=body)
+    runner.start()
+    return runner, outcome
+
+
+def test_scheduler_restarted_mid_training_then_gone_for_good(tmp_path, shards, supervised_cluster, monkeypatch,
+                                                              caplog):
+    supervisors, client = supervised_cluster
+    params = PARAMS.model_copy(update={"local_epochs": 15, "merge_rounds": 3})
+    clean = train(shards, ENCODER, SHAPE, params, tmp_path / "clean", client)
+
+    # 1. the scheduler process dies in round 2 and its supervisor starts it again: the same call recovers
+    runner, outcome = _train_in_thread(shards, tmp_path / "restarted", params, client)
+    _wait_for(tmp_path / "restarted" / "round-01" / "merged.safetensors", runner)
+    time.sleep(0.5)
+    _kill_child(supervisors["dask-scheduler"])
+    runner.join(timeout=300)
+    assert "manifest" in outcome, f"training did not survive the scheduler restart: {outcome.get('error')!r}"
+    assert _weights(outcome["manifest"]) == _weights(clean)
+    assert "the Dask cluster failed under it" in caplog.text and "the cluster is back" in caplog.text
+
+    # 2. the scheduler goes and stays gone past the recovery window: a retryable error, and the retry resumes
+    monkeypatch.setenv("LEPTON_DASK_RECOVERY_S", "8")
+    runner, outcome = _train_in_thread(shards, tmp_path / "outage", params, client)
+    _wait_for(tmp_path / "outage" / "round-01" / "merged.safetensors", runner)
+    os.killpg(supervisors["dask-scheduler"].pid, signal.SIGKILL)  # the supervisor too: it stays down
+    runner.join(timeout=120)
+    assert isinstance(outcome.get("error"), ClusterError) and outcome["error"].retryable, outcome
+    from distributed import Client
+
+    supervisors["dask-scheduler"] = subprocess.Popen(supervisors["dask-scheduler"].args, start_new_session=True,
+                                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with Client(client.scheduler.address, timeout="60s") as retry_client:  # what Airflow's retry does
+        retry_client.wait_for_workers(1, timeout=120)
+        resumed = train(shards, ENCODER, SHAPE, params, tmp_path / "outage", retry_client)
+    assert all(c["resumed"] for c in resumed.rounds[0])
+    assert _weights(resumed) == _weights(clean)

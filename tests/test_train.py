@@ -4,6 +4,7 @@ import torch
 from lepton_tasks.config import RunParams
 from lepton_tasks.errors import IntegrityError
 from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, save_checkpoint
+from lepton_tasks.storage import sha256_files
 from lepton_tasks.train import ShardJob, finished_checkpoint, train, train_shard
 from tests.conftest import encoder_for, mnist_frame
 
@@ -17,16 +18,17 @@ def shard_files(tmp_path):
         path = tmp_path / f"shard-{i:03d}" / "part-00000.parquet"
         path.parent.mkdir()
         mnist_frame(200, seed=10 + i).to_parquet(path, index=False)
-        files.append({"name": f"shard-{i:03d}", "files": [str(path)], "rows": 200})
+        files.append({"name": f"shard-{i:03d}", "files": [str(path)], "rows": 200, "sha256": sha256_files([path])})
     return files
 
 
-def _job(tmp_path, shard, epochs=3):
+def _job(tmp_path, shard, epochs=3, encoder=ENCODER):
     shape = ModelShape("mlp", 40, 10, 32)
     start = tmp_path / "init.safetensors"
     sha = save_checkpoint(start, init_weights(shape, 0), {})
-    return ShardJob(shard["name"], 1, shard["files"], shard["rows"], ENCODER, shape,
-                    {"path": str(start), "sha256": sha}, str(tmp_path / "out.safetensors"), epochs, 0.01, 32, 5, "d")
+    return ShardJob(shard["name"], 1, shard["files"], shard["rows"], encoder, shape,
+                    {"path": str(start), "sha256": sha}, str(tmp_path / "out.safetensors"), epochs, 0.01, 32, 5,
+                    f"epochs-{epochs}", shard.get("sha256", "unknown"))
 
 
 def test_one_shard_trains_and_its_checkpoint_describes_itself(tmp_path, shard_files):
@@ -34,11 +36,29 @@ def test_one_shard_trains_and_its_checkpoint_describes_itself(tmp_path, shard_fi
     result = train_shard(job)
     losses = [e["loss"] for e in result["epochs"]]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    assert result["device"] == "cpu" and not result["resumed"]  # where it trained, said by the code that trained
     _, meta = load_checkpoint(tmp_path / "out.safetensors", result["sha256"])
     assert meta["shard"] == "shard-000" and meta["rows"] == "200" and meta["start_sha256"] == job.start["sha256"]
+    assert meta["data_sha256"] == shard_files[0]["sha256"] and meta["device"] == "cpu" and meta["threads"] == "1"
     resumed = finished_checkpoint(job)
     assert resumed["resumed"] and resumed["sha256"] == result["sha256"] and resumed["epochs"] == result["epochs"]
-    assert finished_checkpoint(_job(tmp_path / "..", shard_files[0], epochs=4)) is None  # other params: retrain
+    assert train_shard(job)["resumed"]  # a recomputed job (a result lost with its worker) reads the checkpoint
+
+
+def test_a_checkpoint_is_reused_only_for_the_same_params_data_and_encoder(tmp_path, shard_files):
+    job = _job(tmp_path, shard_files[0])
+    train_shard(job)
+    assert finished_checkpoint(job) is not None  # the same job at the same path: resumable
+    other_params = _job(tmp_path, shard_files[0], epochs=4)
+    assert other_params.out_path == job.out_path and finished_checkpoint(other_params) is None
+    # a cleared run over new data with the same row count: the shard's checksum differs, so it trains again
+    changed = mnist_frame(200, seed=99)
+    changed.to_parquet(shard_files[0]["files"][0], index=False)
+    new_data = _job(tmp_path, {**shard_files[0], "sha256": sha256_files([shard_files[0]["files"][0]])})
+    assert new_data.rows == job.rows and finished_checkpoint(new_data) is None
+    refit = encoder_for(mnist_frame(300, seed=1)).to_dict()
+    assert finished_checkpoint(_job(tmp_path, shard_files[0], encoder=refit)) is None
+    assert not train_shard(new_data)["resumed"]
 
 
 def test_a_tampered_start_checkpoint_is_refused(tmp_path, shard_files):
@@ -55,7 +75,7 @@ def _weights(checkpoints):
     return [{k: v.tolist() for k, v in state.items()} for state in states]
 
 
-def test_rounds_on_the_cluster_are_reproducible_and_resume(tmp_path, shard_files, dask_client):
+def test_rounds_on_the_cluster_are_bit_equal_and_resume(tmp_path, shard_files, dask_client):
     shape = ModelShape("mlp", 40, 10, 16)
     params = RunParams(source_uri="x", local_epochs=1, merge_rounds=2, model_kind="mlp", hidden_size=16)
     first = train(shard_files, ENCODER, shape, params, tmp_path / "a", dask_client)
