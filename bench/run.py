@@ -3,7 +3,7 @@
 Writes `bench/results/summary.json` ({"machine", "benchmarks": {NAME: {"value", "baseline", "ratio", "goal",
 "unit", "higher_is_better", "met", ...}}}), one detail file per benchmark beside it, and PNG plots. Names:
 shard, validate, train, orchestration_overhead, merge_vs_central, compression_size, compression_latency,
-scale_10x, scale_100x. `python -m bench.run NAME...` runs a subset (merged into an existing summary).
+scale_10x, scale_100x, scaffold_profile. `python -m bench.run NAME...` runs a subset (merged into an existing summary).
 CPU figures here are not GPU claims; see the README for the GPU path.
 """
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench import plots, stages, whole_run
+from bench import plots, profiling, stages, whole_run
 from bench.common import RESULTS, mnist_frame, record, write_json
 from bench.quality import merge_grid, merge_vs_central
 
@@ -87,6 +87,12 @@ def bench_orchestration(work) -> dict:
     return summary
 
 
+def bench_profile(work) -> dict:
+    summary, detail = profiling.profile_bench(work)
+    write_json("scaffold_profile.json", detail)
+    return summary
+
+
 def bench_scale(work) -> dict:
     ten, hundred, detail = whole_run.scale_bench(work)
     write_json("scale.json", detail)
@@ -96,7 +102,7 @@ def bench_scale(work) -> dict:
 
 BENCHES = {"shard": bench_shard, "validate": bench_validate, "train": bench_train,
            "orchestration_overhead": bench_orchestration, "merge_vs_central": bench_merge,
-           "compression": bench_compression, "scale": bench_scale}
+           "compression": bench_compression, "scale": bench_scale, "scaffold_profile": bench_profile}
 
 
 def main(names: list[str]) -> None:

@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--target", required=True, help="the column to predict")
     new.add_argument("--task", choices=("classification", "regression"), help="default: inferred from the target")
     new.add_argument("--format", choices=("csv", "parquet", "jsonl"), help="default: each file's extension")
-    new.add_argument("--sample-rows", type=int, default=50_000, help="rows profiled for the suite")
+    new.add_argument("--sample-rows", type=int, default=100_000,
+                     help="rows sampled (uniformly, over the whole source) for quantiles; every row is profiled")
     new.add_argument("--force", action="store_true", help="overwrite an existing spec and suite")
     check = commands.add_parser("validate-spec", help="check pipeline specs without starting Airflow")
     check.add_argument("files", nargs="*", help=f"spec files (default: every spec in {pipelines_dir()})")

@@ -1,26 +1,37 @@
 """Scaffold a new pipeline from its source: a spec in `dags/pipelines/` and a starter expectation suite.
 
-The source is inspected the way `ingest` reads it (same formats, same fsspec URIs); a sample of its rows is
-profiled into column types, null rules, value ranges and category sets. What a person must still decide
-(ranges that new data may leave, category sets that may grow, the schedule) is printed as a review list.
+The whole source is profiled (every row of every file, streamed: `lepton_tasks.profile`), the way `ingest` reads
+it, so the first run on the data the pipeline was made from always passes its suite. The bounds rule, chosen so
+that new nightly data does not fail the run for no reason:
+- numeric `between`: the observed min and max widened by RANGE_MARGIN of their span on each side (never below 0
+  for a column that never was negative; whole numbers for whole-number columns), rounded outwards;
+- a heavy-tailed column (its max or min lies more than HEAVY_TAIL_FACTOR core spans beyond the 0.1%..99.9%
+  quantiles) also gets `mostly: 0.999`: a new extreme in a few rows is expected there, not a broken feed;
+- nulls: at most twice the observed share (none observed: none allowed); categories: every observed value
+  (up to MAX_VALUE_SET distinct, with `mostly: 0.99`); the label set: every observed class.
+What a person must still decide (heavy tails, rare categories, the schedule) is printed as a review list.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
-from lepton_tasks.errors import BadSource, SpecError
+from lepton_tasks.errors import SpecError
 from lepton_tasks.features import label_key
-from lepton_tasks.ingest import list_source_files, read_batches, resolve_uri
+from lepton_tasks.ingest import resolve_uri
+from lepton_tasks.profile import SAMPLE_ROWS, ColumnProfile, SourceProfile, profile_source
 from lepton_tasks.specs import parse_spec
 
 MAX_CLASSES = 20  # an integer target with at most this many values is taken as classes
 MAX_VALUE_SET = 50  # categorical columns with more values get no value-set expectation
 RANGE_MARGIN = 0.1  # observed ranges are widened by this share of their span on each side
+HEAVY_TAIL_FACTOR = 3.0  # extremes this many 0.1%..99.9% spans beyond those quantiles: a heavy tail
+HEAVY_TAIL_MOSTLY = 0.999
+RARE_SHARE = 0.001  # categories seen in fewer rows than this share are named in the review
+DECIMALS = 6
 
 
 @dataclass
@@ -29,80 +40,95 @@ class Scaffold:
 
     spec_path: Path
     suite_path: Path
-    rows_sampled: int
+    rows_profiled: int
     review: list[str] = field(default_factory=list)
 
 
-def sample_source(uri: str, fmt: str | None, rows: int) -> tuple[pd.DataFrame, list[str]]:
-    """Up to `rows` rows from the start of the source's files, and the files' names."""
-    fs, files = list_source_files(uri, fmt)
-    batches, taken = [], 0
-    for path in files:
-        for batch in read_batches(fs, path):
-            batches.append(batch.to_pandas())
-            taken += batch.num_rows
-            if taken >= rows:
-                return pd.concat(batches, ignore_index=True).head(rows), files
-    if not batches:
-        raise BadSource(f"source '{uri}' holds no rows to profile")
-    return pd.concat(batches, ignore_index=True), files
-
-
-def column_kind(values: pd.Series) -> str:
-    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-    return "numeric" if numeric else "categorical"
-
-
-def infer_task(target: pd.Series) -> str:
-    if column_kind(target) == "categorical":
+def infer_task(target: ColumnProfile) -> str:
+    if not target.numeric:
         return "classification"
-    present = target.dropna()
-    integral = bool((present == present.round()).all())
-    return "classification" if integral and present.nunique() <= MAX_CLASSES else "regression"
+    few = target.counts is not None and len(target.counts) <= MAX_CLASSES
+    return "classification" if target.integral and few else "regression"
 
 
-def _range(values: pd.Series) -> tuple[float, float]:
-    low, high = float(values.min()), float(values.max())
-    margin = (high - low) * RANGE_MARGIN
-    return round(low - margin, 6), round(high + margin, 6)
+def _outwards(value: float, up: bool) -> float:
+    """`value` rounded to DECIMALS away from the data (so the bound still holds every observed value)."""
+    scale = 10 ** DECIMALS
+    rounded = (math.ceil(value * scale) if up else math.floor(value * scale)) / scale
+    if (rounded < value) if up else (rounded > value):  # float error in the scaling
+        rounded += (1 if up else -1) / scale
+    return rounded
 
 
-def _null_rule(column: str, values: pd.Series) -> dict:
-    share = float(values.isna().mean())
-    kwargs = {"column": column} if share == 0 else {"column": column, "mostly": round(max(0.0, 1 - 2 * share), 3)}
-    return {"type": "expect_column_values_to_not_be_null", "kwargs": kwargs}
+def heavy_tailed(column: ColumnProfile) -> bool:
+    q_low, q_high = column.quantile(0.001), column.quantile(0.999)
+    if q_low is None or column.low is None:
+        return False
+    core = max(q_high - q_low, 1e-12)
+    return (column.high - q_high) > HEAVY_TAIL_FACTOR * core or (q_low - column.low) > HEAVY_TAIL_FACTOR * core
 
 
-def profile_suite(name: str, frame: pd.DataFrame, features: dict[str, str], target: str, task: str) -> dict:
+def numeric_bounds(column: ColumnProfile) -> tuple[float, float]:
+    """The `between` bounds of the rule in the module docstring."""
+    margin = (column.high - column.low) * RANGE_MARGIN
+    low, high = column.low - margin, column.high + margin
+    if column.low >= 0:
+        low = max(0.0, low)
+    if column.integral:
+        low, high = float(math.floor(low)), float(math.ceil(high))
+    return _outwards(low, up=False), _outwards(high, up=True)
+
+
+def _null_rule(column: ColumnProfile, rows: int) -> dict:
+    share = column.nulls / rows
+    if share == 0:
+        return {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": column.name}}
+    mostly = math.floor(max(0.0, 1 - 2 * share) * 1000) / 1000  # floored: the profiled data always passes
+    return {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": column.name, "mostly": mostly}}
+
+
+def _typed(column: ColumnProfile, values) -> list:
+    """Value-set members as the column holds them (numbers stay numbers, booleans booleans)."""
+    if column.numeric:
+        return sorted(int(v) if float(v).is_integer() else float(v) for v in values)
+    return sorted(values, key=label_key)
+
+
+def _value_rules(column: ColumnProfile, is_target: bool) -> list[dict]:
+    if column.counts is None:
+        return []
+    observed = _typed(column, column.counts)
+    if is_target:
+        return [{"type": "expect_column_distinct_values_to_be_in_set",
+                 "kwargs": {"column": column.name, "value_set": observed}}]
+    if len(observed) > MAX_VALUE_SET:
+        return []
+    return [{"type": "expect_column_values_to_be_in_set",
+             "kwargs": {"column": column.name, "value_set": observed, "mostly": 0.99}}]
+
+
+def _range_rule(column: ColumnProfile) -> list[dict]:
+    if column.low is None:
+        return []
+    low, high = numeric_bounds(column)
+    kwargs = {"column": column.name, "min_value": low, "max_value": high}
+    if heavy_tailed(column):
+        kwargs["mostly"] = HEAVY_TAIL_MOSTLY
+    return [{"type": "expect_column_values_to_be_between", "kwargs": kwargs}]
+
+
+def profile_suite(name: str, profile: SourceProfile, features: dict[str, str], target: str, task: str) -> dict:
     """A starter GX suite: columns present, row count, null rules, numeric ranges, category and label sets."""
-    expectations = [{"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 10}}]
-    for column in [*features, target]:
-        values = frame[column]
-        expectations.append({"type": "expect_column_to_exist", "kwargs": {"column": column}})
-        expectations.append(_null_rule(column, values))
-        kind = "categorical" if column == target and task == "classification" else features.get(column, "numeric")
-        if kind == "numeric" and values.notna().any():
-            low, high = _range(values.dropna())
-            expectations.append({"type": "expect_column_values_to_be_between",
-                                 "kwargs": {"column": column, "min_value": low, "max_value": high}})
-        elif kind == "categorical":
-            observed = sorted({label_key(v) for v in values.dropna()})
-            if column == target:
-                expectations.append({"type": "expect_column_distinct_values_to_be_in_set",
-                                     "kwargs": {"column": column, "value_set": _typed(values, observed)}})
-            elif len(observed) <= MAX_VALUE_SET:
-                expectations.append({"type": "expect_column_values_to_be_in_set",
-                                     "kwargs": {"column": column, "value_set": _typed(values, observed),
-                                                "mostly": 0.99}})
-    return {"name": name, "meta": {"profiled_rows": len(frame), "made_by": "lepton new-pipeline"},
+    expectations = [{"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": min(10, profile.rows)}}]
+    for column_name in [*features, target]:
+        column = profile.columns[column_name]
+        expectations.append({"type": "expect_column_to_exist", "kwargs": {"column": column_name}})
+        expectations.append(_null_rule(column, profile.rows))
+        categorical = (column_name == target and task == "classification") or features.get(column_name) == \
+            "categorical"
+        expectations += _value_rules(column, column_name == target) if categorical else _range_rule(column)
+    return {"name": name, "meta": {"profiled_rows": profile.rows, "made_by": "lepton new-pipeline"},
             "expectations": expectations}
-
-
-def _typed(values: pd.Series, keys: list[str]) -> list:
-    """Value-set members as the column holds them (numbers stay numbers)."""
-    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
-        return [int(k) if float(k).is_integer() else float(k) for k in keys]
-    return keys
 
 
 def spec_text(name: str, source: str, fmt: str | None, features: dict[str, str], target: str, task: str,
@@ -157,45 +183,57 @@ def spec_text(name: str, source: str, fmt: str | None, features: dict[str, str],
 
 def new_pipeline(name: str, source: str, target: str, data_root: Path, pipelines_dir: Path,
                  expectations_dir: Path, fmt: str | None = None, task: str | None = None,
-                 sample_rows: int = 50_000, force: bool = False) -> Scaffold:
-    """Inspect `source`, then write `{pipelines_dir}/{name}.yaml` and `{expectations_dir}/{name}.json`."""
+                 sample_rows: int = SAMPLE_ROWS, force: bool = False) -> Scaffold:
+    """Profile `source`, then write `{pipelines_dir}/{name}.yaml` and `{expectations_dir}/{name}.json`."""
     spec_path, suite_path = Path(pipelines_dir) / f"{name}.yaml", Path(expectations_dir) / f"{name}.json"
     for path in (spec_path, suite_path):
         if path.exists() and not force:
             raise SpecError(f"'{path}' already exists (pass --force to overwrite it)")
-    frame, files = sample_source(resolve_uri(source, data_root), fmt, sample_rows)
-    if target not in frame.columns:
-        raise SpecError(f"target column '{target}' is not in {files[0]} (columns: {list(frame.columns)})")
-    task = task or infer_task(frame[target])
-    features = {c: column_kind(frame[c]) for c in frame.columns if c != target}
-    classes = sorted({label_key(v) for v in frame[target].dropna()}) if task == "classification" else None
-    classes = _typed(frame[target], classes) if classes is not None else None
+    profile = profile_source(resolve_uri(source, data_root), fmt, {target}, sample_rows)
+    if target not in profile.columns:
+        raise SpecError(f"target column '{target}' is not in {profile.files[0]} (columns: {list(profile.columns)})")
+    task = task or infer_task(profile.columns[target])
+    features = {c: "numeric" if p.numeric else "categorical" for c, p in profile.columns.items() if c != target}
+    classes = _typed(profile.columns[target], profile.columns[target].counts) if task == "classification" else None
     text = spec_text(name, source, fmt, features, target, task, classes, suite_path.name)
-    suite = profile_suite(name, frame, features, target, task)
+    suite = profile_suite(name, profile, features, target, task)
     suite_path.parent.mkdir(parents=True, exist_ok=True)
     suite_path.write_text(json.dumps(suite, indent=1) + "\n")
     try:
-        parse_spec(text, spec_path)  # what we write must load
+        parse_spec(text, spec_path)  # what we write must load (it looks for the suite)
     except SpecError:
         suite_path.unlink()
         raise
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(text)
-    return Scaffold(spec_path, suite_path, len(frame), _review(frame, features, target, task, files))
+    return Scaffold(spec_path, suite_path, profile.rows, _review(profile, features, target, task))
 
 
-def _review(frame: pd.DataFrame, features: dict[str, str], target: str, task: str, files: list[str]) -> list[str]:
-    notes = [f"profiled {len(frame)} rows from {len(files)} file(s), first {files[0]}",
-             f"target '{target}' taken as {task}" + (" (pass --task to change it)"),
+def _review(profile: SourceProfile, features: dict[str, str], target: str, task: str) -> list[str]:
+    columns = profile.columns
+    notes = [f"profiled all {profile.rows} rows of {len(profile.files)} file(s), first {profile.files[0]}",
+             f"target '{target}' taken as {task} (pass --task to change it)",
              f"features: {sum(k == 'numeric' for k in features.values())} numeric, "
              f"{sum(k == 'categorical' for k in features.values())} categorical; drop identifiers and leaks "
              "(ids, timestamps, anything known only after the target) from 'features'",
-             f"numeric ranges in the suite are the sample's, widened by {RANGE_MARGIN:.0%} of the span: "
-             "widen them where new data may go further"]
-    nulls = [c for c in frame.columns if frame[c].isna().any()]
+             f"numeric ranges are the observed min..max widened by {RANGE_MARGIN:.0%} of the span (the README's "
+             "bounds rule): narrow them where a value outside means a broken feed"]
+    heavy = [f"{c} (max {columns[c].high:.6g}, 99.9% quantile {columns[c].quantile(0.999):.6g})"
+             for c, kind in features.items() if kind == "numeric" and heavy_tailed(columns[c])]
+    if heavy:
+        notes.append(f"heavy-tailed columns (range check allows {1 - HEAVY_TAIL_MOSTLY:.1%} of rows outside): "
+                     + "; ".join(heavy))
+    rare = {c: sorted(str(v) for v, n in columns[c].counts.items() if n < RARE_SHARE * profile.rows)
+            for c in [*features, target] if not columns[c].numeric and columns[c].counts}
+    rare = {c: values for c, values in rare.items() if values}
+    if rare:
+        notes.append("rare categories (fewer than 0.1% of rows; a night without them is fine, a new one is "
+                     "checked with mostly 0.99): " + "; ".join(f"{c}: {v[:10]}" for c, v in rare.items()))
+    nulls = [c for c, p in columns.items() if p.nulls]
     if nulls:
-        notes.append(f"columns with nulls (the suite allows about twice the sampled share): {nulls}")
-    wide = [c for c, k in features.items() if k == "categorical" and frame[c].nunique() > MAX_VALUE_SET]
+        notes.append(f"columns with nulls (the suite allows about twice the observed share): {nulls}")
+    wide = [c for c, k in features.items() if k == "categorical" and (columns[c].counts is None
+                                                                      or len(columns[c].counts) > MAX_VALUE_SET)]
     if wide:
         notes.append(f"high-cardinality categoricals (no value-set check; one-hot keeps the top 20): {wide}")
     notes.append("schedule is null (manual runs); set a cron expression for nightly runs")

@@ -134,15 +134,21 @@ def login(profile: Profile) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
+def dask_config_dir(profile: Profile) -> Path:
+    """A DASK_CONFIG folder with the same worker settings as Lepton's local clusters."""
+    folder = profile.state / "dask"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lepton.yaml").write_text(json.dumps(WORKER_DASK_CONFIG))  # JSON is YAML
+    return folder
+
+
 def service_env(profile: Profile) -> dict[str, str]:
     """The environment every service (and so every task) runs with."""
     keys = login(profile)
     passwords = profile.state / "passwords.json"  # SimpleAuthManager's user file
     passwords.write_text(json.dumps({keys["username"]: keys["password"]}))
     passwords.chmod(0o600)
-    dask_config = profile.state / "dask"  # the same worker settings as Lepton's local clusters
-    dask_config.mkdir(parents=True, exist_ok=True)
-    (dask_config / "lepton.yaml").write_text(json.dumps(WORKER_DASK_CONFIG))  # JSON is YAML
+    dask_config = dask_config_dir(profile)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__", "MLFLOW_TRACKING"))}
     env.update({
         "AIRFLOW_HOME": str(REPO_ROOT),

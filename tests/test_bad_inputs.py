@@ -159,6 +159,11 @@ def no_data_files_at_all(d):
     return str(d)
 
 
+def glob_matching_nothing(d):
+    _csv(d, "sales-2026-01.txt", "not a match")
+    return str(d / "sales-*.csv")
+
+
 def string_for_a_number_param(d):
     return _parquet(d, _frame())
 
@@ -188,33 +193,49 @@ CASES = [  # (builder, extra params, failing stage, what the message must say)
     (corrupt_gzip_csv, {}, "ingest", r"cannot read '.*data.csv.gz' as csv"),
     (malformed_json_lines, {}, "ingest", r"cannot read '.*data.jsonl' as jsonl"),
     (no_data_files_at_all, {}, "ingest", r"holds no CSV, Parquet or JSON-lines file"),
+    (glob_matching_nothing, {}, "ingest", r"no file matches '.*landing/sales-\*\.csv'"),
     (string_for_a_number_param, {"num_shards": "four"}, "params", r"param 'num_shards': Input should be a valid"),
     (string_for_a_number_param, {"eval_fraction": 1.5}, "params", r"param 'eval_fraction': Input should be less"),
 ]
 
 
+FAST = {"num_shards": 2, "merge_rounds": 1, "local_epochs": 1, "hidden_size": 8, "model_kind": "mlp"}
+
+
 def _run_until_failure(data_root: Path, source: str, extra: dict) -> tuple[str, str, dict]:
-    """Run the stages in order as the DAG does; return (failed stage, message, its summary)."""
+    """Run every stage, register included, in order as the DAG does; return (failed stage, message, summary)."""
     try:
-        ctx = pipeline.context(SPEC, "bad-input", {"source_uri": source, "num_shards": 2, **extra})
+        ctx = pipeline.context(SPEC, "bad-input", {"source_uri": source, **FAST, **extra})
     except Exception as err:  # the params are refused before any stage (Airflow refuses them at trigger)
         return "params", str(err), {}
-    manifests: dict = {}
     try:
-        manifests["ingest"] = pipeline.ingest(ctx)
-        manifests["validate"] = pipeline.validate(ctx, manifests["ingest"])
-        manifests["shard"] = pipeline.shard(ctx, manifests["validate"])
+        pipeline.run_in_process(ctx, last="register")
     except Exception:
         report = pipeline.report(ctx)
         failed = report["failed_stage"]
         return failed, report["stages"][failed]["error"], report["stages"][failed]
-    raise AssertionError(f"{source} went through {', '.join(manifests)} without an error")
+    raise AssertionError(f"{source} went through every stage, register included, without an error")
+
+
+def _registered(tracking_uri: str) -> list:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri).search_model_versions()
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> str:
+    """One real MLflow store for the corpus (migrated once): every case must leave it without a model."""
+    store = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    assert _registered(store) == []
+    return store
 
 
 @pytest.mark.parametrize("build, extra, stage, message", CASES, ids=[f"{c[0].__name__}-{i}" for i, c in
                                                                      enumerate(CASES)])
 def test_each_malformed_input_fails_clearly_in_its_stage_and_registers_nothing(data_root, build, extra, stage,
-                                                                               message):
+                                                                               message, mlflow_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)  # where register would write
     landing = data_root / "landing"
     landing.mkdir()
     source = build(landing)
@@ -223,8 +244,9 @@ def test_each_malformed_input_fails_clearly_in_its_stage_and_registers_nothing(d
     assert "traceback" not in summary  # a named, expected failure, not a crash
     if stage != "params":
         assert summary["status"] == "failed"
-        assert read_json(data_root / "lepton_mnist1d" / "bad-input" / "report.json")["mlflow"] == {}
-    assert not (data_root / "mlflow.db").exists()  # MLflow was never touched: nothing registered
+        report = read_json(data_root / "lepton_mnist1d" / "bad-input" / "report.json")
+        assert report["mlflow"] == {} and report["stages"]["register"]["status"] == "not_run"
+    assert _registered(mlflow_store) == []  # the run went for register and got nowhere near it
 
 
 def test_the_corpus_is_at_least_twenty_distinct_inputs():

@@ -8,6 +8,7 @@ import pytest
 
 from lepton_tasks.demo_data import make_house_prices
 from lepton_tasks.errors import SpecError
+from lepton_tasks.profile import profile_source
 from lepton_tasks.scaffold import infer_task, new_pipeline
 from lepton_tasks.specs import load_spec
 
@@ -44,12 +45,17 @@ def test_scaffolded_spec_and_suite_load_and_the_suite_passes_on_its_data(tmp_pat
         new_pipeline("flats", str(fresh_csv), "price_k", tmp_path, tmp_path / "pipelines", tmp_path / "expectations")
 
 
-def test_task_is_inferred_from_the_target_and_a_missing_target_is_named(tmp_path, fresh_csv):
-    import pandas as pd
+def _profiled_target(tmp_path, values: list) -> object:
+    path = tmp_path / f"t{len(list(tmp_path.glob('t*.csv')))}.csv"
+    path.write_text("y\n" + "\n".join(map(str, values)) + "\n")
+    return profile_source(str(path), None, {"y"}).columns["y"]
 
-    assert infer_task(pd.Series(["a", "b"])) == "classification"
-    assert infer_task(pd.Series([0, 1, 2, 1])) == "classification"
-    assert infer_task(pd.Series([0.5, 1.25, 3.0])) == "regression"
+
+def test_task_is_inferred_from_the_target_and_a_missing_target_is_named(tmp_path, fresh_csv):
+    assert infer_task(_profiled_target(tmp_path, ["a", "b"])) == "classification"
+    assert infer_task(_profiled_target(tmp_path, [0, 1, 2, 1])) == "classification"
+    assert infer_task(_profiled_target(tmp_path, [0.5, 1.25, 3.0])) == "regression"
+    assert infer_task(_profiled_target(tmp_path, list(range(30)))) == "regression"  # too many values for classes
     with pytest.raises(SpecError, match="target column 'cost' is not in .*flats.csv"):
         new_pipeline("flats", str(fresh_csv), "cost", tmp_path, tmp_path / "p", tmp_path / "e")
     assert not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
@@ -69,3 +75,48 @@ def test_new_pipeline_command_prints_what_it_wrote_and_what_to_review(tmp_path, 
     spec = load_spec(tmp_path / "p" / "flat_types.yaml").spec
     assert spec.target.task == "classification"
     assert spec.target.classes == ["apartment", "detached", "semi_detached", "terraced"]
+
+
+def _heavy_tailed_csv_files(folder, rows: int = 120_000, files: int = 4) -> None:
+    """A public-data-like table written with the csv module (not by the project): a log-normal amount whose
+    largest value lies past row 100,000, a rare category, a few gaps; split into `files` CSV files."""
+    import csv
+    import random
+
+    rng = random.Random(5)
+    folder.mkdir(parents=True)
+    per_file = rows // files
+    for index in range(files):
+        with open(folder / f"trips-{index}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["distance_km", "amount", "payment", "tip"])
+            for row in range(index * per_file, (index + 1) * per_file):
+                amount = 1e6 if row == 110_000 else round(rng.lognormvariate(2.5, 1.1), 2)
+                payment = "voucher" if row % 20_000 == 7 else rng.choice(["card", "cash"])
+                distance = "" if row % 997 == 0 else round(rng.uniform(0.1, 30), 3)
+                writer.writerow([distance, amount, payment, round(rng.uniform(0, 5), 2)])
+
+
+def test_the_first_run_on_the_scaffolded_data_passes_with_heavy_tails_and_rare_categories(tmp_path, monkeypatch):
+    from lepton_tasks.ingest import ingest
+    from lepton_tasks.validate import validate
+
+    landing = tmp_path / "landing" / "trips"
+    _heavy_tailed_csv_files(landing)
+    monkeypatch.setenv("LEPTON_EXPECTATIONS_DIR", str(tmp_path / "expectations"))
+    made = new_pipeline("trips", str(landing / "trips-*.csv"), "tip", tmp_path, tmp_path / "pipelines",
+                        tmp_path / "expectations")
+    assert made.rows_profiled == 120_000  # every row of every file, not a sample of the first
+    suite = {(e["type"], e["kwargs"].get("column")): e["kwargs"]
+             for e in json.loads(made.suite_path.read_text())["expectations"]}
+    amount = suite[("expect_column_values_to_be_between", "amount")]
+    assert amount["max_value"] >= 1e6 and amount["min_value"] == 0 and amount["mostly"] == 0.999
+    assert "mostly" not in suite[("expect_column_values_to_be_between", "tip")]  # not heavy-tailed: exact rule
+    assert "voucher" in suite[("expect_column_values_to_be_in_set", "payment")]["value_set"]
+    review = "\n".join(made.review)
+    assert "heavy-tailed columns" in review and "amount" in review
+    assert "rare categories" in review and "voucher" in review
+    spec = load_spec(made.spec_path).spec
+    staged = ingest(str(landing / "trips-*.csv"), tmp_path, tmp_path / "run" / "ingest")
+    result = validate(staged.parts, spec.suite_file, tmp_path / "run" / "validate")
+    assert result.failed == 0 and result.evaluated == len(suite) + 0  # every expectation ran and passed

@@ -99,6 +99,19 @@ class AirflowEnv:
         finally:
             engine.dispose()
 
+    def task_state(self, run_id: str, task_id: str, dag_id: str = "lepton_mnist1d") -> str | None:
+        """A task instance's state, from the metadata DB."""
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.sql_alchemy_conn)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("SELECT state FROM task_instance WHERE dag_id = :dag AND run_id = :run "
+                                            "AND task_id = :task"), {"dag": dag_id, "run": run_id, "task": task_id}
+                                    ).scalar()
+        finally:
+            engine.dispose()
+
     def finished_state(self, run_id: str, timeout: float, dag_id: str = "lepton_mnist1d") -> str:
         """Wait for the run to end (under a scheduler); its final state."""
         wait_for(lambda: self.run_state(run_id, dag_id) in ("success", "failed"), timeout,
@@ -107,6 +120,21 @@ class AirflowEnv:
 
     def runs(self, dag_id: str = "lepton_mnist1d") -> set[Path]:
         return set((self.data_root / dag_id).glob("*/"))
+
+    def lepton_run(self, conf: dict, dag_id: str = "lepton_mnist1d") -> tuple[subprocess.CompletedProcess, Path]:
+        """`.venv/bin/lepton run` as from cron or a plain shell: no virtualenv on PATH, no AIRFLOW_HOME, no keys
+        in the environment, another working directory; only the variables that isolate this test's stores."""
+        isolation = ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__LOGGING__BASE_LOG_FOLDER",
+                     "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", "LEPTON_DATA_ROOT", "MLFLOW_TRACKING_URI")
+        env = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/bin:/bin",
+               **{k: v for k, v in self.env().items() if k in isolation}}
+        done = subprocess.run([str(BIN / "lepton"), "run", dag_id, "-c", json.dumps(conf)], env=env,
+                              capture_output=True, text=True, timeout=900, cwd=self.home)
+        assert done.returncode == 0, f"lepton run exited {done.returncode}:\n{done.stdout[-4000:]}\n" \
+                                     f"{done.stderr[-4000:]}"
+        report = Path(done.stdout.strip().splitlines()[-1])  # the README's promise: report.json is the last line
+        assert report.name == "report.json" and report.is_file(), done.stdout[-2000:]
+        return done, report.parent
 
     def dags_test(self, conf: dict, logical_date: str, check: bool = True, dag_id: str = "lepton_mnist1d",
                   **extra: str) -> tuple[subprocess.CompletedProcess, Path]:
@@ -128,14 +156,15 @@ def write_demo(data_root: Path, samples: int) -> None:
     write_mnist1d(data_root / "landing" / "mnist1d", samples)
 
 
-def unscheduled_specs(folder: Path, name: str = "lepton_mnist1d") -> Path:
-    """A copy of a pipeline spec without its schedule (for LEPTON_PIPELINES_DIR), so that unpausing its DAG
-    under a scheduler creates no run of its own: the only run is the one triggered."""
+def unscheduled_specs(folder: Path, names: tuple[str, ...] = ("lepton_mnist1d",)) -> Path:
+    """Copies of pipeline specs without their schedules (for LEPTON_PIPELINES_DIR), so that unpausing a DAG
+    under a scheduler creates no run of its own: the only runs are the ones triggered."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
-    spec = yaml.safe_load((REPO_ROOT / "dags" / "pipelines" / f"{name}.yaml").read_text())
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump({**spec, "schedule": None}))
+    for name in names:
+        spec = yaml.safe_load((REPO_ROOT / "dags" / "pipelines" / f"{name}.yaml").read_text())
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({**spec, "schedule": None}))
     return folder
 
 

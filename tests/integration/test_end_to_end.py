@@ -1,4 +1,5 @@
-"""The whole DAG with `airflow dags test`, then MLflow and report.json checked: on SQLite, and on PostgreSQL."""
+"""The whole DAG, then MLflow and report.json checked: on SQLite, and on PostgreSQL. The first run goes through
+`.venv/bin/lepton run` from a plain shell (as cron would run it), the others through `airflow dags test`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, read_report, u
 
 pytestmark = pytest.mark.slow
 
-GOOD_DATE = "2026-03-01T02:00:00+00:00"
 WORSE_DATE = "2026-03-02T02:00:00+00:00"
 BAD_DATE = "2026-03-03T02:00:00+00:00"
 WORSE_CONF = {**SMALL_CONF, "model_kind": "mlp", "merge_rounds": 1, "local_epochs": 1, "learning_rate": 0.0005}
@@ -96,7 +96,7 @@ def _check_failed_run_registers_nothing(env: AirflowEnv, good_dir: Path) -> None
 def _pipeline_story(env: AirflowEnv) -> None:
     write_demo(env.data_root, 1500)
     env.migrate()
-    _, good_dir = env.dags_test(SMALL_CONF, GOOD_DATE)
+    _, good_dir = env.lepton_run(SMALL_CONF)
     _check_good_run(env, good_dir)
     _check_worse_run_keeps_champion(env, good_dir)
     _check_failed_run_registers_nothing(env, good_dir)

@@ -5,8 +5,10 @@ PostgreSQL, `dask scheduler` + `dask worker` processes), on free loopback ports 
 CeleryExecutor on the local Redis (an `airflow celery worker` runs the tasks: the scale-out executor). Then
 headless Chromium (Debian's, driven by Playwright) logs in to the Airflow UI, opens the pipeline, triggers it
 from the form with changed params, waits for success, follows the task's extra link to MLflow and finds the
-registered version there. The champion Asset starts the consumer DAG, which scores a batch. Screenshots land in
-`var/test-artifacts/browser/` (LEPTON_TEST_ARTIFACTS overrides).
+registered version there. The champion Asset starts the consumer DAG, which scores a batch. Meanwhile the other
+bundled pipeline, house prices, whose demo data only `lepton up` writes, is triggered over the REST API with its
+defaults and must succeed too. Screenshots land in `var/test-artifacts/browser/` (LEPTON_TEST_ARTIFACTS
+overrides).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from lepton_tasks.config import REPO_ROOT
-from lepton_tasks.services import DEFAULT_POSTGRES, Profile, ensure_databases
+from lepton_tasks.demo_data import EXAMPLES
+from lepton_tasks.services import DEFAULT_POSTGRES, Profile, ServiceError, ensure_databases
 from tests.integration.airflow_env import BIN, free_port, unscheduled_specs, wait_for, write_demo
 
 pytestmark = pytest.mark.slow
@@ -39,9 +42,9 @@ def _postgres_url() -> str:
     url = os.environ.get("LEPTON_TEST_POSTGRES_URL")
     if url:
         return url
-    try:  # without the env var, run where a local PostgreSQL answers, else skip
+    try:  # without the env var, run where a local PostgreSQL answers; skip only where none answers
         ensure_databases(Profile(Path("/nonexistent"), Path("/nonexistent"), DEFAULT_POSTGRES), ())
-    except Exception as err:
+    except ServiceError as err:
         pytest.skip(f"no PostgreSQL for the production profile: {err}")
     return DEFAULT_POSTGRES
 
@@ -60,7 +63,7 @@ def _drop_databases(profile: Profile) -> None:
 def profile(tmp_path_factory):
     """The profile, up; the nightly spec copied without its schedule so the only run is the one we trigger."""
     root = tmp_path_factory.mktemp("up")
-    pipelines = unscheduled_specs(root / "pipelines")
+    pipelines = unscheduled_specs(root / "pipelines", tuple(EXAMPLES))
     ports = {"LEPTON_AIRFLOW_PORT": free_port(), "LEPTON_MLFLOW_PORT": free_port(),
              "LEPTON_DASK_PORT": free_port(), "LEPTON_DASK_DASHBOARD_PORT": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW", "LEPTON"))}
@@ -118,7 +121,7 @@ def test_up_prints_where_everything_is_and_refuses_anonymous_access(profile):
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
-def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(profile):
+def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(profile, house_prices_run):
     from playwright.sync_api import sync_playwright
 
     up, _, _ = profile
@@ -151,6 +154,26 @@ def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(profile)
     assert scored["run_type"] == "asset_triggered"
 
 
+@pytest.fixture(scope="module")
+def house_prices_run(profile) -> str:
+    """The house-prices pipeline triggered over the REST API with its defaults (an empty conf), right after
+    `lepton up`: nothing but `up` wrote its demo data. Its run id."""
+    up, _, _ = profile
+    token = _token(up)
+    _api(up, "/api/v2/dags/lepton_house_prices", token, {"is_paused": False}, "PATCH")
+    run = _api(up, "/api/v2/dags/lepton_house_prices/dagRuns", token, {"logical_date": None, "conf": {}}, "POST")
+    return run["dag_run_id"]
+
+
+def test_every_bundled_pipeline_runs_from_the_api_with_its_defaults(profile, house_prices_run):
+    up, _, _ = profile
+    token = _token(up)
+    path = f"/api/v2/dags/lepton_house_prices/dagRuns/{urllib.parse.quote(house_prices_run, safe='')}"
+    wait_for(lambda: _api(up, path, token)["state"] in ("success", "failed"), RUN_TIMEOUT_S, "the house-prices run")
+    assert _api(up, path, token)["state"] == "success", _task_states(up, token, house_prices_run,
+                                                                     "lepton_house_prices")
+
+
 def _log_in(page, up: Profile, password: str) -> None:
     page.goto(up.airflow_url)
     page.get_by_label(re.compile("username", re.I)).fill("admin")
@@ -179,8 +202,8 @@ def _state(up: Profile, token: str, run_id: str) -> str:
     return _api(up, f"/api/v2/dags/lepton_mnist1d/dagRuns/{urllib.parse.quote(run_id, safe='')}", token)["state"]
 
 
-def _task_states(up: Profile, token: str, run_id: str) -> dict:
-    path = f"/api/v2/dags/lepton_mnist1d/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances"
+def _task_states(up: Profile, token: str, run_id: str, dag_id: str = "lepton_mnist1d") -> dict:
+    path = f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances"
     return {t["task_id"]: t["state"] for t in _api(up, path, token)["task_instances"]}
 
 

@@ -74,6 +74,26 @@ def test_mlflow_down_fails_clearly_then_the_retry_registers_once(stages, server)
     assert str(champion.version) == "1" and client.get_run(champion.run_id).data.tags["lepton.complete"] == "true"
 
 
+def test_the_champion_gate_fails_closed_when_the_champion_cannot_be_rescored(stages, server):
+    """No comparison on the same held-out rows, no promotion: the old recorded score is not enough."""
+    from mlflow import MlflowClient
+
+    _, loaded, manifests = stages
+    client = MlflowClient(server.uri)
+    first = _register(loaded, "nightly_1", manifests)
+    assert first["promotion"]["outcome"] == "promoted" and "no champion yet" in first["promotion"]["reason"]
+    champion = client.get_model_version_by_alias("lepton-mnist1d", "champion")
+    [encoder] = [p for p in server.root.rglob("encoder.json") if champion.run_id in str(p)]
+    encoder.unlink()  # the champion can no longer turn this run's rows into model input
+    second = _register(loaded, "nightly_2", manifests)  # same model, same score: it would have been promoted
+    promotion = second["promotion"]
+    assert promotion["outcome"] == "not_compared" and not promotion["promoted"]
+    assert "could not be re-scored on this run's held-out rows" in promotion["reason"]
+    assert second["aliases"] == ["candidate"]
+    assert str(client.get_model_version_by_alias("lepton-mnist1d", "champion").version) == "1"
+    assert client.get_run(second["run_id"]).data.tags["lepton.promotion"] == "not_compared"
+
+
 KILLABLE = """
 import json, sys
 from lepton_tasks import pipeline
@@ -111,7 +131,8 @@ def test_a_register_killed_mid_run_is_closed_failed_and_never_taken_as_complete(
     promotion = json.loads(Path(client.download_artifacts(parent.info.run_id, "promotion.json", str(tmp_path)))
                            .read_text())
     assert promotion["champion_score_same_data"] == pytest.approx(promotion["candidate_score"])
-    assert promotion["reason"] == "compared on this run's held-out rows" and promotion["promoted"]
+    assert promotion["outcome"] == "promoted" and promotion["promoted"] and "on this run's held-out rows" in \
+        promotion["reason"]
     assert parent.data.metrics["champion_eval_accuracy"] == pytest.approx(promotion["candidate_score"])
     for version in client.search_model_versions("name = 'lepton-mnist1d'"):
         if version.aliases:

@@ -1,7 +1,9 @@
 """The DAG under Airflow's real scheduler (LocalExecutor), not only `airflow dags test`.
 
 Task processes started by the scheduler have no metadata-DB access, and a Dask worker spawned from one would
-re-import the `airflow` entry point; this test runs the pipeline the way the nightly schedule does.
+re-import the `airflow` entry point; this test runs the pipeline the way the nightly schedule does, on the
+local-cluster path (each Dask task holds its own cluster process), SIGKILLing a worker of that cluster during
+shard, in round 1 and in round 2.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import pytest
 
 from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, read_report, wait_for, write_demo
+from tests.integration.faults import FaultDriver, local_cluster_workers
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +38,30 @@ def _merged_and_registry(env: AirflowEnv) -> tuple[str, int, int]:
     return json.dumps(merged["merged_metrics"]), len(parents), len(versions)
 
 
-def test_triggered_run_succeeds_under_the_scheduler_and_a_cleared_rerun_duplicates_nothing(tmp_path):
+def _kill_a_local_worker(pause_s: float = 0.0) -> str:
+    import os
+    import signal
+    import time
+
+    time.sleep(pause_s)
+    pid = local_cluster_workers()[0]
+    os.kill(pid, signal.SIGKILL)
+    return str(pid)
+
+
+def _worker_kills(run_dir) -> list:
+    """During shard (its cluster is up, its output not yet there), in round 1, and in round 2."""
+    return [
+        ("during shard", lambda: (run_dir / "validate").exists() and not (run_dir / "shard").exists()
+         and bool(local_cluster_workers()), _kill_a_local_worker),
+        ("in round 1", lambda: (run_dir / "summaries" / "shard.json").exists() and bool(local_cluster_workers()),
+         lambda: _kill_a_local_worker(pause_s=1.0)),
+        ("in round 2", lambda: (run_dir / "train" / "round-01" / "merged.safetensors").exists(),
+         _kill_a_local_worker),
+    ]
+
+
+def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_nothing(tmp_path):
     env = AirflowEnv.sqlite(tmp_path)
     write_demo(env.data_root, 1500)
     env.migrate()
@@ -43,8 +69,10 @@ def test_triggered_run_succeeds_under_the_scheduler_and_a_cleared_rerun_duplicat
         env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", RUN_ID, "--logical-date", LOGICAL_DATE,
                     "-c", json.dumps(SMALL_CONF), **extra)
         env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
-        ended = env.finished_state(RUN_ID, RUN_TIMEOUT_S)
+        with FaultDriver(_worker_kills(env.data_root / "lepton_mnist1d" / RUN_ID)) as driver:
+            ended = env.finished_state(RUN_ID, RUN_TIMEOUT_S)
         assert ended == "success", f"run ended {ended}; component logs:\n{env.component_logs()}"
+        assert {"during shard", "in round 1", "in round 2"} <= set(driver.done), driver.done
         first = _merged_and_registry(env)
         assert first[1:] == (1, 1)
 

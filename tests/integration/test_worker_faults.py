@@ -1,0 +1,102 @@
+"""An operator's bad night on the Dask topology of `make up`, under Airflow's real scheduler.
+
+A supervised `dask scheduler` and one supervised `dask worker` per worker (as `lepton up` runs them), reached by
+the pipeline through the connection `dask_default`. During one triggered run: a worker is SIGKILLed while it
+writes a shard partition, another mid-shard in round 1, a whole `dask worker` (nanny and worker) in round 2, and
+the `dask scheduler` itself in round 3 (its supervisor starts it again). The run must succeed in its first
+attempt of each task, and its merged model must be bit-equal to that of a fault-free run of the same params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from lepton_tasks.config import REPO_ROOT
+from lepton_tasks.services import Profile, dask_commands, dask_config_dir
+from lepton_tasks.storage import sha256_file
+from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, free_port, unscheduled_specs, write_demo
+from tests.integration.faults import FaultDriver, KillOnce, kill_tree, marker_written, supervised_child
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT_S = 420
+CONF = {**SMALL_CONF, "merge_rounds": 3}
+
+
+@pytest.fixture
+def make_up_dask(tmp_path):
+    """The supervised Dask processes of `lepton up`; workers see this repository (for the test's plugin)."""
+    profile = Profile(tmp_path / "dask", tmp_path / "data", dask_port=free_port(), dashboard_port=free_port(),
+                      dask_workers=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LEPTON"))}
+    env.update({"PYTHONPATH": str(REPO_ROOT), "DASK_CONFIG": str(dask_config_dir(profile))})
+    log = (tmp_path / "dask.log").open("w")
+    supervisors = {name: subprocess.Popen(command, env=env, start_new_session=True, stdout=log,
+                                          stderr=subprocess.STDOUT)
+                   for name, command in dask_commands(profile).items()}
+    yield profile, supervisors
+    for process in supervisors.values():
+        os.killpg(process.pid, 15)
+        process.wait(timeout=60)
+
+
+def _first_difference(run_a, run_b) -> str | None:
+    """The first output (shard data, then each round's checkpoints, then the merged model) whose content differs
+    between two runs of the same params, or None: the determinism policy says there is none."""
+    from lepton_tasks.models import load_checkpoint
+
+    for part in sorted((run_a / "shard").rglob("*.parquet")):
+        if sha256_file(part) != sha256_file(run_b / part.relative_to(run_a)):
+            return str(part.relative_to(run_a))
+    checkpoints = sorted((run_a / "train").rglob("*.safetensors")) + [run_a / "merge/merged.safetensors"]
+    for path in checkpoints:
+        (mine, _), (theirs, _) = load_checkpoint(path), load_checkpoint(run_b / path.relative_to(run_a))
+        if any(not mine[k].equal(theirs[k]) for k in mine):
+            return str(path.relative_to(run_a))
+    return None
+
+
+def _trigger(env: AirflowEnv, extra: dict, run_id: str) -> str:
+    env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", run_id, "-c", json.dumps(CONF), **extra)
+    return env.finished_state(run_id, RUN_TIMEOUT_S)
+
+
+def test_a_run_survives_killed_workers_and_a_restarted_scheduler_with_the_same_model(tmp_path, make_up_dask):
+    from distributed import Client
+
+    profile, supervisors = make_up_dask
+    env = AirflowEnv.sqlite(tmp_path)
+    write_demo(env.data_root, 1500)
+    env.migrate()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    with Client(profile.dask_address, timeout="60s") as monitor:
+        monitor.wait_for_workers(2, timeout=120)
+        monitor.register_plugin(KillOnce("_write_partition", str(markers / "shard"), delay_s=0.0))
+        monitor.register_plugin(KillOnce("train-r1-shard-000", str(markers / "round1"), delay_s=0.5))
+    faulty = env.data_root / "lepton_mnist1d" / "faulty"
+    steps = [
+        ("a whole dask worker in round 2", lambda: (faulty / "train/round-01/merged.safetensors").exists(),
+         lambda: kill_tree(supervised_child(supervisors["dask-worker-2"].pid))),
+        ("the dask scheduler in round 3", lambda: (faulty / "train/round-02/merged.safetensors").exists(),
+         lambda: kill_tree(supervised_child(supervisors["dask-scheduler"].pid))),
+    ]
+    connection = json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": profile.dask_port})
+    with env.serving(AIRFLOW_CONN_DASK_DEFAULT=connection,
+                     LEPTON_PIPELINES_DIR=str(unscheduled_specs(tmp_path / "pipelines"))) as extra:
+        env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
+        with FaultDriver(steps) as driver:
+            ended = _trigger(env, extra, "faulty")
+        assert ended == "success", f"run ended {ended}; component logs:\n{env.component_logs()}"
+        assert marker_written(markers / "shard") and marker_written(markers / "round1")
+        assert len(driver.done) == 2, driver.done  # every fault really happened
+        assert _trigger(env, extra, "clean") == "success"
+    clean = env.data_root / "lepton_mnist1d" / "clean"
+    assert _first_difference(faulty, clean) is None
+    logs = "\n".join(p.read_text() for p in (env.home / "logs").rglob("*.log") if "run_id=faulty" in str(p))
+    assert "the cluster is back" in logs  # the train task rode out the scheduler restart itself
+    assert "attempt=2" not in str(list((env.home / "logs").rglob("*")))  # no task needed Airflow's retry
