@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +93,20 @@ def init_weights(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in build_model(shape).state_dict().items()}
 
 
+META_KEY = "lepton"  # all metadata under one key, as sorted JSON: see save_checkpoint
+
+
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write a safetensors checkpoint atomically; returns its sha256."""
+    """Write a safetensors checkpoint atomically; returns its sha256.
+
+    safetensors keeps metadata in a hash map whose order changes from process to process, so several keys
+    would give different bytes (and checksums) for the same checkpoint; one key holding sorted JSON does not.
+    """
     from safetensors.torch import save_file
 
     with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
     return sha256_file(path)
 
 
@@ -108,7 +117,9 @@ def load_checkpoint(path: Path, expected_sha256: str | None = None) -> tuple[dic
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
         raise IntegrityError(f"checkpoint '{path}' does not match the sha256 its manifest recorded")
     with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+        raw = dict(handle.metadata() or {})
+        metadata = json.loads(raw[META_KEY]) if META_KEY in raw else raw  # a file not written by Lepton
+        return {k: handle.get_tensor(k) for k in handle.keys()}, metadata
 
 
 def load_model(shape: ModelShape, state: dict[str, torch.Tensor]) -> nn.Module:

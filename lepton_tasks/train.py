@@ -158,8 +158,11 @@ def train_shard(job: ShardJob) -> dict:
             _report_progress({"shard": job.shard, "round": job.round, "warning": "gpu_oom",
                               "batch_size": batch_size // 2})
             batch_size //= 2
+    # the file is a function of the job alone (no wall times): a stale attempt that finishes after a retry
+    # wrote the same checkpoint writes the same bytes, so the checksum in the manifest still holds
+    curve = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in epochs]
     sha = save_checkpoint(Path(job.out_path), state,
-                          {**job.metadata(), "epochs": json.dumps(epochs), "device": str(device)})
+                          {**job.metadata(), "epochs": json.dumps(curve), "device": str(device)})
     return {"shard": job.shard, "round": job.round, "path": job.out_path, "sha256": sha, "rows": job.rows,
             "epochs": epochs, "resumed": False, "device": str(device)}
 
