@@ -148,12 +148,17 @@ def dask_client(settings: Settings, wanted_workers: int | None = None) -> Iterat
             yield client
 
 
+MAX_RECOVERIES = 5  # per stage body: a cluster that keeps failing under it is left to Airflow's retry
+
+
 def is_cluster_fault(err: BaseException) -> bool:
-    """Whether `err` is the cluster failing (scheduler connection lost, futures cancelled, a comm closed), not
-    the work itself raising."""
+    """Whether `err` is the cluster failing (futures cancelled because the scheduler connection was lost, a comm
+    closed, a connection refused), not the work itself raising: a task's own OSError (a missing file) is not."""
     from concurrent.futures import CancelledError
 
-    return isinstance(err, (CancelledError, OSError, TimeoutError, ClusterError))
+    from distributed.comm.core import CommClosedError
+
+    return isinstance(err, (CancelledError, CommClosedError, ConnectionError))
 
 
 def recovering(client, what: str, body: Callable[[int], T], timeout_s: float | None = None) -> T:
@@ -170,6 +175,9 @@ def recovering(client, what: str, body: Callable[[int], T], timeout_s: float | N
         except Exception as err:
             if not is_cluster_fault(err):
                 raise
+            if attempt >= MAX_RECOVERIES:
+                raise ClusterError(f"{what}: the Dask cluster failed under it {attempt + 1} times; Airflow's retry "
+                                   "resumes from the outputs already written") from err
             log.warning("%s: the Dask cluster failed under it (%s: %s); waiting up to %.0fs for it to come back",
                         what, type(err).__name__, str(err).splitlines()[0] if str(err) else "", timeout_s)
             _wait_until_usable(client, deadline, what, err)

@@ -32,3 +32,18 @@ def test_dask_client_starts_and_stops_a_cluster_process(tmp_path):
         raise AssertionError("the cluster outlived its block")
     except OSError:
         pass
+
+
+def test_a_stages_own_error_is_not_taken_for_a_cluster_fault():
+    """A task's missing file is an OSError too: it must fail at once, not be retried as if the scheduler had gone."""
+    from lepton_tasks.cluster import recovering
+
+    calls = []
+
+    def body(attempt: int):
+        calls.append(attempt)
+        raise FileNotFoundError("part-00000.parquet")
+
+    with pytest.raises(FileNotFoundError):
+        recovering(None, "shard", body, timeout_s=60)
+    assert calls == [0]
