@@ -169,6 +169,7 @@ def train_bench(work: Path, rows: int = 20_000, epochs: int = 3) -> tuple[dict, 
     from lepton_tasks.cluster import dask_client
     from lepton_tasks.config import RunParams, Settings
     from lepton_tasks.models import init_weights, save_checkpoint
+    from lepton_tasks.storage import sha256_files
     from lepton_tasks.train import load_xy, model_shape, train
 
     frame = mnist_frame(rows * 4)
@@ -183,7 +184,8 @@ def train_bench(work: Path, rows: int = 20_000, epochs: int = 3) -> tuple[dict, 
     save_checkpoint(work / "init.safetensors", init, {})
     scaling = []
     for shards in (1, 2, 4):
-        infos = [{"name": f"shard-{i:03d}", "files": [files[i]], "rows": rows} for i in range(shards)]
+        infos = [{"name": f"shard-{i:03d}", "files": [files[i]], "rows": rows, "sha256": sha256_files([files[i]])}
+                 for i in range(shards)]
         with dask_client(Settings(work, None, None, min(shards, 2)), shards) as client:
             started = time.perf_counter()
             manifest = train(infos, encoder, shape, params, work / f"train-{shards}", client)

@@ -69,6 +69,7 @@ def test_regression_metrics_and_which_way_is_better():
 
 def test_a_regression_shard_learns_in_the_targets_units(tmp_path):
     from lepton_tasks.models import init_weights, save_checkpoint
+    from lepton_tasks.storage import sha256_files
     from lepton_tasks.train import ShardJob, load_xy, model_shape, train_shard
 
     frame = make_house_prices(1500, seed=6)
@@ -79,7 +80,8 @@ def test_a_regression_shard_learns_in_the_targets_units(tmp_path):
     start = tmp_path / "init.safetensors"
     sha = save_checkpoint(start, init_weights(shape, 0), {})
     job = ShardJob("shard-000", 1, [str(path)], len(frame), encoder.to_dict(), shape,
-                   {"path": str(start), "sha256": sha}, str(tmp_path / "out.safetensors"), 15, 0.01, 64, 1, "d")
+                   {"path": str(start), "sha256": sha}, str(tmp_path / "out.safetensors"), 15, 0.01, 64, 1, "d",
+                   sha256_files([path]))
     result = train_shard(job)
     assert result["epochs"][-1]["loss"] < result["epochs"][0]["loss"]
 
