@@ -49,9 +49,20 @@ def process_cluster():
     """Two worker processes under nannies (as in production): a killed worker is replaced."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    try:
         with Client(cluster) as client:
             yield client
+    finally:
+        _close_bounded(cluster)
+
+
+def _close_bounded(cluster) -> None:
+    """Close a cluster whose workers the test killed; its close can wait forever on dead nannies (seen once)."""
+    try:
+        cluster.close(timeout=30)
+    except Exception as err:  # a cluster left half-closed by the faults: the test's outcome stands
+        print(f"cluster close after fault injection: {type(err).__name__}: {err}")
 
 
 def _weights(manifest) -> list[dict]:
