@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from lepton_tasks.config import REPO_ROOT
+from lepton_tasks.storage import write_private
 
 SECRETS_FILE = REPO_ROOT / "var" / "secrets.env"
 BIN = Path(sys.executable).parent
@@ -27,11 +28,7 @@ QUIET = {"GX_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 def ensure_secrets(path: Path = SECRETS_FILE) -> Path:
     """Write `export NAME=value` lines with fresh keys, once, readable by the owner only."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(f"export {name}={secrets.token_hex(32)}\n" for name in SECRET_NAMES)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        write_private(path, "".join(f"export {name}={secrets.token_hex(32)}\n" for name in SECRET_NAMES))
     return path
 
 

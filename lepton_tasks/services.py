@@ -35,8 +35,9 @@ from pathlib import Path
 from lepton_tasks.cluster import WORKER_DASK_CONFIG, gpu_count
 from lepton_tasks.config import PRELOADING_EXECUTOR, REPO_ROOT, redact_uri
 from lepton_tasks.errors import LeptonError
+from lepton_tasks.home import BIN
+from lepton_tasks.storage import write_private
 
-BIN = Path(sys.executable).parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 AIRFLOW_PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
 BACKING_PREFIXES = ("mlflow", "dask-")  # stopped after Airflow
@@ -128,9 +129,7 @@ def login(profile: Profile) -> dict[str, str]:
         profile.state.mkdir(parents=True, exist_ok=True)
         values = {"username": "admin", "password": secrets.token_urlsafe(18),
                   "jwt_secret": secrets.token_hex(32), "api_secret_key": secrets.token_hex(32)}
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(values, handle)
+        write_private(path, json.dumps(values))
     return json.loads(path.read_text())
 
 

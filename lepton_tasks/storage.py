@@ -93,6 +93,15 @@ def write_json(path: Path, value: Any) -> Path:
     return Path(path)
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Create `path` readable by its owner only (mode 600) and write `text`; refuses to replace an existing file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
