@@ -5,9 +5,11 @@ Each spec (see `lepton_tasks/specs.py`) becomes a DAG with the spec's name, sche
 trigger form whose defaults are the spec's values. Every task is one call into `lepton_tasks.pipeline`; every
 output lands under `{LEPTON_DATA_ROOT}/{dag_id}/{run_id}/{stage}/` and `report.json` sums it up.
 
-ingest → validate (Great Expectations) → shard (Dask) → train (one model per shard on Dask workers, R rounds)
-→ merge (FedAvg) → compress (pruning, ONNX, int8) → register (MLflow; `champion` moves only on a better model)
-→ publish_champion (the Asset `NAME.champion`, only when `champion` moved) → report.
+wait (deferred until the run's window of data has landed) → ingest → validate (Great Expectations) → drift
+(against the champion's data) → shard (Dask) → train (one model per shard on Dask workers, R rounds, from scratch
+or the champion) → merge (FedAvg) → compress (pruning, ONNX, int8) → register (MLflow; `champion` moves only
+on a better model) → publish_champion (the Asset `NAME.champion`, only when `champion` moved) → report.
+The spec's `notify:` notifiers hear of failures, champion changes and drift.
 
 A spec that does not validate becomes an import error naming its file and fields; the others still load.
 """
@@ -15,10 +17,11 @@ A spec that does not validate becomes an import error naming its file and fields
 import pendulum
 from airflow.sdk import DAG, Asset, Param, dag, task
 
-from lepton_tasks import pipeline
+from lepton_tasks import notify, pipeline
 from lepton_tasks.config import airflow_param_specs
 from lepton_tasks.errors import SpecError
 from lepton_tasks.specs import LoadedSpec, load_all
+from lepton_tasks.wait import WaitForWindow
 
 MANIFEST = {"multiple_outputs": False}  # a task's manifest is one XCom value, not one per key (a call each)
 
@@ -53,6 +56,11 @@ def build(loaded: LoadedSpec) -> DAG:
         doc_md=f"{spec.description}\n\nSpec: `{loaded.path.name}` (sha256 `{loaded.sha256[:12]}`)\n{__doc__}",
     )
     def lepton_pipeline():
+        # deferred to the triggerer while it waits: no worker slot is held (params wait_timeout_minutes, ...)
+        wait = WaitForWindow(task_id="wait", loaded=loaded, retries=0,
+                             doc_md="Wait for every day of the run's window (params.window_days ending with `ds`) "
+                                    "to land; fail naming the missing day(s) after params.wait_timeout_minutes.")
+
         @task(**MANIFEST)
         def ingest(**context) -> dict:
             """Copy the source (params.source_uri) into this run's immutable Parquet stage; row count, schema and
@@ -68,10 +76,17 @@ def build(loaded: LoadedSpec) -> DAG:
             return validated
 
         @task(**MANIFEST)
-        def shard(validated: dict, **context) -> dict:
+        def drift(validated: dict, **context) -> dict:
+            """Compare the validated rows with the champion's data (PSI per feature and label; extra link *Drift
+            report*); over params.drift_max, notify, and stop here when params.drift_action is `fail`."""
+            return pipeline.drift(pipeline.from_airflow(context, loaded), validated,
+                                  lambda text: notify.send(spec, "drift", context, text))
+
+        @task(**MANIFEST)
+        def shard(validated: dict, drifted: dict, **context) -> dict:
             """Split the validated rows on Dask into stratified Parquet shards and a held-out split, with a
-            manifest (rows, label histograms, checksums)."""
-            return pipeline.shard(pipeline.from_airflow(context, loaded), validated)
+            manifest (rows, label histograms, checksums); a warm start encodes with the champion's encoder."""
+            return pipeline.shard(pipeline.from_airflow(context, loaded), validated, drifted)
 
         @task(**MANIFEST)
         def train(shards: dict, **context) -> dict:
@@ -95,24 +110,26 @@ def build(loaded: LoadedSpec) -> DAG:
             only if it is at least as good on the same held-out rows (extra links *MLflow run*, *model version*)."""
             return pipeline.register(pipeline.from_airflow(context, loaded), manifests)
 
-        @task(outlets=[champion_model], retries=0)
+        @task(outlets=[champion_model], retries=0, on_success_callback=notify.notifiers(spec, "champion_change"))
         def publish_champion(registered: dict, **context) -> None:
             """Update the champion-model Asset when this run moved `champion`; skipped otherwise."""
             context["outlet_events"][champion_model].extra = pipeline.champion_event(registered)
 
-        @task(trigger_rule="all_done", retries=0)
+        @task(trigger_rule="all_done", retries=0, on_failure_callback=notify.notifiers(spec, "failure"))
         def report(**context) -> str:
             """Write report.json from every stage's summary; fail the DAG run if a stage failed."""
             return pipeline.finish(pipeline.from_airflow(context, loaded))
 
         ingested = ingest()
+        wait >> ingested
         validated = validate(ingested)
-        shards = shard(validated)  # the validated rows: the stage, or its clean part after a quarantine
+        drifted = drift(validated)
+        shards = shard(validated, drifted)  # the validated rows: the stage, or its clean part after a quarantine
         trained = train(shards)
         merged = merge(shards, trained)
         compressed = compress(shards, merged)
-        registered = register({"ingest": ingested, "validate": validated, "shard": shards, "train": trained,
-                               "merge": merged, "compress": compressed})
+        registered = register({"ingest": ingested, "validate": validated, "drift": drifted, "shard": shards,
+                               "train": trained, "merge": merged, "compress": compressed})
         publish_champion(registered) >> report()
 
     return lepton_pipeline()

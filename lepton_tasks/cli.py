@@ -3,6 +3,7 @@
     lepton new-pipeline NAME --source URI --target COL   # writes dags/pipelines/NAME.yaml + expectations/NAME.json
     lepton validate-spec [FILE ...]                      # exit 1 listing every error; no Airflow needed
     lepton run [NAME] [-c '{"num_shards": 2}']           # one run end to end; prints the report.json path last
+    lepton backfill NAME --from 2026-11-08 --to 2026-11-14  # one run per scheduled night (needs `make up`)
     lepton demo-data [NAME]                              # the bundled examples' data
 """
 
@@ -93,7 +94,8 @@ def new_pipeline(args: argparse.Namespace) -> int:
     from lepton_tasks.scaffold import new_pipeline as scaffold
 
     made = scaffold(args.name, args.source, args.target, Settings.from_env().data_root, pipelines_dir(),
-                    expectations_dir(), args.format, args.task, args.sample_rows, args.force)
+                    expectations_dir(), args.format, args.task, args.sample_rows, args.force, args.window_days,
+                    args.schedule)
     print(f"wrote {made.spec_path}\nwrote {made.suite_path}\n\nreview before the first run:")
     print("\n".join(f"  - {note}" for note in made.review))
     print(f"\nthen: lepton validate-spec {made.spec_path} && lepton run {args.name}")
@@ -112,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--format", choices=("csv", "parquet", "jsonl"), help="default: each file's extension")
     new.add_argument("--sample-rows", type=int, default=100_000,
                      help="rows sampled (uniformly, over the whole source) for quantiles; every row is profiled")
+    new.add_argument("--window-days", type=int, default=1,
+                     help="with {ds} (or {ds_nodash}, {yyyy}, {mm}, {dd}) in --source: days each run reads")
+    new.add_argument("--schedule", help='cron expression or preset, e.g. "0 3 * * *" (default: triggered only)')
     new.add_argument("--force", action="store_true", help="overwrite an existing spec and suite")
     check = commands.add_parser("validate-spec", help="check pipeline specs without starting Airflow")
     check.add_argument("files", nargs="*", help=f"spec files (default: every spec in {pipelines_dir()})")
@@ -119,12 +124,37 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("name", nargs="?", default=DEFAULT_PIPELINE)
     run_cmd.add_argument("-c", "--conf", default="{}", help="JSON params, as in the Airflow trigger form")
     run_cmd.add_argument("--rows", "--samples", type=int, help="demo rows to generate for a bundled example")
+    back = commands.add_parser("backfill", help="run every scheduled night in a date range (Airflow backfill)")
+    back.add_argument("name")
+    back.add_argument("--from", dest="first", required=True, type=_date, help="first night's date (ds), YYYY-MM-DD")
+    back.add_argument("--to", dest="last", required=True, type=_date, help="last night's date (ds), YYYY-MM-DD")
+    back.add_argument("--timeout-minutes", type=float, default=720, help="give up waiting after this long")
     demo = commands.add_parser("demo-data", help="write a bundled example's demo data to its landing folder")
     demo.add_argument("name", nargs="?", default=DEFAULT_PIPELINE)
     demo.add_argument("--rows", "--samples", type=int)
     commands.add_parser("up", help="start the local production profile (Airflow, MLflow on PostgreSQL; Dask)")
     commands.add_parser("down", help="stop what `lepton up` started")
     return parser
+
+
+def _date(text: str):
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a date (YYYY-MM-DD)") from None
+
+
+def backfill(args: argparse.Namespace) -> int:
+    """Backfill, wait, print each night's report.json path last (date order); 1 if a night failed."""
+    from lepton_tasks.backfill import backfill as run_backfill
+
+    done, reports = run_backfill(find_spec(args.name), args.first, args.last, args.timeout_minutes)
+    failed = [str(n.logical_date.date()) for n in done if n.state != "success"]
+    print(f"{len(done) - len(failed)} night(s) succeeded" + (f", failed: {', '.join(failed)}" if failed else ""))
+    print("\n".join(reports))
+    return 1 if failed else 0
 
 
 def services_up() -> int:
@@ -161,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(validate_specs(args.files))
         if args.command == "new-pipeline":
             sys.exit(new_pipeline(args))
+        if args.command == "backfill":
+            sys.exit(backfill(args))
         if args.command == "up":
             sys.exit(services_up())
         if args.command == "down":

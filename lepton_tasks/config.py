@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lepton_tasks.errors import BadParam
 
@@ -25,6 +25,8 @@ EXPECTATIONS_DIR = REPO_ROOT / "expectations"
 PIPELINES_DIR = REPO_ROOT / "dags" / "pipelines"  # one YAML spec per pipeline; LEPTON_PIPELINES_DIR overrides
 
 ModelKind = Literal["mlp", "cnn"]
+InitFrom = Literal["scratch", "champion"]
+DriftAction = Literal["fail", "warn"]
 
 
 class RunParams(BaseModel):
@@ -38,6 +40,18 @@ class RunParams(BaseModel):
         "A relative path is read under the Lepton data root.",
         min_length=1,
     )
+    window_days: int = Field(
+        1, ge=1, le=366, title="Window (days)",
+        description="Days of data a run reads, ending with its date (`ds`), when the source URI holds {ds}, "
+        "{ds_nodash}, {yyyy}, {mm} or {dd}.",
+    )
+    wait_timeout_minutes: float = Field(
+        0, ge=0, le=7 * 24 * 60, title="Wait for data (minutes)",
+        description="How long the run waits (deferred, in the triggerer) for every day of its window to land; "
+        "0 fails at once naming the missing day(s).",
+    )
+    wait_poke_seconds: float = Field(60, ge=1, le=3600, title="Wait poke interval (s)",
+                                     description="How often a waiting run looks for its files.")
     num_shards: int = Field(4, ge=1, le=64, title="Shards", description="Parquet shards = models trained in parallel.")
     local_epochs: int = Field(5, ge=1, le=500, title="Local epochs", description="Epochs each shard trains per round.")
     merge_rounds: int = Field(
@@ -64,11 +78,30 @@ class RunParams(BaseModel):
         0.2, gt=0, lt=1, title="Held-out fraction", description="Rows kept out of every shard for evaluation."
     )
     seed: int = Field(42, ge=0, le=2**31 - 1, title="Seed", description="Seeds the split, the init and the shuffles.")
+    init_from: InitFrom = Field(
+        "scratch", title="Start from",
+        description="`champion`: round 1 starts from the champion's weights and encoder (scratch where its "
+        "columns no longer fit); `scratch`: a fresh initialisation.",
+    )
+    drift_max: float = Field(
+        0.25, ge=0, title="Drift threshold (PSI)",
+        description="Largest population stability index of any feature or the label, against the champion's "
+        "training data, before `drift_action` applies (0.1: moderate, 0.25: major shift).",
+    )
+    drift_action: DriftAction = Field(
+        "warn", title="On drift", description="`fail`: stop before training; `warn`: notify and go on.")
     quarantine_max_fraction: float = Field(
         0.0, ge=0, le=0.5, title="Quarantine up to",
         description="Rows failing row-level expectations go to a run-scoped quarantine file (with reasons) and the "
         "run goes on while they are at most this share of the data; 0 stops the run on any failed expectation.",
     )
+
+    @field_validator("source_uri")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        from lepton_tasks.window import check_template
+
+        return check_template(value)
 
     def digest(self) -> str:
         """Short content hash, used to tell whether a checkpoint was made with these params."""

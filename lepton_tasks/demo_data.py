@@ -7,6 +7,9 @@
 
 The files land in a landing folder and the pipeline ingests them like any other source:
 `lepton demo-data lepton_house_prices` writes `{data_root}/landing/house_prices/sales-2026-0*.csv`.
+- Machine sensors (`lepton_sensors`, the nightly example): one Parquet partition a day,
+  `{data_root}/landing/sensors/YYYY-MM-DD/readings.parquet` for November 2026, with a slow temperature trend and
+  an abrupt pressure shift on line C from 2026-11-12 (what the drift alarm catches).
 """
 
 from __future__ import annotations
@@ -104,10 +107,64 @@ def write_house_prices(landing_dir: Path, rows: int = 6000, seed: int = 42, file
     return Path(landing_dir)
 
 
+SENSOR_DAYS = ("2026-11-01", "2026-11-30")  # the nightly example's daily partitions, first and last
+SENSOR_SHIFT_DAY = "2026-11-12"  # line C's pressure sensors are swapped for ones reading 35% high from this day
+MACHINES = {"press": (64.0, 2.4), "lathe": (58.0, 1.6), "mill": (61.0, 2.0)}  # base temperature C, vibration mm/s
+
+
+def make_sensor_day(day: str, rows: int = 1500, seed: int = 42):
+    """One day of machine readings: temperature creeps up 0.05 C a day (wear), and from SENSOR_SHIFT_DAY line C
+    reports pressure 35% high (a recalibration). `fault` (a fault within 24 h) follows the true readings."""
+    import datetime as dt
+
+    import pandas as pd
+
+    date = dt.date.fromisoformat(day)
+    age = (date - dt.date.fromisoformat(SENSOR_DAYS[0])).days
+    rng = np.random.default_rng([seed, date.toordinal()])
+    machine = rng.choice(list(MACHINES), rows, p=[.4, .35, .25])
+    line = rng.choice(["A", "B", "C"], rows, p=[.35, .35, .3])
+    base_temp, base_vib = (np.array([MACHINES[m][i] for m in machine]) for i in (0, 1))
+    temperature = base_temp + 0.05 * age + rng.normal(0, 3.0, rows)
+    vibration = base_vib * rng.lognormal(0, 0.35, rows)
+    pressure = rng.normal(6.0, 0.6, rows)
+    load = np.clip(rng.normal(62, 18, rows), 0, 100)
+    risk = -1.6 + 0.25 * (temperature - base_temp) + 1.1 * (vibration - base_vib) + 0.03 * (load - 62) \
+        + 0.9 * np.abs(pressure - 6.0)
+    fault = (rng.random(rows) < 1 / (1 + np.exp(-risk))).astype(np.int64)
+    reported = np.where((line == "C") & (day >= SENSOR_SHIFT_DAY), pressure * 1.35, pressure)
+    return pd.DataFrame({"machine_type": machine, "line": line, "temperature_c": temperature.round(2),
+                         "vibration_mm_s": vibration.round(3), "pressure_bar": reported.round(3),
+                         "load_pct": load.round(1), "fault": fault})
+
+
+def sensor_days(first: str = SENSOR_DAYS[0], last: str = SENSOR_DAYS[1]) -> list[str]:
+    import datetime as dt
+
+    start, end = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
+    return [(start + dt.timedelta(days=n)).isoformat() for n in range((end - start).days + 1)]
+
+
+def write_sensor_day(landing_dir: Path, day: str, rows: int = 1500) -> Path:
+    """One daily partition, `{landing_dir}/{day}/readings.parquet`, written atomically (it lands whole)."""
+    target = Path(landing_dir) / day / "readings.parquet"
+    with atomic_file(target) as tmp:
+        make_sensor_day(day, rows).to_parquet(tmp, index=False)
+    return target
+
+
+def write_sensors(landing_dir: Path, rows: int = 1500) -> Path:
+    """Every day of SENSOR_DAYS, `rows` readings each; returns the landing folder."""
+    for day in sensor_days():
+        write_sensor_day(landing_dir, day, rows)
+    return Path(landing_dir)
+
+
 # bundled example pipeline -> (landing folder under the data root, writer(folder, rows), default rows)
 EXAMPLES = {
     "lepton_mnist1d": ("landing/mnist1d", write_mnist1d, DEFAULT_SAMPLES),
     "lepton_house_prices": ("landing/house_prices", write_house_prices, 6000),
+    "lepton_sensors": ("landing/sensors", write_sensors, 1500),
 }
 
 
@@ -117,7 +174,7 @@ def ensure_example_data(pipeline: str, data_root: Path, rows: int | None = None)
         return None
     folder, writer, default_rows = EXAMPLES[pipeline]
     landing = Path(data_root) / folder
-    if not any(landing.glob("*.*")):
+    if not any(landing.rglob("*.*")):
         writer(landing, rows or default_rows)
         print(f"wrote {rows or default_rows} demo rows for {pipeline} to {landing}")
     return landing

@@ -7,6 +7,7 @@ batch, not by the data set.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from lepton_tasks import window
 from lepton_tasks.errors import BadSource
 from lepton_tasks.storage import atomic_dir, sha256_files
+from lepton_tasks.window import DaySource
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ class IngestManifest:
     sha256: str  # over the stage's Parquet parts
     bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    # per day of a date-templated source ({day: None} otherwise): its URI and files, each with rows and sha256
+    window: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,31 +180,58 @@ def _first_non_number(part: Path, column: str) -> str | None:
 
 
 def ingest(source_uri: str, data_root: Path, stage_dir: Path, fmt: str | None = None,
-           expected: dict[str, str] | None = None) -> IngestManifest:
+           expected: dict[str, str] | None = None, ds: dt.date | None = None,
+           window_days: int = 1) -> IngestManifest:
     """Copy the source into `stage_dir` as Parquet parts and describe what was written.
 
     `fmt` restricts the files read to one format; every column in `expected` ({name: "numeric" | "any"}) must be
-    in the source, numeric ones as numbers.
+    in the source, numeric ones as numbers. A source URI templated on the date reads the `window_days` days
+    ending with `ds` (see `lepton_tasks.window`); a day without data fails the stage, naming it.
     """
-    uri = resolve_uri(source_uri, data_root)
-    fs, files = list_source_files(uri, fmt)
-    schema, rows, source_digests = None, 0, []
+    days = _window(source_uri, data_root, fmt, ds, window_days)
+    schema, rows, files, window = None, 0, [], []
     with atomic_dir(stage_dir) as tmp:
-        for index, path in enumerate(files):
-            part_rows, schema, digest = _copy_file(fs, path, tmp / f"part-{index:05d}.parquet", schema)
-            _check_columns(path, tmp / f"part-{index:05d}.parquet", schema, expected or {})
-            rows += part_rows
-            source_digests.append(digest)
-            log.info("ingested %s: %d rows", path, part_rows)
+        for day, (fs, day_files) in days.items():
+            listed = []
+            for path in day_files:
+                part = tmp / f"part-{len(files):05d}.parquet"
+                part_rows, schema, digest = _copy_file(fs, path, part, schema)
+                _check_columns(path, part, schema, expected or {})
+                rows += part_rows
+                files.append(path)
+                listed.append({"path": path, "rows": part_rows, "sha256": digest})
+                log.info("ingested %s: %d rows", path, part_rows)
+            window.append({"day": day.day, "uri": resolve_uri(day.uri, data_root), "files": listed})
     parts = sorted(Path(stage_dir).glob("part-*.parquet"))
     return IngestManifest(
-        source_uri=uri,
+        source_uri=resolve_uri(source_uri, data_root),
         source_files=files,
-        source_sha256=hashlib.sha256("".join(source_digests).encode()).hexdigest(),
+        source_sha256=hashlib.sha256("".join(f["sha256"] for d in window for f in d["files"]).encode()).hexdigest(),
         stage_dir=str(stage_dir),
         parts=[str(p) for p in parts],
         rows=rows,
         columns={f.name: str(f.type) for f in schema},
         sha256=sha256_files(parts),
         bytes=sum(p.stat().st_size for p in parts),
+        window=window,
     )
+
+
+def _window(source_uri: str, data_root: Path, fmt: str | None, ds: dt.date | None,
+            window_days: int) -> dict[DaySource, tuple[object, list[str]]]:
+    """Each day's resolved URI with its filesystem and files; BadSource naming every day without data."""
+    if window.is_templated(source_uri) and ds is None:
+        raise BadSource(f"param 'source_uri' ('{source_uri}') is templated on the run's date, but the run has none")
+    days = window.resolve(source_uri, ds or dt.date.today(), window_days)
+    listed, absent = {}, []
+    for day in days:
+        try:
+            listed[day] = list_source_files(resolve_uri(day.uri, data_root), fmt)
+        except BadSource as err:
+            if day.day is None:
+                raise
+            absent.append(f"{day.day}: {err}")
+    if absent:
+        raise BadSource(f"no data for {len(absent)} of the {len(days)} day(s) of the window ending {ds}: "
+                        + "; ".join(absent))
+    return listed

@@ -1,4 +1,4 @@
-"""Where a run's results can be seen: MLflow run and model version, GE data docs, Dask dashboard.
+"""Where a run's results can be seen: MLflow run and model version, GE data docs, drift report, Dask dashboard.
 
 Plain functions over the stages' manifests; `plugins/lepton_plugin.py` turns them into task-instance extra links
 in the Airflow UI, and serves each run's data docs (which live in the run folder) behind Airflow's login.
@@ -14,6 +14,7 @@ from lepton_tasks.storage import RunPaths
 
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` / `mlflow server` listen by default
 DATA_DOCS_PREFIX = "/lepton/data-docs"  # mounted by the plugin on the Airflow api-server
+DRIFT_PREFIX = "/lepton/drift"
 
 
 def mlflow_ui_base(tracking_uri: str | None) -> str:
@@ -54,6 +55,18 @@ def data_docs_file(data_root: Path, dag_id: str, run_id: str, relative: str) -> 
     if not wanted.is_relative_to(docs) or not wanted.is_file():
         return None
     return wanted
+
+
+def drift_report_url(dag_id: str, run_id: str) -> str:
+    """The run's drift report as served by the plugin (beside the data docs, under Airflow's login)."""
+    return f"{DRIFT_PREFIX}/{quote(dag_id, safe='')}/{quote(run_id, safe='')}/report.html"
+
+
+def drift_report_file(data_root: Path, dag_id: str, run_id: str) -> Path | None:
+    from lepton_tasks.drift import REPORT
+
+    found = RunPaths.of(data_root, dag_id, run_id).stage("drift") / REPORT
+    return found if found.is_file() else None
 
 
 def dask_dashboard_url(trained: dict | None) -> str | None:

@@ -8,6 +8,7 @@ into `{run}/report.json`.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import time
@@ -22,13 +23,14 @@ from lepton_tasks.config import RunParams, Settings, mlflow_auth_env, mlflow_tra
 from lepton_tasks.errors import LeptonError
 from lepton_tasks.specs import LoadedSpec, PipelineSpec
 from lepton_tasks.storage import RunPaths, read_json, write_json
+from lepton_tasks.window import DaySource, parse_ds
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingest", "validate", "shard", "train", "merge", "compress", "register")
+STAGES = ("wait", "ingest", "validate", "drift", "shard", "train", "merge", "compress", "register")
 VARIANT_FIGURES = ("score", "metrics", "bytes", "latency_p50_ms", "latency_p99_ms")
 REPORT_METRICS = {"ingest": ["rows"], "validate": ["passed", "failed", "quarantined_rows"],
-                  "shard": ["shard_rows", "eval_rows"],
+                  "drift": ["max_psi"], "shard": ["shard_rows", "eval_rows"],
                   "merge": ["metric", "merged_metrics", "shard_metrics"], "compress": ["chosen", "variants"]}
 
 
@@ -41,10 +43,16 @@ class RunContext:
     run_id: str
     params: RunParams
     settings: Settings
+    ds: dt.date | None = None  # the run's date (Airflow's `ds`): what a date-templated source reads
 
     @property
     def spec(self) -> PipelineSpec:
         return self.loaded.spec
+
+    @property
+    def day(self) -> dt.date:
+        """The date a templated source is read for: `ds`, or today for a run outside Airflow without one."""
+        return self.ds or dt.date.today()
 
     @property
     def paths(self) -> RunPaths:
@@ -57,17 +65,27 @@ class RunContext:
         return self.paths.root / "summaries" / f"{stage}.json"
 
 
-def context(loaded: LoadedSpec, run_id: str, raw_params: dict | None = None, dag_id: str | None = None) -> RunContext:
+def context(loaded: LoadedSpec, run_id: str, raw_params: dict | None = None, dag_id: str | None = None,
+            ds: dt.date | str | None = None) -> RunContext:
     params = parse_params(raw_params, loaded.spec.run_defaults())
-    return RunContext(loaded, dag_id or loaded.name, run_id, params, Settings.from_env())
+    return RunContext(loaded, dag_id or loaded.name, run_id, params, Settings.from_env(),
+                      parse_ds(ds) if ds is not None else None)
 
 
 def from_airflow(task_context: dict[str, Any], loaded: LoadedSpec) -> RunContext:
     """The RunContext of the Airflow task whose context Airflow handed the task function."""
     try:
-        return context(loaded, task_context["run_id"], dict(task_context["params"]), task_context["dag"].dag_id)
+        return context(loaded, task_context["run_id"], dict(task_context["params"]), task_context["dag"].dag_id,
+                       run_date(task_context))
     except LeptonError as err:
         raise _without_retry(err) from err
+
+
+def run_date(task_context: dict[str, Any]) -> dt.date:
+    """Airflow's `ds`; a run triggered without a logical date (Airflow 3 allows it) is dated by its run_after."""
+    if task_context.get("ds"):
+        return parse_ds(task_context["ds"])
+    return task_context["dag_run"].run_after.date()
 
 
 def _without_retry(err: LeptonError) -> Exception:
@@ -87,7 +105,7 @@ def _run_stage(ctx: RunContext, stage: str, body: Callable[[], Any], figures: Ca
         result = manifest.to_dict() if hasattr(manifest, "to_dict") else manifest
     except Exception as err:
         summary = {"status": "failed", "seconds": round(time.perf_counter() - started, 3),
-                   "error": f"{type(err).__name__}: {err}"}
+                   "error": f"{type(err).__name__}: {err}", **getattr(err, "figures", {})}
         if not isinstance(err, LeptonError):
             summary["traceback"] = traceback.format_exc(limit=5)
         write_json(ctx.summary_path(stage), summary)
@@ -140,6 +158,41 @@ def _shape(ctx: RunContext, shards: dict):
     return model_shape(shards["encoder"], ctx.params.model_kind, ctx.params.hidden_size)
 
 
+def window(ctx: RunContext) -> list[DaySource]:
+    from lepton_tasks.window import resolve
+
+    return resolve(ctx.params.source_uri, ctx.day, ctx.params.window_days)
+
+
+def missing_days(ctx: RunContext) -> list[DaySource]:
+    """The days of the run's window that have no data file yet."""
+    from lepton_tasks.window import missing
+
+    return missing(window(ctx), ctx.settings.data_root, ctx.spec.source.format)
+
+
+def absolute(ctx: RunContext, days: list[DaySource]) -> list[DaySource]:
+    from lepton_tasks.ingest import resolve_uri
+
+    return [DaySource(d.day, resolve_uri(d.uri, ctx.settings.data_root)) for d in days]
+
+
+def wait(ctx: RunContext, absent: list[DaySource]) -> dict:
+    """The wait task's outcome: every day present, or a failure naming the missing ones (nothing after runs)."""
+    from lepton_tasks.errors import BadSource
+    from lepton_tasks.window import describe
+
+    def body() -> dict:
+        if absent:
+            minutes = ctx.params.wait_timeout_minutes
+            waited = f" after waiting {minutes:g} min" if minutes else ""
+            raise BadSource(f"no data for {len(absent)} day(s) of the window ending {ctx.day}{waited}: "
+                            f"{describe(absent)}")
+        return {"ds": str(ctx.day), "days": [d.to_dict() for d in window(ctx)]}
+
+    return _run_stage(ctx, "wait", body, lambda m: m)
+
+
 def ingest(ctx: RunContext) -> dict:
     from lepton_tasks import ingest as stage
 
@@ -147,9 +200,9 @@ def ingest(ctx: RunContext) -> dict:
     expected[ctx.spec.target.column] = "numeric" if ctx.spec.target.task == "regression" else "any"
     return _run_stage(ctx, "ingest",
                       lambda: stage.ingest(ctx.params.source_uri, ctx.settings.data_root, ctx.stage_dir("ingest"),
-                                           ctx.spec.source.format, expected),
+                                           ctx.spec.source.format, expected, ctx.day, ctx.params.window_days),
                       lambda m: {"rows": m["rows"], "files": len(m["source_files"]), "sha256": m["sha256"],
-                                 "source_sha256": m["source_sha256"]})
+                                 "source_sha256": m["source_sha256"], "window": m["window"]})
 
 
 def validate(ctx: RunContext, ingested: dict) -> dict:
@@ -173,18 +226,83 @@ def validate(ctx: RunContext, ingested: dict) -> dict:
                                                    "quarantined_rows", "quarantine_path", "partitions")})
 
 
-def shard(ctx: RunContext, validated: dict) -> dict:
+def drift(ctx: RunContext, validated: dict, on_alarm: Callable[[str], None] = lambda message: None) -> dict:
+    """Snapshot the champion, measure how far the validated rows moved from its data, write the drift report;
+    over `drift_max`, call `on_alarm` with the verdict, and stop the run when `drift_action` is `fail`."""
+    from lepton_tasks import champion
+    from lepton_tasks import drift as stage
+
+    def body() -> dict:
+        os.environ.update(mlflow_auth_env())
+        snap = champion.snapshot(mlflow_tracking_uri(ctx.settings), ctx.spec.registered_model_name,
+                                 ctx.paths.root / "champion")
+        reference = {"model_version": snap.version, "mlflow_run_id": snap.mlflow_run_id} if snap else None
+        measured = stage.measure(validated["parts"], ctx.spec, ctx.stage_dir("drift"),
+                                 Path(snap.profile) if snap and snap.profile else None, reference,
+                                 ctx.params.drift_max, ctx.params.drift_action)
+        verdict = stage.verdict(measured)
+        log.info("%s", verdict)
+        manifest = {**measured.to_dict(), "champion": snap.to_dict() if snap else None}
+        if measured.alarm:
+            on_alarm(verdict)
+            if measured.action == "fail":
+                err = stage.DriftError(f"{verdict}: stopped before training, nothing registered")
+                err.figures = _drift_figures(manifest)
+                raise err
+        return manifest
+
+    return _run_stage(ctx, "drift", body, _drift_figures)
+
+
+def _drift_figures(manifest: dict) -> dict:
+    return {k: manifest[k] for k in ("max_psi", "worst", "threshold", "action", "alarm", "columns", "reference",
+                                     "report_path", "note")}
+
+
+def warm_start(ctx: RunContext, drifted: dict) -> tuple[dict | None, str]:
+    """The champion snapshot round 1 starts from, or None with the reason it starts from scratch."""
+    from lepton_tasks.champion import ChampionSnapshot
+    from lepton_tasks.features import Encoder
+
+    if ctx.params.init_from == "scratch":
+        return None, "init_from is scratch"
+    if not drifted.get("champion"):
+        return None, "no champion yet"
+    snap = ChampionSnapshot(**drifted["champion"])
+    encoder, spec = Encoder.from_dict(snap.encoder_dict()), ctx.spec
+    theirs = [(c.name, c.kind) for c in encoder.columns] + [(encoder.target, encoder.task)]
+    ours = list(spec.features.items()) + [(spec.target.column, spec.target.task)]
+    if theirs != ours:
+        return None, f"champion version {snap.version} was trained on other columns ({theirs} vs {ours})"
+    if spec.target.task == "classification" and encoder.classes != [str(c) for c in spec.target.classes]:
+        return None, f"champion version {snap.version} has classes {encoder.classes}, not {spec.target.classes}"
+    for knob in ("model_kind", "hidden_size"):
+        if str(snap.params.get(knob)) != str(getattr(ctx.params, knob)):
+            return None, (f"champion version {snap.version} has {knob} {snap.params.get(knob)}, this run "
+                          f"{getattr(ctx.params, knob)}")
+    return snap.to_dict(), f"round 1 starts from champion version {snap.version} (its weights and encoder)"
+
+
+def shard(ctx: RunContext, validated: dict, drifted: dict | None = None) -> dict:
     from lepton_tasks import shard as stage
+    from lepton_tasks.champion import ChampionSnapshot
     from lepton_tasks.cluster import dask_client, recovering
 
     def body():
+        snap, reason = warm_start(ctx, drifted or {})
+        log.info("warm start: %s", reason)
+        encoder = ChampionSnapshot(**snap).encoder_dict() if snap else None
         with dask_client(ctx.settings, ctx.params.num_shards) as client:
-            return recovering(client, "shard", lambda attempt: stage.shard(
+            manifest = recovering(client, "shard", lambda attempt: stage.shard(
                 validated["parts"], ctx.stage_dir("shard"), ctx.params.num_shards, ctx.params.eval_fraction,
-                ctx.params.seed, ctx.spec, client))
+                ctx.params.seed, ctx.spec, client, encoder))
+        manifest.warm_start = {"init_from": ctx.params.init_from, "reason": reason,
+                               **({"version": snap["version"], "weights": snap["weights"]} if snap else {})}
+        return manifest
 
     return _run_stage(ctx, "shard", body, lambda m: {
-        "shard_rows": {s["name"]: s["rows"] for s in m["shards"]}, "eval_rows": m["eval"]["rows"]})
+        "shard_rows": {s["name"]: s["rows"] for s in m["shards"]}, "eval_rows": m["eval"]["rows"],
+        "warm_start": m["warm_start"]})
 
 
 def train(ctx: RunContext, shards: dict) -> dict:
@@ -192,9 +310,11 @@ def train(ctx: RunContext, shards: dict) -> dict:
     from lepton_tasks.cluster import dask_client
 
     def body():
+        start = shards.get("warm_start") or {}
         with dask_client(ctx.settings, ctx.params.num_shards) as client:
             manifest = stage.train(shards["shards"], shards["encoder"], _shape(ctx, shards), ctx.params,
-                                   ctx.stage_dir("train"), client, ctx.settings.train_threads)
+                                   ctx.stage_dir("train"), client, ctx.settings.train_threads,
+                                   start if "weights" in start else None)
             manifest.dashboard_link = client.dashboard_link
             return manifest
 
@@ -234,10 +354,11 @@ def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
         os.environ.update(mlflow_auth_env())  # read by the MLflow client; never logged
         record = stage.RunRecord(ctx.dag_id, ctx.run_id, ctx.params.model_dump(), str(ctx.loaded.path),
                                  ctx.loaded.sha256, manifests["ingest"], manifests["validate"], manifests["shard"],
-                                 manifests["train"], manifests["merge"], manifests["compress"])
-        artifact_root = ctx.settings.mlflow_artifact_root() if _is_local(ctx) else None
+                                 manifests["train"], manifests["merge"], manifests["compress"],
+                                 manifests.get("drift"))
         return stage.register(record, mlflow_tracking_uri(ctx.settings), ctx.spec.experiment_name,
-                              ctx.spec.registered_model_name, artifact_root, _eval_tensors(manifests["shard"])[0])
+                              ctx.spec.registered_model_name, _artifact_root(ctx.settings),
+                              _eval_tensors(manifests["shard"])[0])
 
     return _run_stage(ctx, "register", body, lambda m: {"mlflow": m})
 
@@ -246,9 +367,11 @@ def run_in_process(ctx: RunContext, last: str = "register") -> tuple[dict[str, d
     """Every stage up to `last`, one after another in this process, wired as the DAG wires them: the manifests
     and each stage's wall seconds. For plain scripts, benchmarks and tests (the DAG runs each in a task)."""
     steps: dict[str, Callable[[dict], dict]] = {
+        "wait": lambda m: wait(ctx, missing_days(ctx)),
         "ingest": lambda m: ingest(ctx),
         "validate": lambda m: validate(ctx, m["ingest"]),
-        "shard": lambda m: shard(ctx, m["validate"]),
+        "drift": lambda m: drift(ctx, m["validate"]),
+        "shard": lambda m: shard(ctx, m["validate"], m["drift"]),
         "train": lambda m: train(ctx, m["shard"]),
         "merge": lambda m: merge(ctx, m["shard"], m["train"]),
         "compress": lambda m: compress(ctx, m["shard"], m["merge"]),
@@ -279,9 +402,10 @@ def champion_event(registered: dict) -> dict:
     return {k: registered[k] for k in ("model_name", "model_version", "run_id", "tracking_uri", "champion_before")}
 
 
-def _is_local(ctx: RunContext) -> bool:
+def _artifact_root(settings: Settings) -> str | None:
     """A database or local store gets an explicit artifact root; a tracking server manages its own."""
-    return not mlflow_tracking_uri(ctx.settings).startswith(("http://", "https://", "databricks"))
+    remote = mlflow_tracking_uri(settings).startswith(("http://", "https://", "databricks"))
+    return None if remote else settings.mlflow_artifact_root()
 
 
 def report(ctx: RunContext) -> dict:
@@ -317,20 +441,26 @@ def _metrics(stages: dict) -> dict:
     for stage, keys in REPORT_METRICS.items():
         for key in keys:
             if key in stages[stage]:
-                figures[f"{stage}.{key}" if stage == "validate" else key] = stages[stage][key]
+                figures[f"{stage}.{key}" if stage in ("validate", "drift") else key] = stages[stage][key]
     return figures
 
 
-def score_champion(upstream: PipelineSpec, run_id: str, params: dict, dag_id: str = "lepton_score_champion") -> dict:
-    """The consumer DAG's task: score a batch with `upstream`'s champion model (see `lepton_tasks.score`)."""
-    from lepton_tasks import score
+def score(loaded: LoadedSpec, task_context: dict[str, Any]) -> dict:
+    """The consumer DAG `NAME_score`'s task: score the night's rows (`score.uri`, templated on the run's date)
+    with the pipeline's champion (see `lepton_tasks.score`), and log the scoring run to MLflow."""
+    from lepton_tasks import score as stage
+    from lepton_tasks.window import resolve
 
-    settings = Settings.from_env()
+    spec, settings = loaded.spec, Settings.from_env()
+    dag_id, run_id = task_context["dag"].dag_id, task_context["run_id"]
     os.environ.update(mlflow_auth_env())
+    uris = [d.uri for d in resolve(spec.score.uri, run_date(task_context), spec.score.window_days)]
     out_dir = RunPaths.of(settings.data_root, dag_id, run_id).stage("score")
+    tracking_uri = mlflow_tracking_uri(settings)
     try:
-        manifest = score.score(mlflow_tracking_uri(settings), upstream.registered_model_name, params["batch_uri"],
-                               settings.data_root, out_dir, int(params["rows"]))
+        manifest = stage.score(tracking_uri, spec.registered_model_name, uris, settings.data_root, out_dir)
+        manifest.mlflow_run_id = stage.log_scoring(tracking_uri, spec.experiment_name, _artifact_root(settings),
+                                                   dag_id, run_id, manifest)
     except LeptonError as err:
         if err.retryable:
             raise

@@ -28,6 +28,7 @@ TAG_METRIC = "lepton.metric"
 TAG_SPEC, TAG_SPEC_SHA = "lepton.spec", "lepton.spec_sha256"
 TAG_SOURCE, TAG_DATA_SHA = "lepton.source_uri", "lepton.data_sha256"
 TAG_COMPLETE = "lepton.complete"
+TAG_WINDOW, TAG_INIT, TAG_INIT_FALLBACK = "lepton.window", "lepton.init_from", "lepton.warm_start_fallback"
 CANDIDATE, CHAMPION = "candidate", "champion"
 
 
@@ -46,6 +47,7 @@ class RunRecord:
     train: dict
     merge: dict
     compress: dict
+    drift: dict | None = None
 
 
 @dataclass
@@ -64,12 +66,20 @@ class RegisterManifest:
 
 
 def _lineage(record: RunRecord) -> dict[str, str]:
-    """Which spec and which data made this model."""
-    return {TAG_SPEC: Path(record.spec_path).stem, TAG_SPEC_SHA: record.spec_sha256,
-            TAG_SOURCE: record.ingest["source_uri"], TAG_DATA_SHA: record.ingest["source_sha256"]}
+    """Which spec, which data (and which days of it) and which starting weights made this model."""
+    days = [d["day"] for d in record.ingest.get("window", []) if d.get("day")]
+    start = record.shards.get("warm_start") or {}
+    tags = {TAG_SPEC: Path(record.spec_path).stem, TAG_SPEC_SHA: record.spec_sha256,
+            TAG_SOURCE: record.ingest["source_uri"], TAG_DATA_SHA: record.ingest["source_sha256"],
+            TAG_INIT: f"champion:{start['version']}" if "version" in start else "scratch"}
+    if days:
+        tags[TAG_WINDOW] = f"{days[0]}..{days[-1]}"
+    if start.get("init_from") == "champion" and "version" not in start:
+        tags[TAG_INIT_FALLBACK] = start.get("reason", "")[:5000]
+    return tags
 
 
-def _experiment_id(client, name: str, artifact_root: str | None) -> str:
+def ensure_experiment(client, name: str, artifact_root: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
@@ -91,7 +101,7 @@ def _find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _open_run(client, experiment_id: str, tags: dict[str, str], name: str, parent: str | None = None) -> str:
+def open_run(client, experiment_id: str, tags: dict[str, str], name: str, parent: str | None = None) -> str:
     """The run with these tags, created once."""
     return _find_or_create_run(client, experiment_id, tags, name, parent)[0]
 
@@ -142,7 +152,7 @@ def _log_shard_runs(client, experiment_id: str, parent: str, record: RunRecord) 
         for ckpt in rnd:
             shard = ckpt["shard"]
             tags = {TAG_RUN: record.run_id, TAG_DAG: record.dag_id, TAG_SHARD: shard}
-            run_id = _open_run(client, experiment_id, tags, shard, parent)
+            run_id = open_run(client, experiment_id, tags, shard, parent)
             for epoch in ckpt["epochs"]:
                 step = (ckpt["round"] - 1) * epochs_per_round + epoch["epoch"]
                 _log_metrics(client, run_id, {"loss": epoch["loss"]}, step)
@@ -163,6 +173,11 @@ def _log_artifacts(client, run_id: str, record: RunRecord) -> None:
     client.log_dict(run_id, record.shards["encoder"], "model/encoder.json")  # how to turn rows into model input
     client.log_artifact(run_id, record.spec_path, "spec")
     client.log_dict(run_id, record.ingest, "ingest/manifest.json")
+    client.log_dict(run_id, record.ingest.get("window", []), "lineage/source_files.json")  # each file's sha256
+    if record.drift:  # this run's data profile: the reference drift is measured against once it is champion
+        client.log_artifact(run_id, record.drift["profile_path"], "drift")
+        if record.drift.get("report_path"):
+            client.log_artifact(run_id, record.drift["report_path"], "drift")
     client.log_artifacts(run_id, record.train["stage_dir"], "checkpoints")
     client.log_artifact(run_id, record.merge["merged_path"], "merged")
     client.log_artifact(run_id, record.compress["chosen_path"], "onnx")
@@ -342,7 +357,7 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     try:
-        experiment_id = _experiment_id(client, experiment_name, artifact_root)
+        experiment_id = ensure_experiment(client, experiment_name, artifact_root)
         run_id, created = _find_or_create_run(client, experiment_id, {TAG_RUN: record.run_id, TAG_DAG: record.dag_id},
                                               record.run_id)
         _reopen(client, run_id, created)
@@ -372,6 +387,9 @@ def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord
     for key, value in record.params.items():
         client.log_param(run_id, key, value)
     _log_metrics(client, run_id, summary_metrics(record))
+    if record.drift and record.drift.get("max_psi") is not None:
+        _log_metrics(client, run_id, {"drift_max_psi": record.drift["max_psi"],
+                                      **{f"drift_psi.{c}": v for c, v in record.drift["columns"].items()}})
     metric = record.merge["metric"]
     for rnd, score in enumerate(record.merge.get("round_scores", []), start=1):  # the merged curve, per round
         _log_metrics(client, run_id, {f"merged_eval_{metric}_by_round": score}, step=rnd)

@@ -132,7 +132,7 @@ def profile_suite(name: str, profile: SourceProfile, features: dict[str, str], t
 
 
 def spec_text(name: str, source: str, fmt: str | None, features: dict[str, str], target: str, task: str,
-              classes: list | None, suite_file: str) -> str:
+              classes: list | None, suite_file: str, window_days: int = 1, schedule: str | None = None) -> str:
     """The YAML of a new spec: every section present, defaults spelled out where a person is likely to tune."""
     lines = [
         f"# Pipeline spec made by `lepton new-pipeline` from {source}. Check it with `lepton validate-spec`.",
@@ -141,11 +141,14 @@ def spec_text(name: str, source: str, fmt: str | None, features: dict[str, str],
         f"  {name}: shard, train one model per shard, merge, compress and register.",
         "owner: data-engineering",
         f"tags: [{name}]",
-        "schedule: null   # a cron expression (\"0 2 * * *\") or preset (@daily); null: triggered runs only",
+        f"schedule: {json.dumps(schedule) if schedule else 'null'}   # cron (\"0 2 * * *\") or preset (@daily); "
+        "null: triggered runs only",
         "",
         "source:",
         f"  uri: {json.dumps(source)}",
         f"  format: {fmt or 'null'}",
+        f"  window_days: {window_days}   # with {{ds}} in the uri: the days each run reads, ending with its date",
+        "  wait: {timeout_minutes: 0, poke_seconds: 60}   # how long a run waits (deferred) for its days to land",
         "",
         "features:",
         *[f"  {column}: {kind}" for column, kind in features.items()],
@@ -183,19 +186,21 @@ def spec_text(name: str, source: str, fmt: str | None, features: dict[str, str],
 
 def new_pipeline(name: str, source: str, target: str, data_root: Path, pipelines_dir: Path,
                  expectations_dir: Path, fmt: str | None = None, task: str | None = None,
-                 sample_rows: int = SAMPLE_ROWS, force: bool = False) -> Scaffold:
-    """Profile `source`, then write `{pipelines_dir}/{name}.yaml` and `{expectations_dir}/{name}.json`."""
+                 sample_rows: int = SAMPLE_ROWS, force: bool = False, window_days: int = 1,
+                 schedule: str | None = None) -> Scaffold:
+    """Profile `source`, then write `{pipelines_dir}/{name}.yaml` and `{expectations_dir}/{name}.json`. A source
+    templated on the run's date is profiled over every day that exists (each placeholder read as `*`)."""
     spec_path, suite_path = Path(pipelines_dir) / f"{name}.yaml", Path(expectations_dir) / f"{name}.json"
     for path in (spec_path, suite_path):
         if path.exists() and not force:
             raise SpecError(f"'{path}' already exists (pass --force to overwrite it)")
-    profile = profile_source(resolve_uri(source, data_root), fmt, {target}, sample_rows)
+    profile = profile_source(resolve_uri(every_day(source), data_root), fmt, {target}, sample_rows)
     if target not in profile.columns:
         raise SpecError(f"target column '{target}' is not in {profile.files[0]} (columns: {list(profile.columns)})")
     task = task or infer_task(profile.columns[target])
     features = {c: "numeric" if p.numeric else "categorical" for c, p in profile.columns.items() if c != target}
     classes = _typed(profile.columns[target], profile.columns[target].counts) if task == "classification" else None
-    text = spec_text(name, source, fmt, features, target, task, classes, suite_path.name)
+    text = spec_text(name, source, fmt, features, target, task, classes, suite_path.name, window_days, schedule)
     suite = profile_suite(name, profile, features, target, task)
     suite_path.parent.mkdir(parents=True, exist_ok=True)
     suite_path.write_text(json.dumps(suite, indent=1) + "\n")
@@ -206,10 +211,22 @@ def new_pipeline(name: str, source: str, target: str, data_root: Path, pipelines
         raise
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(text)
-    return Scaffold(spec_path, suite_path, profile.rows, _review(profile, features, target, task))
+    return Scaffold(spec_path, suite_path, profile.rows, _review(profile, features, target, task, schedule))
 
 
-def _review(profile: SourceProfile, features: dict[str, str], target: str, task: str) -> list[str]:
+def every_day(source: str) -> str:
+    """The glob matching every day of a date-templated source (the source itself otherwise)."""
+    from lepton_tasks.window import PLACEHOLDERS, check_template
+
+    try:
+        check_template(source)
+    except ValueError as err:
+        raise SpecError(f"--source {err}") from None
+    return source.format(**dict.fromkeys(PLACEHOLDERS, "*"))
+
+
+def _review(profile: SourceProfile, features: dict[str, str], target: str, task: str,
+            schedule: str | None = None) -> list[str]:
     columns = profile.columns
     notes = [f"profiled all {profile.rows} rows of {len(profile.files)} file(s), first {profile.files[0]}",
              f"target '{target}' taken as {task} (pass --task to change it)",
@@ -236,5 +253,6 @@ def _review(profile: SourceProfile, features: dict[str, str], target: str, task:
                                                                       or len(columns[c].counts) > MAX_VALUE_SET)]
     if wide:
         notes.append(f"high-cardinality categoricals (no value-set check; one-hot keeps the top 20): {wide}")
-    notes.append("schedule is null (manual runs); set a cron expression for nightly runs")
+    if schedule is None:
+        notes.append("schedule is null (manual runs); set a cron expression (or --schedule) for nightly runs")
     return notes

@@ -1,8 +1,9 @@
-"""Score: load a pipeline's champion ONNX model from the MLflow Model Registry and score a batch of rows.
+"""Score: load a pipeline's champion ONNX model from the MLflow Model Registry and score a night's rows.
 
-What a downstream DAG does when the champion-model Asset updates (see `dags/lepton_score_champion.py`). The
-model is the ONNX file its run chose and its feature encoder (JSON); nothing is unpickled. Predictions land
-atomically in a run-scoped Parquet file.
+What the consumer DAG `NAME_score` (see `dags/lepton_scoring.py`) does for a spec with a `score:` section, when
+the champion-model Asset updates and on its own schedule. The model is the ONNX file its run chose and its
+feature encoder (JSON); nothing is unpickled. Predictions land atomically in a run-scoped Parquet file; the row
+count and the prediction distribution are logged to an MLflow run of the pipeline's experiment.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,9 @@ class ScoreManifest:
     rows: int
     predictions_path: str
     metrics: dict[str, float]  # when the batch carries the target column
+    sources: list[str] = field(default_factory=list)
+    distribution: dict[str, float] = field(default_factory=dict)  # share per class, or quantiles of the values
+    mlflow_run_id: str | None = None  # the scoring run logged in the pipeline's experiment
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,23 +75,33 @@ def fetch_champion(tracking_uri: str, model_name: str, into: Path) -> Champion:
     return Champion(model_name, str(version.version), version.run_id, onnx_path, Encoder.from_dict(encoder))
 
 
-def read_batch(batch_uri: str, data_root: Path, rows: int):
-    """The first `rows` rows of a CSV/Parquet/JSON-lines file, folder or glob (relative: under the data root)."""
+def read_batch(batch_uris: list[str], data_root: Path, rows: int | None = None):
+    """The rows (the first `rows`, if given) of CSV/Parquet/JSON-lines files, folders or globs (relative: under the
+    data root), in order."""
     import pyarrow as pa
 
     from lepton_tasks.ingest import list_source_files, read_batches, resolve_uri
 
-    fs, files = list_source_files(resolve_uri(batch_uri, data_root))
     batches, total = [], 0
-    for path in files:
-        for batch in read_batches(fs, path):
-            batches.append(batch)
-            total += batch.num_rows
-            if total >= rows:
-                return pa.Table.from_batches(batches).slice(0, rows).to_pandas()
+    for uri in batch_uris:
+        fs, files = list_source_files(resolve_uri(uri, data_root))
+        for path in files:
+            for batch in read_batches(fs, path):
+                batches.append(batch)
+                total += batch.num_rows
+                if rows is not None and total >= rows:
+                    return pa.Table.from_batches(batches).slice(0, rows).to_pandas()
     if not batches:
-        raise BadSource(f"batch '{batch_uri}' holds no rows")
+        raise BadSource(f"batch {batch_uris} holds no rows")
     return pa.Table.from_batches(batches).to_pandas()
+
+
+def distribution(predictions: np.ndarray, task: str, classes: list[str]) -> dict[str, float]:
+    """What was predicted: each class's share, or the values' mean and quantiles."""
+    if task == "classification":
+        return {f"share.{c}": float(np.mean(predictions == c)) for c in classes}
+    values = predictions.astype("float64")
+    return {"mean": float(values.mean()), **{f"p{q}": float(np.percentile(values, q)) for q in (5, 25, 50, 75, 95)}}
 
 
 def predict(champion: Champion, frame) -> np.ndarray:
@@ -104,13 +118,14 @@ def predict(champion: Champion, frame) -> np.ndarray:
     return np.asarray(champion.encoder.classes, dtype=object)[outputs.argmax(axis=1)]
 
 
-def score(tracking_uri: str, model_name: str, batch_uri: str, data_root: Path, out_dir: Path,
-          rows: int = 1000) -> ScoreManifest:
-    """Score `rows` rows of `batch_uri` with the champion; predictions next to the input in `out_dir`."""
+def score(tracking_uri: str, model_name: str, batch_uris: list[str], data_root: Path, out_dir: Path,
+          rows: int | None = None) -> ScoreManifest:
+    """Score the rows of `batch_uris` (the first `rows`, if given) with the champion; predictions next to the
+    input in `out_dir`."""
     from lepton_tasks.features import label_key
     from lepton_tasks.metrics import evaluate
 
-    frame = read_batch(batch_uri, data_root, rows)
+    frame = read_batch(batch_uris, data_root, rows)
     with tempfile.TemporaryDirectory(prefix="lepton-champion-") as tmp:
         champion = fetch_champion(tracking_uri, model_name, Path(tmp))
         predictions = predict(champion, frame)
@@ -125,7 +140,28 @@ def score(tracking_uri: str, model_name: str, batch_uri: str, data_root: Path, o
         metrics = evaluate(champion.encoder.task, outputs, truth)
     with atomic_dir(out_dir) as tmp:
         frame.assign(**{PREDICTION_COLUMN: predictions}).to_parquet(tmp / PREDICTIONS_FILE, index=False)
-    log.info("scored %d rows of %s with %s v%s (%s): %s", len(frame), batch_uri, model_name, champion.version,
+    log.info("scored %d rows of %s with %s v%s (%s): %s", len(frame), batch_uris, model_name, champion.version,
              champion.onnx_path.name, metrics or "no target column in the batch")
     return ScoreManifest(model_name, champion.version, champion.run_id, champion.onnx_path.name, len(frame),
-                         str(Path(out_dir) / PREDICTIONS_FILE), metrics)
+                         str(Path(out_dir) / PREDICTIONS_FILE), metrics, list(batch_uris),
+                         distribution(predictions, champion.encoder.task, champion.encoder.classes))
+
+
+def log_scoring(tracking_uri: str, experiment: str, artifact_root: str | None, dag_id: str, run_id: str,
+                manifest: ScoreManifest) -> str:
+    """One MLflow run per scoring DAG run (found again by its tags on a retry): rows, distribution, metrics."""
+    from mlflow import MlflowClient
+
+    from lepton_tasks.register import TAG_DAG, TAG_RUN, ensure_experiment, open_run
+
+    client = MlflowClient(tracking_uri)
+    mlflow_run = open_run(client, ensure_experiment(client, experiment, artifact_root),
+                          {TAG_DAG: dag_id, TAG_RUN: run_id}, f"score {run_id}")
+    client.set_tag(mlflow_run, "lepton.kind", "scoring")
+    client.set_tag(mlflow_run, "lepton.model_version", manifest.model_version)
+    client.log_metric(mlflow_run, "scored_rows", manifest.rows)
+    for key, value in {**manifest.distribution, **{f"eval_{k}": v for k, v in manifest.metrics.items()}}.items():
+        client.log_metric(mlflow_run, f"prediction.{key}" if not key.startswith("eval_") else key, value)
+    client.log_dict(mlflow_run, manifest.to_dict(), "scoring/manifest.json")
+    client.set_terminated(mlflow_run, "FINISHED")
+    return mlflow_run

@@ -49,7 +49,8 @@ class ShardManifest:
     feature_columns: list[str]
     shards: list[ShardInfo]
     eval: ShardInfo
-    encoder: dict  # features.Encoder, fitted on the training rows
+    encoder: dict  # features.Encoder, fitted on the training rows (or the champion's, on a warm start)
+    warm_start: dict | None = None  # {"version", "weights"} of the champion round 1 starts from; None: scratch
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,8 +130,9 @@ def _label_offsets(counts: list[dict]) -> list[dict]:
 
 
 def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: float, seed: int,
-          spec: PipelineSpec, client) -> ShardManifest:
-    """Split the Parquet `parts` into shards on the Dask `client`; write them under `stage_dir`."""
+          spec: PipelineSpec, client, encoder: dict | None = None) -> ShardManifest:
+    """Split the Parquet `parts` into shards on the Dask `client`; write them under `stage_dir`. The rows are
+    encoded with `encoder` where given (a warm start keeps the champion's), else with one fitted here."""
     import dask
     import dask.dataframe as dd
 
@@ -144,7 +146,7 @@ def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: flo
     counted = client.gather(client.compute(count_tasks))
     counts = [c for c, _ in counted]
     _check_enough_rows(counts, num_shards)
-    encoder = fit(spec, merge_stats([stats for _, stats in counted]))
+    fitted = encoder or fit(spec, merge_stats([stats for _, stats in counted])).to_dict()
     offsets = _label_offsets(counts)
     with atomic_dir(stage_dir) as tmp:
         write_tasks = [
@@ -155,7 +157,7 @@ def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: flo
     infos = _summarise(written, Path(tmp), Path(stage_dir), num_shards)
     return ShardManifest(
         stage_dir=str(stage_dir), seed=seed, eval_fraction=eval_fraction, label_column=label,
-        feature_columns=list(features), shards=infos[1:], eval=infos[0], encoder=encoder.to_dict(),
+        feature_columns=list(features), shards=infos[1:], eval=infos[0], encoder=fitted,
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from lepton_tasks.config import EXPECTATIONS_DIR, PIPELINES_DIR, RunParams
+from lepton_tasks.config import EXPECTATIONS_DIR, PIPELINES_DIR, DriftAction, RunParams
 from lepton_tasks.errors import SpecError
 
 FeatureType = Literal["numeric", "categorical"]
@@ -32,11 +32,19 @@ SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@mo
 METRICS = {"classification": ("accuracy",), "regression": ("r2", "mae", "rmse", "mse")}
 PARAM_SECTIONS = {
     "training": ("num_shards", "model_kind", "hidden_size", "local_epochs", "learning_rate", "batch_size",
-                 "eval_fraction", "seed"),
+                 "eval_fraction", "seed", "init_from"),
     "merge": ("merge_rounds",),
     "compression": ("prune_sparsity", "compression_tolerance"),
     "validation": ("quarantine_max_fraction",),
 }
+
+
+def check_schedule(value: str | None) -> str | None:
+    from croniter import croniter
+
+    if value is None or value in SCHEDULE_PRESETS or croniter.is_valid(value):
+        return value
+    raise ValueError(f"'{value}' is neither a cron expression nor one of {', '.join(SCHEDULE_PRESETS)}")
 
 
 class _Strict(BaseModel):
@@ -59,9 +67,71 @@ class CompressionSection(_CompressionParams):
     metric: str | None = Field(None, description="Metric the tolerance is in; default accuracy or r2.")
 
 
+class WaitSection(_Strict):
+    timeout_minutes: float = RunParams.model_fields["wait_timeout_minutes"]
+    poke_seconds: float = RunParams.model_fields["wait_poke_seconds"]
+
+
 class SourceSection(_Strict):
-    uri: str = Field(min_length=1, description="File, folder or glob; local path or any fsspec URI.")
+    uri: str = Field(min_length=1, description="File, folder or glob; local path or any fsspec URI; may hold "
+                     "{ds}, {ds_nodash}, {yyyy}, {mm}, {dd} (the run's date).")
     format: SourceFormat | None = Field(None, description="csv, parquet or jsonl; default: each file's extension.")
+    window_days: int = RunParams.model_fields["window_days"]
+    wait: WaitSection = Field(default_factory=WaitSection)
+
+    @field_validator("uri")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        from lepton_tasks.window import check_template
+
+        return check_template(value)
+
+
+class DriftSection(_Strict):
+    max: float = RunParams.model_fields["drift_max"]
+    action: DriftAction = RunParams.model_fields["drift_action"]
+
+
+NotifyEvent = Literal["failure", "champion_change", "drift"]
+
+
+class EmailSection(_Strict):
+    conn_id: str = Field("smtp_default", description="Airflow SMTP connection.")
+    to: list[str] = Field(min_length=1)
+    from_email: str = "lepton@localhost"
+
+
+class WebhookSection(_Strict):
+    conn_id: str = Field(description="Airflow HTTP connection (host, port, schema; login/password for auth).")
+    endpoint: str = Field("", description="Path under the connection's base URL.")
+
+
+class NotifySection(_Strict):
+    """Who hears about a run: Airflow notifiers, on the events listed."""
+
+    on: list[NotifyEvent] = Field(default_factory=lambda: ["failure", "champion_change", "drift"])
+    email: EmailSection | None = None
+    webhook: WebhookSection | None = None
+
+
+class ScoreSection(_Strict):
+    """A consumer DAG NAME_score: scores each night's data with the champion (on its Asset and schedule)."""
+
+    uri: str = Field(min_length=1, description="The rows to score; templated like source.uri.")
+    schedule: str | None = Field(None, description="Cron or preset; also runs whenever the champion changes.")
+    window_days: int = RunParams.model_fields["window_days"]
+
+    @field_validator("uri")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        from lepton_tasks.window import check_template
+
+        return check_template(value)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return check_schedule(value)
 
 
 class TargetSection(_Strict):
@@ -102,15 +172,14 @@ class PipelineSpec(_Strict):
     merge: MergeSection = Field(default_factory=MergeSection)
     compression: CompressionSection = Field(default_factory=CompressionSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    drift: DriftSection = Field(default_factory=DriftSection)
+    notify: NotifySection | None = None
+    score: ScoreSection | None = None
 
     @field_validator("schedule")
     @classmethod
     def _schedule_is_cron_or_preset(cls, value: str | None) -> str | None:
-        from croniter import croniter
-
-        if value is None or value in SCHEDULE_PRESETS or croniter.is_valid(value):
-            return value
-        raise ValueError(f"'{value}' is neither a cron expression nor one of {', '.join(SCHEDULE_PRESETS)}")
+        return check_schedule(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineSpec:
@@ -151,6 +220,13 @@ class PipelineSpec(_Strict):
         return self.mlflow.registered_model or self.name.replace("_", "-")
 
     @property
+    def score_dag_id(self) -> str:
+        return f"{self.name}_score"
+
+    def notifies(self, event: str) -> bool:
+        return self.notify is not None and event in self.notify.on
+
+    @property
     def champion_asset_uri(self) -> str:
         """The Airflow Asset a run updates when it moves `champion` (the MLflow URI of that model)."""
         return f"models:/{self.registered_model_name}@champion"
@@ -166,7 +242,11 @@ class PipelineSpec(_Strict):
 
     def run_defaults(self) -> RunParams:
         """The run params this pipeline starts from: the Airflow form's defaults."""
-        values: dict[str, Any] = {"source_uri": self.source.uri}
+        source = self.source
+        values: dict[str, Any] = {"source_uri": source.uri, "window_days": source.window_days,
+                                  "wait_timeout_minutes": source.wait.timeout_minutes,
+                                  "wait_poke_seconds": source.wait.poke_seconds,
+                                  "drift_max": self.drift.max, "drift_action": self.drift.action}
         for section in (self.training, self.merge, self.compression, self.validation):
             values.update(section.model_dump(exclude={"metric"}))
         return RunParams(**values)

@@ -297,12 +297,18 @@ def _log_progress(event) -> None:
 
 
 def train(shards: list[dict], encoder: dict, shape: ModelShape, params, stage_dir: Path, client,
-          threads: int = 1) -> TrainManifest:
+          threads: int = 1, warm_start: dict | None = None) -> TrainManifest:
     """Run `params.merge_rounds` rounds over `shards` (ShardInfo dicts) on the Dask `client`, each shard trained
-    with `threads` torch threads."""
+    with `threads` torch threads; round 1 starts from the seeded init, or from `warm_start["weights"]` (the
+    champion's checkpoint) when given."""
     stage_dir = Path(stage_dir)
     init_path = stage_dir / "init.safetensors"
-    init_sha = save_checkpoint(init_path, init_weights(shape, params.seed), {"seed": str(params.seed)})
+    if warm_start:
+        state = starting_weights(Path(warm_start["weights"]), shape)
+        origin = {"from_champion_version": str(warm_start["version"])}
+    else:
+        state, origin = init_weights(shape, params.seed), {"seed": str(params.seed)}
+    init_sha = save_checkpoint(init_path, state, origin)
     manifest = TrainManifest(str(stage_dir), shape, {"path": str(init_path), "sha256": init_sha})
     start = manifest.init
     client.subscribe_topic(PROGRESS_TOPIC, _log_progress)
@@ -317,6 +323,19 @@ def train(shards: list[dict], encoder: dict, shape: ModelShape, params, stage_di
     finally:
         _unsubscribe_quietly(client)
     return manifest
+
+
+def starting_weights(path: Path, shape: ModelShape) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, if they fit `shape` tensor for tensor (TrainingError naming the first that does
+    not)."""
+    state = load_checkpoint(path)[0]
+    expected = init_weights(shape, 0)
+    for name, tensor in expected.items():
+        if name not in state or state[name].shape != tensor.shape:
+            got = tuple(state[name].shape) if name in state else "missing"
+            raise TrainingError(f"checkpoint '{path}' does not fit the model: '{name}' is {got}, "
+                                f"the model needs {tuple(tensor.shape)}")
+    return {name: state[name] for name in expected}
 
 
 def _unsubscribe_quietly(client) -> None:

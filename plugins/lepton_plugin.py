@@ -1,8 +1,9 @@
 """Lepton in the Airflow UI: extra links on every task of a Lepton run, and the run's GE data docs.
 
-The links (MLflow run, MLflow model version, data docs, Dask dashboard) are computed by the api-server from the
-manifests the run's tasks returned through XCom; a link stays greyed out until the task that knows it has run.
-The data docs live in the run folder and are served here, under Airflow's own login.
+The links (MLflow run, MLflow model version, data docs, drift report, Dask dashboard) are computed by the
+api-server from the manifests the run's tasks returned through XCom; a link stays greyed out until the task
+that knows it has run. The data docs and the drift report live in the run folder and are served here, under
+Airflow's own login.
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ class DataDocsLink(BaseOperatorLink):
         return links.data_docs_url(ti_key.dag_id, ti_key.run_id) if exists else ""
 
 
+class DriftReportLink(BaseOperatorLink):
+    name = "Drift report"
+
+    def get_link(self, operator, *, ti_key) -> str:
+        if not _is_lepton(operator):
+            return ""
+        exists = links.drift_report_file(Settings.from_env().data_root, ti_key.dag_id, ti_key.run_id)
+        return links.drift_report_url(ti_key.dag_id, ti_key.run_id) if exists else ""
+
+
 class DaskDashboardLink(BaseOperatorLink):
     name = "Dask dashboard"
 
@@ -86,11 +97,19 @@ def _data_docs_app() -> FastAPI:
             raise HTTPException(status_code=404, detail=f"no data docs '{relative}' for {dag_id} run {run_id}")
         return FileResponse(found, media_type=mimetypes.guess_type(found.name)[0] or "application/octet-stream")
 
+    @app.get("/drift/{dag_id}/{run_id}/report.html")
+    def drift_report(dag_id: str, run_id: str) -> FileResponse:
+        found = links.drift_report_file(Settings.from_env().data_root, dag_id, run_id)
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"no drift report for {dag_id} run {run_id}")
+        return FileResponse(found, media_type="text/html")
+
     return app
 
 
 class LeptonPlugin(AirflowPlugin):
     name = "lepton"
-    global_operator_extra_links = [MlflowRunLink(), ModelVersionLink(), DataDocsLink(), DaskDashboardLink()]
+    global_operator_extra_links = [MlflowRunLink(), ModelVersionLink(), DataDocsLink(), DriftReportLink(),
+                                   DaskDashboardLink()]
     fastapi_apps = [{"app": _data_docs_app(), "url_prefix": links.DATA_DOCS_PREFIX.rsplit("/", 1)[0],
                      "name": "Lepton data docs"}]

@@ -125,6 +125,20 @@ def missing_source(d):
     return str(d / "nowhere.parquet")
 
 
+def unknown_placeholder(d):
+    return "landing/{date}/*.csv"
+
+
+def yesterday_never_landed(d):
+    """A source templated on the date, two-day window: today's partition is there, yesterday's is not."""
+    import datetime as dt
+
+    today = d / dt.date.today().isoformat()
+    today.mkdir()
+    _parquet(today, _frame())
+    return str(d / "{ds}" / "*.parquet")
+
+
 def path_escaping_the_data_root(d):
     return "../../../etc"
 
@@ -194,6 +208,9 @@ CASES = [  # (builder, extra params, failing stage, what the message must say)
     (malformed_json_lines, {}, "ingest", r"cannot read '.*data.jsonl' as jsonl"),
     (no_data_files_at_all, {}, "ingest", r"holds no CSV, Parquet or JSON-lines file"),
     (glob_matching_nothing, {}, "ingest", r"no file matches '.*landing/sales-\*\.csv'"),
+    (unknown_placeholder, {}, "params", r"param 'source_uri': .*unknown placeholder\(s\) \['date'\]"),
+    (yesterday_never_landed, {"window_days": 2}, "wait",
+     r"no data for 1 day\(s\) of the window ending .*\d{4}-\d{2}-\d{2} \(.*/\d{4}-\d{2}-\d{2}/\*\.parquet\)"),
     (string_for_a_number_param, {"num_shards": "four"}, "params", r"param 'num_shards': Input should be a valid"),
     (string_for_a_number_param, {"eval_fraction": 1.5}, "params", r"param 'eval_fraction': Input should be less"),
 ]

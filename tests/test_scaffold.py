@@ -120,3 +120,26 @@ def test_the_first_run_on_the_scaffolded_data_passes_with_heavy_tails_and_rare_c
     staged = ingest(str(landing / "trips-*.csv"), tmp_path, tmp_path / "run" / "ingest")
     result = validate(staged.parts, spec.suite_file, tmp_path / "run" / "validate")
     assert result.failed == 0 and result.evaluated == len(suite) + 0  # every expectation ran and passed
+
+
+def test_a_date_templated_source_is_profiled_over_every_day_and_each_night_passes(tmp_path, monkeypatch):
+    import datetime as dt
+
+    from lepton_tasks.demo_data import write_sensor_day
+    from lepton_tasks.ingest import ingest
+    from lepton_tasks.validate import validate
+
+    monkeypatch.setenv("LEPTON_EXPECTATIONS_DIR", str(tmp_path / "expectations"))
+    days = ("2026-11-10", "2026-11-11", "2026-11-12")  # the last one after line C's pressure shift
+    for day in days:
+        write_sensor_day(tmp_path / "landing" / "sensors", day, rows=400)
+    made = new_pipeline("sensors", "landing/sensors/{ds}/*.parquet", "fault", tmp_path, tmp_path / "pipelines",
+                        tmp_path / "expectations", window_days=2, schedule="0 3 * * *")
+    spec = load_spec(made.spec_path).spec
+    assert (spec.source.uri, spec.source.window_days, spec.schedule) == ("landing/sensors/{ds}/*.parquet", 2,
+                                                                         "0 3 * * *")
+    assert "profiled all 1200 rows of 3 file(s)" in made.review[0]
+    assert not any("schedule is null" in note for note in made.review)
+    for day in days:
+        staged = ingest(spec.source.uri, tmp_path, tmp_path / day / "ingest", ds=dt.date.fromisoformat(day))
+        assert validate(staged.parts, spec.suite_file, tmp_path / day / "validate").failed == 0

@@ -21,7 +21,7 @@ expectations: mnist1d.json
 
 def test_every_bundled_spec_loads_with_its_values_as_the_param_defaults():
     loaded, errors = load_all(PIPELINES_DIR)
-    assert errors == {} and {s.name for s in loaded} == {"lepton_mnist1d", "lepton_house_prices"}
+    assert errors == {} and {s.name for s in loaded} == {"lepton_mnist1d", "lepton_house_prices", "lepton_sensors"}
     mnist = find_spec("lepton_mnist1d").spec
     defaults = mnist.run_defaults()
     assert (defaults.model_kind, defaults.num_shards, defaults.merge_rounds) == ("cnn", 4, 8)
@@ -29,6 +29,11 @@ def test_every_bundled_spec_loads_with_its_values_as_the_param_defaults():
     houses = find_spec("lepton_house_prices").spec
     assert houses.target.task == "regression" and houses.metric == "r2"
     assert "categorical" in houses.features.values() and houses.schedule == "30 2 * * *"
+    sensors = find_spec("lepton_sensors").spec  # the nightly example: a date-templated source, warm start
+    nightly = sensors.run_defaults()
+    assert "{ds}" in nightly.source_uri and (nightly.window_days, nightly.init_from) == (1, "champion")
+    assert nightly.wait_timeout_minutes == sensors.source.wait.timeout_minutes == 120
+    assert sensors.score is not None and sensors.score_dag_id == "lepton_sensors_score"
 
 
 def test_a_minimal_spec_gets_defaults_for_everything_else(tmp_path):

@@ -67,13 +67,14 @@ class AirflowEnv:
 
     @contextmanager
     def serving(self, dag_id: str = "lepton_mnist1d", **extra: str) -> Iterator[dict[str, str]]:
-        """api-server, scheduler and dag-processor (LocalExecutor) as their own processes, as in production,
-        until the block ends; yields the environment that CLI calls against them need. Logs in `home`."""
+        """api-server, scheduler, dag-processor and triggerer (LocalExecutor) as their own processes, as in
+        production, until the block ends; yields the environment that CLI calls against them need. Logs in
+        `home`."""
         port = free_port()
         served = {"AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__EXECUTION_API_SERVER_URL":
                   f"http://127.0.0.1:{port}/execution/", "AIRFLOW__CORE__PARALLELISM": "4", **extra}
         with ExitStack() as stack:
-            for command in (("api-server", "--port", str(port)), ("scheduler",), ("dag-processor",)):
+            for command in (("api-server", "--port", str(port)), ("scheduler",), ("dag-processor",), ("triggerer",)):
                 log = stack.enter_context(open(self.home / f"{command[0]}.log", "w"))
                 process = subprocess.Popen([str(BIN / "airflow"), *command], env=self.env(**served), stdout=log,
                                            stderr=subprocess.STDOUT, cwd=self.home)

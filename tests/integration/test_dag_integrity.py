@@ -38,8 +38,9 @@ def parsed(tmp_path_factory):
 
 def test_one_dag_per_bundled_spec_imports_without_errors(parsed):
     result, _ = parsed
-    assert result["errors"] == {} and set(result["dags"]) == {"lepton_mnist1d", "lepton_house_prices",
-                                                             "lepton_score_champion"}  # + the Asset consumer
+    assert result["errors"] == {} and set(result["dags"]) == {
+        "lepton_mnist1d", "lepton_house_prices", "lepton_sensors",  # + the consumers of specs with `score:`
+        "lepton_mnist1d_score", "lepton_sensors_score"}
 
 
 def test_every_dag_is_scheduled_retried_owned_tagged_and_documented(parsed):
@@ -51,15 +52,17 @@ def test_every_dag_is_scheduled_retried_owned_tagged_and_documented(parsed):
     nightly = parsed[0]["dags"]["lepton_mnist1d"]
     assert nightly["schedule"] == "0 2 * * *" and nightly["max_active_runs"] == 1 and nightly["catchup"] is False
     pipelines = [dag for dag in parsed[0]["dags"].values() if dag["register_upstream"] is not None]
-    assert len(pipelines) == 2
+    assert len(pipelines) == 3
     for dag in pipelines:  # a failed stage never reaches register, so never moves `champion`
         assert dag["register_rule"].endswith("all_success")
-        assert dag["register_upstream"] == ["compress", "ingest", "merge", "shard", "train", "validate"]
+        assert dag["register_upstream"] == ["compress", "drift", "ingest", "merge", "shard", "train", "validate"]
     for dag in parsed[0]["dags"].values():
         assert dag["undocumented_tasks"] == []
     assert nightly["outlets"] == {"validate": ["x-lepton://lepton_mnist1d/validated-data"],
                                   "publish_champion": ["models:/lepton-mnist1d@champion"]}
-    assert "lepton_mnist1d.champion" in parsed[0]["dags"]["lepton_score_champion"]["schedule"]
+    assert "lepton_mnist1d.champion" in parsed[0]["dags"]["lepton_mnist1d_score"]["schedule"]
+    scoring = parsed[0]["dags"]["lepton_sensors_score"]["schedule"]  # on the champion Asset and its own cron
+    assert "lepton_sensors.champion" in scoring and "0 6 * * *" in scoring
     houses = parsed[0]["dags"]["lepton_house_prices"]
     assert houses["schedule"] == "30 2 * * *" and houses["owner"] == "data-engineering"
 
@@ -105,6 +108,6 @@ def test_a_bad_spec_is_an_import_error_naming_it_and_the_other_pipelines_still_l
     listed = json.loads(env.airflow("dags", "list", "-o", "json", **extra).stdout.strip().splitlines()[-1])
     reported = env.airflow("dags", "list-import-errors", "-o", "json", check=False, **extra)  # exits 1: there are
     errors = json.loads(reported.stdout.strip().splitlines()[-1])
-    assert [d["dag_id"] for d in listed] == ["lepton_mnist1d", "lepton_score_champion"]
+    assert [d["dag_id"] for d in listed] == ["lepton_mnist1d", "lepton_mnist1d_score"]
     assert len(errors) == 1 and "broken.yaml" in errors[0]["error"]
     assert "field 'training.num_shards': Input should be greater than or equal to 1" in errors[0]["error"]

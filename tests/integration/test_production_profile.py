@@ -117,7 +117,7 @@ def test_up_prints_where_everything_is_and_refuses_anonymous_access(profile):
         assert health.status == 200
     token = _token(up)
     dags = {d["dag_id"] for d in _api(up, "/api/v2/dags", token)["dags"]}
-    assert {"lepton_mnist1d", "lepton_score_champion"} <= dags
+    assert {"lepton_mnist1d", "lepton_mnist1d_score"} <= dags
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
@@ -128,7 +128,7 @@ def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(profile,
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     token = _token(up)
-    for dag_id in ("lepton_mnist1d", "lepton_score_champion"):
+    for dag_id in ("lepton_mnist1d", "lepton_mnist1d_score"):
         _api(up, f"/api/v2/dags/{dag_id}", token, {"is_paused": False}, "PATCH")
     password = json.loads((up.state / "login.json").read_text())["password"]
     with sync_playwright() as playwright:
@@ -148,9 +148,9 @@ def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(profile,
     assert conf["num_shards"] == 2 and conf["merge_rounds"] == 2  # the form's values reached the run
     assert version == "1"
     # the champion Asset started the consumer DAG, which scored a batch with the new champion
-    wait_for(lambda: any(r["state"] == "success" for r in _runs(up, token, "lepton_score_champion")), 180,
-              "the asset-triggered lepton_score_champion run")
-    scored = _runs(up, token, "lepton_score_champion")[0]
+    wait_for(lambda: any(r["state"] == "success" for r in _runs(up, token, "lepton_mnist1d_score")), 180,
+              "the asset-triggered lepton_mnist1d_score run")
+    scored = _runs(up, token, "lepton_mnist1d_score")[0]
     assert scored["run_type"] == "asset_triggered"
 
 

@@ -1,0 +1,126 @@
+"""`lepton backfill NAME --from YYYY-MM-DD --to YYYY-MM-DD`: one DAG run per scheduled night in the range,
+through Airflow 3's own backfill (what the UI's Backfill dialog creates), run by the scheduler.
+
+It creates the backfill (`airflow backfill create`, reprocessing nights that already ran, so rerunning a night
+is idempotent: the same DAG run is cleared and run again, which finds its MLflow run and model version by tags
+instead of making new ones), waits for every night to finish, and prints each night's `report.json` path, one
+per line, as its last lines, in date order. Exit status 1 when a night failed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+
+from lepton_tasks.config import Settings
+from lepton_tasks.errors import LeptonError
+from lepton_tasks.specs import LoadedSpec
+from lepton_tasks.storage import RunPaths
+
+TERMINAL = ("success", "failed")
+
+
+@dataclass(frozen=True)
+class Night:
+    logical_date: dt.datetime
+    run_id: str | None = None
+    state: str | None = None
+
+
+def nights(schedule: str, first: dt.date, last: dt.date) -> list[dt.datetime]:
+    """The schedule's ticks whose date (`ds`) is in [first, last], in order."""
+    from croniter import croniter
+
+    start = dt.datetime.combine(first, dt.time(), dt.UTC)
+    ticks, cursor = [], croniter(schedule, start - dt.timedelta(microseconds=1))
+    while (tick := cursor.get_next(dt.datetime)).date() <= last:
+        ticks.append(tick)
+    return ticks
+
+
+def _airflow(*args: str, env: dict) -> subprocess.CompletedProcess:
+    from lepton_tasks.home import airflow_command
+
+    return subprocess.run([airflow_command(), *args], env=env, capture_output=True, text=True)
+
+
+def _check(done: subprocess.CompletedProcess, what: str) -> str:
+    if done.returncode != 0:
+        raise LeptonError(f"{what} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+    return done.stdout
+
+
+def _runs(dag_id: str, env: dict) -> dict[str, Night]:
+    """The DAG's runs by logical date (ISO, UTC)."""
+    listed = _check(_airflow("dags", "list-runs", dag_id, "-o", "json", env=env), f"listing the runs of {dag_id}")
+    # warnings may come first on stdout: the table is the line that is a JSON array
+    rows = next((json.loads(line) for line in reversed(listed.splitlines()) if line.startswith("[")), [])
+    found = {}
+    for row in rows:
+        if row.get("logical_date"):
+            when = dt.datetime.fromisoformat(row["logical_date"]).astimezone(dt.UTC)
+            found[when.isoformat()] = Night(when, row["run_id"], row["state"])
+    return found
+
+
+ANOTHER_BACKFILL = "Another backfill is running"
+MARKED_COMPLETE_S = 90  # the scheduler marks a finished backfill complete every 30 s
+
+
+def _create(dag_id: str, first: dt.date, last: dt.date, env: dict, echo) -> None:
+    """`airflow backfill create`; while an earlier backfill whose runs have ended is not yet marked complete by
+    the scheduler, try again (only one backfill per DAG may be open)."""
+    deadline = time.monotonic() + MARKED_COMPLETE_S
+    while True:
+        done = _airflow("backfill", "create", "--dag-id", dag_id, "--from-date", first.isoformat(),
+                        "--to-date", f"{last.isoformat()}T23:59:59+00:00", "--reprocess-behavior", "completed",
+                        "--max-active-runs", "1", env=env)
+        if done.returncode == 0 or ANOTHER_BACKFILL not in done.stdout + done.stderr:
+            _check(done, f"airflow backfill create for {dag_id}")
+            return
+        if time.monotonic() > deadline:
+            raise LeptonError(f"another backfill of {dag_id} is still running (see the DAG's Backfills in the UI); "
+                              "only one backfill per DAG can run at a time")
+        echo(f"waiting for the previous backfill of {dag_id} to be marked complete")
+        time.sleep(5)
+
+
+def backfill(loaded: LoadedSpec, first: dt.date, last: dt.date, timeout_minutes: float = 720,
+             poll_seconds: float = 10, echo=print) -> tuple[list[Night], list[str]]:
+    """Backfill the nights in [first, last] and wait for them; (the nights, their report.json paths)."""
+    from lepton_tasks.home import checkout_env
+
+    spec, env = loaded.spec, checkout_env()
+    if not spec.schedule:
+        raise LeptonError(f"pipeline '{spec.name}' has no schedule: a backfill runs one DAG run per scheduled night")
+    if last < first:
+        raise LeptonError(f"--to {last} is before --from {first}")
+    expected = nights(spec.schedule, first, last)
+    if not expected:
+        raise LeptonError(f"schedule '{spec.schedule}' has no run dated {first}..{last}")
+    if _airflow("jobs", "check", "--job-type", "SchedulerJob", env=env).returncode != 0:
+        raise LeptonError("no Airflow scheduler is running: start the stack with `make up` (a backfill is run by "
+                          "the scheduler, as from the UI's Backfill dialog)")
+    _check(_airflow("dags", "unpause", spec.name, env=env), f"unpausing {spec.name}")  # paused DAGs do not run
+    _create(spec.name, first, last, env, echo)
+    echo(f"backfill of {spec.name}: {len(expected)} night(s), {expected[0].date()} .. {expected[-1].date()}")
+    deadline, reported = time.monotonic() + timeout_minutes * 60, set()
+    while True:
+        runs = _runs(spec.name, env)
+        mine = [runs.get(tick.isoformat(), Night(tick)) for tick in expected]
+        for night in mine:
+            if night.state in TERMINAL and night.logical_date not in reported:
+                reported.add(night.logical_date)
+                echo(f"  {night.logical_date.date()}  {night.state:<8} {night.run_id}")
+        if all(n.state in TERMINAL for n in mine):
+            break
+        if time.monotonic() > deadline:
+            pending = ", ".join(str(n.logical_date.date()) for n in mine if n.state not in TERMINAL)
+            raise LeptonError(f"backfill of {spec.name} not finished after {timeout_minutes:g} min "
+                              f"(pending: {pending})")
+        time.sleep(poll_seconds)
+    root = Settings.from_env().data_root
+    return mine, [str(RunPaths.of(root, spec.name, n.run_id).report) for n in mine]

@@ -1,0 +1,192 @@
+"""Drift: how far tonight's validated rows moved from the data the champion was trained on.
+
+Every run profiles its validated rows (`profile.json`, logged to MLflow with the model): numeric columns by the
+share of rows in each of 10 quantile bins (edges from that data) plus nulls; categorical columns and a
+classification label by the share of each category. Tonight's rows are binned on the champion's edges and
+compared per column with the population stability index,
+
+    PSI = sum over bins of (current - reference) * ln(current / reference)   (shares floored at 1e-4)
+
+(< 0.1: stable, 0.1-0.25: moderate, > 0.25: major shift). The largest PSI over features and label is the run's
+drift; above `drift_max` the run stops before training (`drift_action: fail`) or notifies and goes on (`warn`).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lepton_tasks.errors import LeptonError
+from lepton_tasks.specs import PipelineSpec
+from lepton_tasks.storage import atomic_dir, read_json, write_json
+
+BINS = 10
+TOP_CATEGORIES = 50
+FLOOR = 1e-4
+NULL, OTHER = "__null__", "__other__"
+PROFILE, REPORT = "profile.json", "report.html"
+
+
+class DriftError(LeptonError):
+    """The data moved more than `drift_max` allows, and `drift_action` is `fail`."""
+
+
+@dataclass
+class DriftManifest:
+    stage_dir: str
+    profile_path: str  # this run's profile: the reference for the runs after it, if it becomes champion
+    reference: dict | None  # {model_version, mlflow_run_id} of the champion compared with; None: nothing to compare
+    threshold: float
+    action: str
+    columns: dict[str, float] = field(default_factory=dict)  # column (label included) -> PSI
+    label: str = ""
+    max_psi: float | None = None
+    worst: str | None = None
+    alarm: bool = False
+    report_path: str | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _columns(spec: PipelineSpec) -> dict[str, str]:
+    """Each profiled column and its kind (the label's follows the task)."""
+    kinds = dict(spec.features)
+    kinds[spec.target.column] = "categorical" if spec.target.task == "classification" else "numeric"
+    return kinds
+
+
+def _read(parts: list[str], column: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    return np.concatenate([pq.read_table(p, columns=[column]).column(0).to_numpy(zero_copy_only=False)
+                           for p in parts])
+
+
+def _numeric_shares(values: np.ndarray, edges: list[float]) -> dict[str, float]:
+    values = values.astype("float64")
+    nulls = np.isnan(values)
+    bins = np.searchsorted(np.asarray(edges), values[~nulls], side="right")
+    counts = np.bincount(bins, minlength=len(edges) + 1)
+    shares = {f"b{i}": c / len(values) for i, c in enumerate(counts)}
+    shares[NULL] = float(nulls.sum()) / len(values)
+    return shares
+
+
+def _categorical_shares(values: np.ndarray, kept: list[str] | None) -> dict[str, float]:
+    import pandas as pd
+
+    text = pd.Series(values, dtype="object").map(lambda v: NULL if v is None or v != v else str(v))
+    counts = text.value_counts()
+    if kept is None:  # the reference: its most frequent categories, the rest pooled
+        kept = [str(k) for k in counts.index[:TOP_CATEGORIES]]
+    shares = {k: float(counts.get(k, 0)) / len(values) for k in kept}
+    rest = 1.0 - sum(shares.values())
+    if rest > 1e-12:
+        shares[OTHER] = rest
+    return shares
+
+
+def profile(parts: list[str], spec: PipelineSpec) -> dict:
+    """The reference profile of a run's validated rows: per column its kind, bin edges and shares."""
+    columns = {}
+    for column, kind in _columns(spec).items():
+        values = _read(parts, column)
+        if kind == "numeric":
+            numbers = values.astype("float64")
+            present = numbers[~np.isnan(numbers)]
+            deciles = np.quantile(present, np.linspace(0, 1, BINS + 1)[1:-1]).tolist() if len(present) else []
+            edges = sorted(set(deciles))
+            columns[column] = {"kind": kind, "edges": edges, "shares": _numeric_shares(numbers, edges)}
+        else:
+            columns[column] = {"kind": kind, "shares": _categorical_shares(values, None)}
+    return {"rows": int(len(values)), "label": spec.target.column, "columns": columns}
+
+
+def psi(reference: dict[str, float], current: dict[str, float]) -> float:
+    total = 0.0
+    for key in reference.keys() | current.keys():
+        ref, cur = max(reference.get(key, 0.0), FLOOR), max(current.get(key, 0.0), FLOOR)
+        total += (cur - ref) * math.log(cur / ref)
+    return float(total)
+
+
+def _current_shares(parts: list[str], column: str, reference: dict) -> dict[str, float]:
+    values = _read(parts, column)
+    if reference["kind"] == "numeric":
+        return _numeric_shares(values, reference["edges"])
+    return _categorical_shares(values, [k for k in reference["shares"] if k != OTHER])
+
+
+def measure(parts: list[str], spec: PipelineSpec, stage_dir: Path, reference_profile: Path | None,
+            reference: dict | None, threshold: float, action: str) -> DriftManifest:
+    """Profile the validated `parts` and, given the champion's profile, measure drift and write the report."""
+    stage_dir = Path(stage_dir)
+    mine = profile(parts, spec)
+    manifest = DriftManifest(str(stage_dir), str(stage_dir / PROFILE), reference, threshold, action,
+                             label=spec.target.column)
+    compared: dict[str, tuple[dict, dict]] = {}
+    if reference_profile is None:
+        manifest.note = "no champion with a data profile yet: nothing to compare"
+    else:
+        theirs = read_json(reference_profile)
+        for column, ref in theirs["columns"].items():
+            if column not in mine["columns"] or ref["kind"] != mine["columns"][column]["kind"]:
+                continue  # a column the champion did not have, or of another kind: the schema changed
+            compared[column] = (ref["shares"], _current_shares(parts, column, ref))
+            manifest.columns[column] = round(float(psi(*compared[column])), 6)
+        skipped = sorted(set(mine["columns"]) - set(manifest.columns))
+        manifest.note = f"columns not in the champion's profile: {skipped}" if skipped else ""
+    if manifest.columns:
+        manifest.worst = max(manifest.columns, key=manifest.columns.get)
+        manifest.max_psi = manifest.columns[manifest.worst]
+        manifest.alarm = bool(manifest.max_psi > threshold)
+    with atomic_dir(stage_dir) as tmp:
+        write_json(tmp / PROFILE, mine)
+        if compared:
+            (tmp / REPORT).write_text(_report_html(manifest, compared), encoding="utf-8")
+            manifest.report_path = str(stage_dir / REPORT)
+    return manifest
+
+
+def verdict(manifest: DriftManifest) -> str:
+    """One line: how far the data moved and what happens now."""
+    if manifest.max_psi is None:
+        return manifest.note
+    level = "above" if manifest.alarm else "within"
+    return (f"drift {manifest.max_psi:.3f} (PSI of '{manifest.worst}') is {level} drift_max {manifest.threshold:g} "
+            f"against champion version {manifest.reference['model_version']}"
+            + (f"; drift_action '{manifest.action}'" if manifest.alarm else "")
+            + (f"; report: {manifest.report_path}" if manifest.report_path else ""))
+
+
+def _bars(ref: dict, cur: dict) -> str:
+    rows = []
+    for key in ref.keys() | cur.keys():
+        r, c = ref.get(key, 0.0), cur.get(key, 0.0)
+        rows.append((key, r, c))
+    rows.sort(key=lambda row: (row[0] in (NULL, OTHER), row[0]))
+    return "".join(
+        f"<tr><td>{html.escape(k)}</td><td><div class=b style='width:{r * 300:.0f}px'></div>{r:.3f}</td>"
+        f"<td><div class='b c' style='width:{c * 300:.0f}px'></div>{c:.3f}</td></tr>" for k, r, c in rows)
+
+
+def _report_html(manifest: DriftManifest, compared: dict[str, tuple[dict, dict]]) -> str:
+    order = sorted(compared, key=lambda c: -manifest.columns[c])
+    summary = "".join(
+        f"<tr class='{'alarm' if manifest.columns[c] > manifest.threshold else ''}'><td>{html.escape(c)}"
+        f"{' (label)' if c == manifest.label else ''}</td><td>{manifest.columns[c]:.4f}</td></tr>" for c in order)
+    details = "".join(
+        f"<h3>{html.escape(c)}: PSI {manifest.columns[c]:.4f}</h3><table><tr><th>bin</th><th>champion's data</th>"
+        f"<th>this run</th></tr>{_bars(*compared[c])}</table>" for c in order)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Drift report</title><style>
+body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;text-align:left}} .alarm{{background:#fdd}}
+.b{{display:inline-block;height:10px;background:#88a;margin-right:6px}} .c{{background:#e83}}</style></head><body>
+<h1>Drift report</h1><p>{html.escape(verdict(manifest))}</p>
+<p>Population stability index per column; bins are the champion's deciles (numeric) or categories.</p>
+<table><tr><th>column</th><th>PSI</th></tr>{summary}</table>{details}</body></html>"""

@@ -1,0 +1,278 @@
+"""Nightly for real, under Airflow's real scheduler and triggerer (LocalExecutor), with the bundled sensors
+pipeline reading one daily partition per night:
+
+- `lepton backfill` of three nights from a plain shell: each night reads only its day, three model versions,
+  the shifted night raises the drift alarm (warn) and tells a real SMTP server and a real HTTP receiver; a
+  rerun of one night changes only that night and duplicates nothing in MLflow;
+- a night whose file lands while its run is deferred in the triggerer: it waits, then succeeds (warm start);
+  the same night from scratch, side by side; a champion whose shape no longer fits falls back to scratch;
+- a night that never lands: a clean failure naming the day, nothing registered, a failure notification;
+- drift over `drift_max` with `drift_action: fail`: the run stops before training, nothing registered.
+
+The scenarios share one Airflow (starting one costs a minute) and run in order: later nights have the earlier
+champions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lepton_tasks.config import REPO_ROOT
+from lepton_tasks.demo_data import make_sensor_day, write_sensor_day
+from tests.integration.airflow_env import BIN, AirflowEnv, free_port, read_report, wait_for
+
+pytestmark = pytest.mark.slow
+
+DAG = "lepton_sensors"
+MODEL = "lepton-sensors"
+RUN_TIMEOUT_S = 420
+SMALL = {"num_shards": 2, "local_epochs": 2, "hidden_size": 16}
+
+
+class Inbox:
+    """A real SMTP server (aiosmtpd) and a real HTTP receiver on loopback ports, keeping what they get."""
+
+    def __init__(self):
+        from aiosmtpd.controller import Controller
+
+        self.mails: list = []
+        self.hooks: list[dict] = []
+        inbox = self
+
+        class Mailbox:
+            async def handle_DATA(self, server, session, envelope):
+                from email import message_from_bytes, policy
+
+                inbox.mails.append(message_from_bytes(envelope.content, policy=policy.default))
+                return "250 OK"
+
+        class Hook(BaseHTTPRequestHandler):
+            def do_POST(self):
+                inbox.hooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.smtp = Controller(Mailbox(), hostname="127.0.0.1", port=free_port())
+        self.http = ThreadingHTTPServer(("127.0.0.1", free_port()), Hook)
+
+    def __enter__(self) -> Inbox:
+        self.smtp.start()
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.smtp.stop()
+        self.http.shutdown()
+
+    def connections(self) -> dict[str, str]:
+        smtp = {"conn_type": "smtp", "host": "127.0.0.1", "port": self.smtp.port,
+                "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 1}}
+        hook = {"conn_type": "http", "host": "127.0.0.1", "port": self.http.server_address[1], "schema": "http"}
+        return {"AIRFLOW_CONN_LEPTON_SMTP": json.dumps(smtp), "AIRFLOW_CONN_LEPTON_HOOK": json.dumps(hook)}
+
+    def events(self, run_id: str) -> set[str]:
+        """The events both channels reported for a run (the webhook's JSON names it; the mail's subject too)."""
+        hooked = {h["event"] for h in self.hooks if h["run_id"] == run_id}
+        mailed = {e for m in self.mails for e, word in (("failure", "failed"), ("champion_change", "new champion"),
+                                                        ("drift", "drift")) if run_id in m["Subject"]
+                  and word in m["Subject"]}
+        return hooked & mailed
+
+
+def _spec_folder(tmp: Path) -> Path:
+    """The bundled sensors spec, smaller, without waiting by default (the scheduled run that unpausing starts
+    for today fails at once: no data for today), and telling the test's inbox."""
+    spec = yaml.safe_load((REPO_ROOT / "dags" / "pipelines" / f"{DAG}.yaml").read_text())
+    spec["training"].update(SMALL)
+    spec["merge"]["merge_rounds"] = 2
+    spec["source"]["wait"] = {"timeout_minutes": 0, "poke_seconds": 2}
+    spec["notify"] = {"on": ["failure", "champion_change", "drift"],
+                      "email": {"conn_id": "lepton_smtp", "to": ["ml-team@example.com"]},
+                      "webhook": {"conn_id": "lepton_hook", "endpoint": "/hooks/lepton"}}
+    folder = tmp / "pipelines"
+    folder.mkdir()
+    (folder / f"{DAG}.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def nightly(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nightly")
+    env = AirflowEnv.sqlite(tmp)
+    for day in ("2026-11-10", "2026-11-11", "2026-11-12"):
+        write_sensor_day(env.data_root / "landing" / "sensors", day)
+    env.migrate()
+    with Inbox() as inbox:
+        extra = {"LEPTON_PIPELINES_DIR": str(_spec_folder(tmp)), **inbox.connections()}
+        with env.serving(DAG, **extra) as served:
+            yield env, {**extra, **served}, inbox
+
+
+def _registry(env: AirflowEnv):
+    from mlflow import MlflowClient
+
+    return MlflowClient(env.mlflow_uri)
+
+
+def _versions(env: AirflowEnv) -> list:
+    return sorted(_registry(env).search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
+
+
+def _parent_runs(env: AirflowEnv, run_id: str) -> list:
+    client = _registry(env)
+    experiment = client.get_experiment_by_name(DAG)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], f"tags.`lepton.dag_run_id` = '{run_id}' and "
+                              "tags.`mlflow.parentRunId` IS NULL")
+
+
+def _backfill(env: AirflowEnv, extra: dict, first: str, last: str) -> tuple[subprocess.CompletedProcess, list]:
+    """`.venv/bin/lepton backfill` from a plain shell; its last lines are the nights' report paths."""
+    done = subprocess.run([str(BIN / "lepton"), "backfill", DAG, "--from", first, "--to", last],
+                          env=env.env(**extra), capture_output=True, text=True, timeout=1800, cwd="/")
+    return done, done.stdout.strip().splitlines()
+
+
+def _trigger(env: AirflowEnv, extra: dict, run_id: str, logical_date: str, conf: dict) -> None:
+    env.airflow("dags", "trigger", DAG, "--run-id", run_id, "--logical-date", logical_date, "-c", json.dumps(conf),
+                **extra)
+
+
+def _finished(env: AirflowEnv, run_id: str) -> tuple[str, dict]:
+    state = env.finished_state(run_id, RUN_TIMEOUT_S, DAG)
+    return state, read_report(env.data_root / DAG / run_id)
+
+
+def test_backfill_three_nights_then_rerun_one(nightly):
+    env, extra, inbox = nightly
+    done, lines = _backfill(env, extra, "2026-11-10", "2026-11-12")
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{env.component_logs()}"
+    reports = [Path(line) for line in lines[-3:]]
+    assert all(r.name == "report.json" and r.is_file() for r in reports), lines[-5:]
+    nights = [read_report(r.parent) for r in reports]
+    assert [n["status"] for n in nights] == ["success"] * 3
+
+    for night, day in zip(nights, ("2026-11-10", "2026-11-11", "2026-11-12"), strict=True):
+        window = night["stages"]["ingest"]["window"]
+        assert [w["day"] for w in window] == [day]  # date order, each night only its own day
+        assert [Path(f["path"]).parent.name for f in window[0]["files"]] == [day]
+        assert all(len(f["sha256"]) == 64 for f in window[0]["files"])
+        assert night["stages"]["wait"]["status"] == "success"
+
+    versions = _versions(env)
+    assert len(versions) == 3
+    assert [v.tags["lepton.window"] for v in versions] == [f"{d}..{d}" for d in ("2026-11-10", "2026-11-11",
+                                                                                "2026-11-12")]
+    assert [v.tags["lepton.init_from"].split(":")[0] for v in versions] == ["scratch", "champion", "champion"]
+
+    # the shifted night (line C's pressure sensors read 35% high): the alarm, the figures, the report, the mail
+    first, shifted = nights[0]["stages"]["drift"], nights[2]["stages"]["drift"]
+    assert first["max_psi"] is None and "no champion" in first["note"]
+    assert shifted["alarm"] is True and shifted["worst"] == "pressure_bar" and shifted["max_psi"] > 0.25
+    assert nights[1]["stages"]["drift"]["alarm"] is False
+    assert "Drift report" in Path(shifted["report_path"]).read_text()
+    assert nights[2]["metrics"]["drift.max_psi"] == shifted["max_psi"]
+    assert "drift" in inbox.events(nights[2]["run_id"])
+    assert "champion_change" in inbox.events(nights[0]["run_id"])
+    lineage = _registry(env).list_artifacts(versions[2].run_id, "drift")
+    assert {Path(a.path).name for a in lineage} == {"profile.json", "report.html"}
+
+    # rerunning the middle night: the same DAG run again, the same MLflow run and version; the others untouched
+    untouched = {r: r.read_bytes() for r in (reports[0], reports[2])}
+    done, lines = _backfill(env, extra, "2026-11-11", "2026-11-11")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert Path(lines[-1]) == reports[1]
+    assert read_report(reports[1].parent)["status"] == "success"
+    assert len(_versions(env)) == 3
+    assert len(_parent_runs(env, nights[1]["run_id"])) == 1
+    assert all(r.read_bytes() == before for r, before in untouched.items())
+
+
+def test_late_file_waits_in_the_triggerer_and_warm_vs_scratch(nightly):
+    from lepton_tasks import pipeline
+    from lepton_tasks.models import load_checkpoint
+    from lepton_tasks.specs import load_spec
+
+    env, extra, _ = nightly
+    champion_before = _registry(env).get_model_version_by_alias(MODEL, "champion")
+    _trigger(env, extra, "late_night", "2026-11-20T03:00:00+00:00",
+             {"wait_timeout_minutes": 5, "wait_poke_seconds": 2, "init_from": "champion"})
+    wait_for(lambda: env.task_state("late_night", "wait", DAG) == "deferred", 180, "the wait task to defer")
+    assert env.run_state("late_night", DAG) == "running"
+    write_sensor_day(env.data_root / "landing" / "sensors", "2026-11-20")  # the day lands while it waits
+    state, warm = _finished(env, "late_night")
+    assert state == "success", env.component_logs()
+    assert warm["stages"]["wait"]["status"] == "success"
+
+    _trigger(env, extra, "scratch_night", "2026-11-20T04:00:00+00:00", {"init_from": "scratch"})
+    state, scratch = _finished(env, "scratch_night")
+    assert state == "success", env.component_logs()
+
+    start = warm["stages"]["shard"]["warm_start"]
+    assert start["version"] == str(champion_before.version) and "starts from champion" in start["reason"]
+    assert scratch["stages"]["shard"]["warm_start"] == {"init_from": "scratch", "reason": "init_from is scratch"}
+    warm_init = load_checkpoint(env.data_root / DAG / "late_night" / "train" / "init.safetensors")
+    champion_weights = load_checkpoint(Path(start["weights"]))[0]
+    assert warm_init[1] == {"from_champion_version": start["version"]}
+    assert all((warm_init[0][k] == champion_weights[k]).all() for k in warm_init[0])
+    assert load_checkpoint(env.data_root / DAG / "scratch_night" / "train" / "init.safetensors")[1] == {"seed": "42"}
+    tags = {r: _parent_runs(env, r)[0].data.tags for r in ("late_night", "scratch_night")}
+    assert tags["late_night"]["lepton.init_from"] == f"champion:{start['version']}"
+    assert tags["scratch_night"]["lepton.init_from"] == "scratch"
+
+    # a champion whose shape no longer fits this run (another hidden size): scratch, and the reason said
+    loaded = load_spec(Path(extra["LEPTON_PIPELINES_DIR"]) / f"{DAG}.yaml")
+    ctx = pipeline.context(loaded, "what_if", {"init_from": "champion", "hidden_size": 24}, DAG, "2026-11-20")
+    drifted = json.loads((env.data_root / DAG / "late_night" / "champion" / "snapshot.json").read_text())
+    snap, reason = pipeline.warm_start(ctx, {"champion": drifted})
+    assert snap is None and "hidden_size 16, this run 24" in reason
+
+
+def test_a_night_that_never_lands_fails_cleanly(nightly):
+    env, extra, inbox = nightly
+    versions = len(_versions(env))
+    _trigger(env, extra, "never_lands", "2026-11-21T03:00:00+00:00",
+             {"wait_timeout_minutes": 0.25, "wait_poke_seconds": 2})
+    state, report = _finished(env, "never_lands")
+    assert state == "failed"
+    assert report["failed_stage"] == "wait"
+    assert "no data for 1 day(s)" in report["stages"]["wait"]["error"]
+    assert "2026-11-21" in report["stages"]["wait"]["error"] and "after waiting 0.25 min" in \
+        report["stages"]["wait"]["error"]
+    assert report["stages"]["ingest"]["status"] == "not_run"
+    assert len(_versions(env)) == versions and not _parent_runs(env, "never_lands")
+    wait_for(lambda: "failure" in inbox.events("never_lands"), 60, "the failure notification")
+
+
+def test_drift_over_the_threshold_stops_before_training(nightly):
+    env, extra, inbox = nightly
+    day = make_sensor_day("2026-11-22")
+    recalibrated = day["line"] != "C"  # now lines A and B read 35% high too
+    day.loc[recalibrated, "pressure_bar"] = (day.loc[recalibrated, "pressure_bar"] * 1.35).round(3)
+    folder = env.data_root / "landing" / "sensors" / "2026-11-22"
+    folder.mkdir(parents=True)
+    day.to_parquet(folder / "readings.parquet", index=False)
+    champion = _registry(env).get_registered_model(MODEL).aliases["champion"]
+    versions = len(_versions(env))
+    _trigger(env, extra, "drifted_night", "2026-11-22T03:00:00+00:00", {"drift_action": "fail"})
+    state, report = _finished(env, "drifted_night")
+    assert state == "failed" and report["failed_stage"] == "drift"
+    drift = report["stages"]["drift"]
+    assert drift["alarm"] is True and drift["worst"] == "pressure_bar" and drift["max_psi"] > drift["threshold"]
+    assert "stopped before training, nothing registered" in drift["error"]
+    assert Path(drift["report_path"]).is_file()
+    assert report["stages"]["shard"]["status"] == "not_run"
+    assert len(_versions(env)) == versions and not _parent_runs(env, "drifted_night")
+    assert _registry(env).get_registered_model(MODEL).aliases["champion"] == champion
+    wait_for(lambda: {"drift", "failure"} <= inbox.events("drifted_night"), 60, "the drift and failure notices")

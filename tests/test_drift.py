@@ -1,0 +1,64 @@
+"""Drift: PSI per column against a reference profile, on real Parquet files."""
+
+import json
+import math
+
+import pytest
+
+from lepton_tasks.demo_data import make_sensor_day
+from lepton_tasks.drift import measure, profile, psi, verdict
+from lepton_tasks.specs import find_spec
+
+SPEC = find_spec("lepton_sensors").spec
+REFERENCE = {"model_version": "7", "mlflow_run_id": "abc"}
+
+
+def _day(tmp_path, day: str, change=None) -> list[str]:
+    frame = make_sensor_day(day, rows=3000)
+    if change:
+        change(frame)
+    path = tmp_path / f"{day}.parquet"
+    frame.to_parquet(path, index=False)
+    return [str(path)]
+
+
+def test_psi_is_zero_for_equal_shares_and_matches_the_formula():
+    assert psi({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == 0
+    assert psi({"a": 0.5, "b": 0.5}, {"a": 0.8, "b": 0.2}) == pytest.approx(
+        0.3 * math.log(0.8 / 0.5) + (-0.3) * math.log(0.2 / 0.5))
+
+
+def test_the_same_process_on_another_day_is_stable_and_a_recalibrated_sensor_is_not(tmp_path):
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps(profile(_day(tmp_path, "2026-11-05"), SPEC)))
+    calm = measure(_day(tmp_path, "2026-11-06"), SPEC, tmp_path / "calm", reference, REFERENCE, 0.25, "warn")
+    assert calm.max_psi < 0.1 and not calm.alarm and set(calm.columns) == {*SPEC.features, "fault"}
+
+    def recalibrate(frame):
+        frame["pressure_bar"] *= 1.35
+
+    moved = measure(_day(tmp_path, "2026-11-07", recalibrate), SPEC, tmp_path / "moved", reference, REFERENCE,
+                    0.25, "fail")
+    assert moved.alarm and moved.worst == "pressure_bar" and moved.max_psi > 1
+    assert moved.columns["line"] < 0.1  # the categorical columns did not move
+    html = (tmp_path / "moved" / "report.html").read_text()
+    assert "pressure_bar" in html and "champion version 7" in verdict(moved) and "drift_action &#x27;fail&#x27;" in html
+
+
+def test_a_new_category_and_a_moved_label_show_up(tmp_path):
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps(profile(_day(tmp_path, "2026-11-05"), SPEC)))
+
+    def new_line_and_more_faults(frame):
+        frame.loc[frame.index[:900], "line"] = "D"
+        frame.loc[frame.index[:1500], "fault"] = 1
+
+    moved = measure(_day(tmp_path, "2026-11-06", new_line_and_more_faults), SPEC, tmp_path / "m", reference,
+                    REFERENCE, 0.25, "warn")
+    assert moved.columns["line"] > 0.25 and moved.columns["fault"] > 0.25
+
+
+def test_without_a_champion_profile_only_this_runs_profile_is_written(tmp_path):
+    first = measure(_day(tmp_path, "2026-11-05"), SPEC, tmp_path / "d", None, None, 0.25, "fail")
+    assert first.max_psi is None and not first.alarm and first.report_path is None
+    assert (tmp_path / "d" / "profile.json").is_file() and "nothing to compare" in verdict(first)
