@@ -113,7 +113,8 @@ def build(loaded: LoadedSpec) -> DAG:
         @task(outlets=[champion_model], retries=0, on_success_callback=notify.notifiers(spec, "champion_change"))
         def publish_champion(registered: dict, **context) -> None:
             """Update the champion-model Asset when this run moved `champion`; skipped otherwise."""
-            context["outlet_events"][champion_model].extra = pipeline.champion_event(registered)
+            context["outlet_events"][champion_model].extra = pipeline.champion_event(
+                pipeline.from_airflow(context, loaded), registered)
 
         @task(trigger_rule="all_done", retries=0, on_failure_callback=notify.notifiers(spec, "failure"))
         def report(**context) -> str:

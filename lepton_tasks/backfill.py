@@ -55,7 +55,10 @@ def _check(done: subprocess.CompletedProcess, what: str) -> str:
 
 def _runs(dag_id: str, env: dict) -> dict[str, Night]:
     """The DAG's runs by logical date (ISO, UTC)."""
-    listed = _check(_airflow("dags", "list-runs", dag_id, "-o", "json", env=env), f"listing the runs of {dag_id}")
+    done = _airflow("dags", "list-runs", dag_id, "-o", "json", env=env)
+    if done.returncode != 0 and SQLITE_BUSY in done.stdout + done.stderr:
+        return {}  # asked again at the next poll
+    listed = _check(done, f"listing the runs of {dag_id}")
     # warnings may come first on stdout: the table is the line that is a JSON array
     rows = next((json.loads(line) for line in reversed(listed.splitlines()) if line.startswith("[")), [])
     found = {}
@@ -67,24 +70,29 @@ def _runs(dag_id: str, env: dict) -> dict[str, Night]:
 
 
 ANOTHER_BACKFILL = "Another backfill is running"
-MARKED_COMPLETE_S = 90  # the scheduler marks a finished backfill complete every 30 s
+SQLITE_BUSY = "database is locked"  # SQLite's one writer at a time (the embedded default; PostgreSQL waits)
+RETRY_S = 90  # the scheduler marks a finished backfill complete every 30 s
 
 
 def _create(dag_id: str, first: dt.date, last: dt.date, env: dict, echo) -> None:
-    """`airflow backfill create`; while an earlier backfill whose runs have ended is not yet marked complete by
-    the scheduler, try again (only one backfill per DAG may be open)."""
-    deadline = time.monotonic() + MARKED_COMPLETE_S
+    """`airflow backfill create`, tried again while an earlier backfill whose runs have ended is not yet marked
+    complete by the scheduler (one open backfill per DAG), or while SQLite is busy with another writer."""
+    deadline = time.monotonic() + RETRY_S
     while True:
         done = _airflow("backfill", "create", "--dag-id", dag_id, "--from-date", first.isoformat(),
                         "--to-date", f"{last.isoformat()}T23:59:59+00:00", "--reprocess-behavior", "completed",
                         "--max-active-runs", "1", env=env)
-        if done.returncode == 0 or ANOTHER_BACKFILL not in done.stdout + done.stderr:
+        said = done.stdout + done.stderr
+        transient = next((why for why in (ANOTHER_BACKFILL, SQLITE_BUSY) if why in said), None)
+        if done.returncode == 0 or transient is None:
             _check(done, f"airflow backfill create for {dag_id}")
             return
         if time.monotonic() > deadline:
-            raise LeptonError(f"another backfill of {dag_id} is still running (see the DAG's Backfills in the UI); "
-                              "only one backfill per DAG can run at a time")
-        echo(f"waiting for the previous backfill of {dag_id} to be marked complete")
+            if transient == ANOTHER_BACKFILL:
+                raise LeptonError(f"another backfill of {dag_id} is still running (see the DAG's Backfills in the "
+                                  "UI); only one backfill per DAG can run at a time")
+            _check(done, f"airflow backfill create for {dag_id}")
+        echo(f"backfill create: {transient.lower()}; trying again in 5 s")
         time.sleep(5)
 
 

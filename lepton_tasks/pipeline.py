@@ -390,8 +390,9 @@ def validated_event(validated: dict) -> dict:
     return {k: validated.get(k) for k in ("suite", "rows", "passed", "failed", "quarantined_rows", "parts")}
 
 
-def champion_event(registered: dict) -> dict:
-    """The champion-model Asset event for a run that moved `champion`; skips the task (no event) otherwise."""
+def champion_event(ctx: RunContext, registered: dict) -> dict:
+    """The champion-model Asset event for a run that moved `champion` (with the night, `ds`, whose data made it);
+    skips the task (no event) otherwise."""
     if "champion" not in registered.get("aliases", []):
         message = f"champion stays at version {registered.get('champion_before')}: no new champion to publish"
         try:
@@ -399,7 +400,8 @@ def champion_event(registered: dict) -> dict:
         except ImportError:  # not under Airflow
             raise LeptonError(message) from None
         raise AirflowSkipException(message)
-    return {k: registered[k] for k in ("model_name", "model_version", "run_id", "tracking_uri", "champion_before")}
+    event = {k: registered[k] for k in ("model_name", "model_version", "run_id", "tracking_uri", "champion_before")}
+    return {**event, "ds": ctx.day.isoformat()}
 
 
 def _artifact_root(settings: Settings) -> str | None:
@@ -445,6 +447,14 @@ def _metrics(stages: dict) -> dict:
     return figures
 
 
+def score_date(task_context: dict[str, Any]) -> dt.date:
+    """The night a scoring run scores: the one whose data made the new champion when a champion Asset event
+    triggered it, else the run's own date."""
+    events = [e for batch in (task_context.get("triggering_asset_events") or {}).values() for e in batch]
+    nights = [e.extra["ds"] for e in events if (e.extra or {}).get("ds")]
+    return parse_ds(max(nights)) if nights else run_date(task_context)
+
+
 def score(loaded: LoadedSpec, task_context: dict[str, Any]) -> dict:
     """The consumer DAG `NAME_score`'s task: score the night's rows (`score.uri`, templated on the run's date)
     with the pipeline's champion (see `lepton_tasks.score`), and log the scoring run to MLflow."""
@@ -454,12 +464,12 @@ def score(loaded: LoadedSpec, task_context: dict[str, Any]) -> dict:
     spec, settings = loaded.spec, Settings.from_env()
     dag_id, run_id = task_context["dag"].dag_id, task_context["run_id"]
     os.environ.update(mlflow_auth_env())
-    uris = [d.uri for d in resolve(spec.score.uri, run_date(task_context), spec.score.window_days)]
+    uris = [d.uri for d in resolve(spec.score.uri, score_date(task_context), spec.score.window_days)]
     out_dir = RunPaths.of(settings.data_root, dag_id, run_id).stage("score")
     tracking_uri = mlflow_tracking_uri(settings)
     try:
         manifest = stage.score(tracking_uri, spec.registered_model_name, uris, settings.data_root, out_dir)
-        manifest.mlflow_run_id = stage.log_scoring(tracking_uri, spec.experiment_name, _artifact_root(settings),
+        manifest.scoring_run_id = stage.log_scoring(tracking_uri, spec.experiment_name, _artifact_root(settings),
                                                    dag_id, run_id, manifest)
     except LeptonError as err:
         if err.retryable:

@@ -37,7 +37,7 @@ class ScoreManifest:
     metrics: dict[str, float]  # when the batch carries the target column
     sources: list[str] = field(default_factory=list)
     distribution: dict[str, float] = field(default_factory=dict)  # share per class, or quantiles of the values
-    mlflow_run_id: str | None = None  # the scoring run logged in the pipeline's experiment
+    scoring_run_id: str | None = None  # the MLflow run this scoring is logged in (the pipeline's experiment)
 
     def to_dict(self) -> dict:
         return asdict(self)

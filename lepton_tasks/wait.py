@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from lepton_tasks import pipeline
 from lepton_tasks.specs import LoadedSpec
 from lepton_tasks.window import DaySource
+
+GRACE_MINUTES = 10
 
 
 class WindowFilesTrigger(BaseTrigger):
@@ -62,10 +65,13 @@ class WaitForWindow(BaseOperator):
         absent = pipeline.missing_days(ctx)
         if not absent or ctx.params.wait_timeout_minutes == 0:
             return pipeline.wait(ctx, absent)
+        minutes = ctx.params.wait_timeout_minutes
         self.defer(trigger=WindowFilesTrigger([s.to_dict() for s in pipeline.absolute(ctx, absent)],
                                               ctx.spec.source.format, ctx.params.wait_poke_seconds,
-                                              time.time() + ctx.params.wait_timeout_minutes * 60),
-                   method_name="execute_complete")
+                                              time.time() + minutes * 60),
+                   method_name="execute_complete",
+                   # the trigger ends the wait itself, naming the days; this only bounds a triggerer that is gone
+                   timeout=timedelta(minutes=minutes + GRACE_MINUTES))
 
     def execute_complete(self, context, event: dict):
         ctx = pipeline.from_airflow(context, self.loaded)

@@ -3,6 +3,7 @@ resumes, and the weights are bit-equal to a clean run's (the determinism policy 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -277,13 +278,15 @@ def _train_in_thread(shards: list[dict], stage: Path, params: RunParams, client)
 def test_scheduler_restarted_mid_training_then_gone_for_good(tmp_path, shards, supervised_cluster, monkeypatch,
                                                               caplog):
     supervisors, client = supervised_cluster
-    params = PARAMS.model_copy(update={"local_epochs": 15, "merge_rounds": 3})
+    caplog.set_level(logging.INFO, logger="lepton_tasks")
+    # rounds long enough (~1 s on a laptop core) that the kill lands inside round 2, not after the last round
+    params = PARAMS.model_copy(update={"local_epochs": 80, "merge_rounds": 3})
     clean = train(shards, ENCODER, SHAPE, params, tmp_path / "clean", client)
 
     # 1. the scheduler process dies in round 2 and its supervisor starts it again: the same call recovers
     runner, outcome = _train_in_thread(shards, tmp_path / "restarted", params, client)
     _wait_for(tmp_path / "restarted" / "round-01" / "merged.safetensors", runner)
-    time.sleep(0.5)
+    time.sleep(0.1)
     _kill_child(supervisors["dask-scheduler"])
     runner.join(timeout=300)
     assert "manifest" in outcome, f"training did not survive the scheduler restart: {outcome.get('error')!r}"

@@ -77,6 +77,11 @@ def test_summary_table_flattens_and_aligns():
 def test_champion_event_only_when_champion_moved():
     from airflow.sdk.exceptions import AirflowSkipException
 
-    assert champion_event(REGISTERED)["model_version"] == "7"
+    from lepton_tasks.pipeline import context
+    from lepton_tasks.specs import find_spec
+
+    night = context(find_spec("lepton_sensors"), "r", {}, ds="2026-11-12")
+    event = champion_event(night, REGISTERED)
+    assert event["model_version"] == "7" and event["ds"] == "2026-11-12"  # the night a consumer scores
     with pytest.raises(AirflowSkipException, match="champion stays at version 6"):  # skipped: no Asset event
-        champion_event({**REGISTERED, "aliases": ["candidate"]})
+        champion_event(night, {**REGISTERED, "aliases": ["candidate"]})

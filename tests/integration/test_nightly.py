@@ -26,11 +26,13 @@ import yaml
 
 from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.demo_data import make_sensor_day, write_sensor_day
+from lepton_tasks.storage import RunPaths
 from tests.integration.airflow_env import BIN, AirflowEnv, free_port, read_report, wait_for
 
 pytestmark = pytest.mark.slow
 
 DAG = "lepton_sensors"
+SCORE_DAG = "lepton_sensors_score"
 MODEL = "lepton-sensors"
 RUN_TIMEOUT_S = 420
 SMALL = {"num_shards": 2, "local_epochs": 2, "hidden_size": 16}
@@ -115,7 +117,11 @@ def nightly(tmp_path_factory):
     with Inbox() as inbox:
         extra = {"LEPTON_PIPELINES_DIR": str(_spec_folder(tmp)), **inbox.connections()}
         with env.serving(DAG, **extra) as served:
-            yield env, {**extra, **served}, inbox
+            both = {**extra, **served}
+            wait_for(lambda: env.airflow("dags", "details", SCORE_DAG, check=False, **both).returncode == 0, 120,
+                     f"{SCORE_DAG} to be parsed")
+            env.airflow("dags", "unpause", SCORE_DAG, **both)  # it runs on each new champion from now on
+            yield env, both, inbox
 
 
 def _registry(env: AirflowEnv):
@@ -197,6 +203,40 @@ def test_backfill_three_nights_then_rerun_one(nightly):
     assert len(_versions(env)) == 3
     assert len(_parent_runs(env, nights[1]["run_id"])) == 1
     assert all(r.read_bytes() == before for r, before in untouched.items())
+
+
+def _score_runs(env: AirflowEnv) -> list[tuple[str, str, str]]:
+    """(run_id, state, run_type) of the consumer DAG's runs, from the metadata DB."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(env.sql_alchemy_conn)
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sa.text(
+                "SELECT run_id, state, run_type FROM dag_run WHERE dag_id = :dag"), {"dag": SCORE_DAG})]
+    finally:
+        engine.dispose()
+
+
+def test_each_new_champion_scores_its_night_in_the_pipelines_consumer_dag(nightly):
+    import pandas as pd
+
+    env, _, _ = nightly
+
+    def scored() -> list:
+        return [r for r in _score_runs(env) if r[2] == "asset_triggered" and r[1] == "success"]
+
+    wait_for(lambda: bool(scored()), 300, f"an asset-triggered {SCORE_DAG} run")
+    run_id = scored()[0][0]
+    predictions = pd.read_parquet(RunPaths.of(env.data_root, SCORE_DAG, run_id).stage("score") / "predictions.parquet")
+    assert len(predictions) == 1500 and set(predictions["prediction"]) <= {"0", "1"}  # that night's rows
+    client = _registry(env)
+    experiment = client.get_experiment_by_name(DAG)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`lepton.kind` = 'scoring' and "
+                              f"tags.`lepton.dag_run_id` = '{run_id}'")
+    assert len(runs) == 1 and runs[0].data.metrics["scored_rows"] == 1500
+    shares = [v for k, v in runs[0].data.metrics.items() if k.startswith("prediction.share.")]
+    assert len(shares) == 2 and abs(sum(shares) - 1) < 1e-9
 
 
 def test_late_file_waits_in_the_triggerer_and_warm_vs_scratch(nightly):
