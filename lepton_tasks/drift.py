@@ -130,7 +130,7 @@ def measure(parts: list[str], spec: PipelineSpec, stage_dir: Path, reference_pro
     mine = profile(parts, spec)
     manifest = DriftManifest(str(stage_dir), str(stage_dir / PROFILE), reference, threshold, action,
                              label=spec.target.column)
-    compared: dict[str, tuple[dict, dict]] = {}
+    compared: dict[str, tuple[dict, dict]] = {}  # column -> (the champion's profile of it, tonight's shares)
     if reference_profile is None:
         manifest.note = "no champion with a data profile yet: nothing to compare"
     else:
@@ -138,8 +138,8 @@ def measure(parts: list[str], spec: PipelineSpec, stage_dir: Path, reference_pro
         for column, ref in theirs["columns"].items():
             if column not in mine["columns"] or ref["kind"] != mine["columns"][column]["kind"]:
                 continue  # a column the champion did not have, or of another kind: the schema changed
-            compared[column] = (ref["shares"], _current_shares(parts, column, ref))
-            manifest.columns[column] = round(float(psi(*compared[column])), 6)
+            compared[column] = (ref, _current_shares(parts, column, ref))
+            manifest.columns[column] = round(psi(ref["shares"], compared[column][1]), 6)
         skipped = sorted(set(mine["columns"]) - set(manifest.columns))
         manifest.note = f"columns not in the champion's profile: {skipped}" if skipped else ""
     if manifest.columns:
@@ -165,18 +165,28 @@ def verdict(manifest: DriftManifest) -> str:
             + (f"; report: {manifest.report_path}" if manifest.report_path else ""))
 
 
-def _bars(ref: dict, cur: dict) -> str:
-    rows = []
-    for key in ref.keys() | cur.keys():
-        r, c = ref.get(key, 0.0), cur.get(key, 0.0)
-        rows.append((key, r, c))
-    rows.sort(key=lambda row: (row[0] in (NULL, OTHER), row[0]))
+def _bin_labels(reference: dict) -> dict[str, str]:
+    """Each bin's key and what it holds, in order: value ranges for numeric columns, else the categories."""
+    if reference["kind"] != "numeric":
+        return {k: k for k in sorted(reference["shares"], key=lambda k: (k in (NULL, OTHER), k))}
+    edges = reference["edges"]
+    bounds = [f"< {edges[0]:.4g}"] if edges else ["all"]
+    bounds += [f"{lo:.4g} .. {hi:.4g}" for lo, hi in zip(edges, edges[1:], strict=False)]
+    bounds += [f">= {edges[-1]:.4g}"] if edges else []
+    return {**{f"b{i}": label for i, label in enumerate(bounds)}, NULL: "null"}
+
+
+def _bars(reference: dict, current: dict[str, float]) -> str:
+    ref = reference["shares"]
+    labels = _bin_labels(reference)
+    labels.update({k: k for k in current if k not in labels})  # categories only tonight's rows have
     return "".join(
-        f"<tr><td>{html.escape(k)}</td><td><div class=b style='width:{r * 300:.0f}px'></div>{r:.3f}</td>"
-        f"<td><div class='b c' style='width:{c * 300:.0f}px'></div>{c:.3f}</td></tr>" for k, r, c in rows)
+        f"<tr><td>{html.escape(label)}</td><td><div class=b style='width:{ref.get(k, 0.0) * 300:.0f}px'></div>"
+        f"{ref.get(k, 0.0):.3f}</td><td><div class='b c' style='width:{current.get(k, 0.0) * 300:.0f}px'></div>"
+        f"{current.get(k, 0.0):.3f}</td></tr>" for k, label in labels.items())
 
 
-def _report_html(manifest: DriftManifest, compared: dict[str, tuple[dict, dict]]) -> str:
+def _report_html(manifest: DriftManifest, compared: dict[str, tuple[dict, dict[str, float]]]) -> str:
     order = sorted(compared, key=lambda c: -manifest.columns[c])
     summary = "".join(
         f"<tr class='{'alarm' if manifest.columns[c] > manifest.threshold else ''}'><td>{html.escape(c)}"
