@@ -53,6 +53,12 @@ def _check(done: subprocess.CompletedProcess, what: str) -> str:
     return done.stdout
 
 
+def _is_paused(dag_id: str, env: dict) -> bool:
+    listed = _check(_airflow("dags", "details", dag_id, "-o", "json", env=env), f"reading {dag_id}")
+    details = next((json.loads(line) for line in reversed(listed.splitlines()) if line.startswith("[")), [{}])
+    return details[0].get("is_paused", True) is not False
+
+
 def _runs(dag_id: str, env: dict) -> dict[str, Night]:
     """The DAG's runs by logical date (ISO, UTC)."""
     done = _airflow("dags", "list-runs", dag_id, "-o", "json", env=env)
@@ -112,7 +118,10 @@ def backfill(loaded: LoadedSpec, first: dt.date, last: dt.date, timeout_minutes:
     if _airflow("jobs", "check", "--job-type", "SchedulerJob", env=env).returncode != 0:
         raise LeptonError("no Airflow scheduler is running: start the stack with `make up` (a backfill is run by "
                           "the scheduler, as from the UI's Backfill dialog)")
-    _check(_airflow("dags", "unpause", spec.name, env=env), f"unpausing {spec.name}")  # paused DAGs do not run
+    if _is_paused(spec.name, env):  # a paused DAG runs nothing, backfills included
+        _check(_airflow("dags", "unpause", spec.name, env=env), f"unpausing {spec.name}")
+        echo(f"unpaused {spec.name}: as on any unpause, Airflow also starts its latest scheduled night (catchup "
+             "is off), beside the backfill")
     _create(spec.name, first, last, env, echo)
     echo(f"backfill of {spec.name}: {len(expected)} night(s), {expected[0].date()} .. {expected[-1].date()}")
     deadline, reported = time.monotonic() + timeout_minutes * 60, set()

@@ -393,7 +393,7 @@ def validated_event(validated: dict) -> dict:
 def champion_event(ctx: RunContext, registered: dict) -> dict:
     """The champion-model Asset event for a run that moved `champion` (with the night, `ds`, whose data made it);
     skips the task (no event) otherwise."""
-    if "champion" not in registered.get("aliases", []):
+    if "champion" not in registered.get("aliases", []) or not registered.get("promotion", {}).get("promoted", True):
         message = f"champion stays at version {registered.get('champion_before')}: no new champion to publish"
         try:
             from airflow.sdk.exceptions import AirflowSkipException

@@ -319,6 +319,20 @@ def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: s
     return sorted(aliases), comparison
 
 
+RERUN = "rerun"  # outcome of a DAG run registered before: nothing is compared or moved again
+
+
+def _aliases_as_they_are(client, model_name: str, version) -> tuple[list[str], dict]:
+    """A DAG run that completed its registration before and runs again (a rerun night) moves no alias: its
+    decision was made (promotion.json and tag `lepton.promotion` of its MLflow run keep it), and moving
+    `champion` now could take it back from a newer night."""
+    champion = _current_champion(client, model_name)
+    promotion = {"outcome": RERUN, "promoted": False, "candidate_version": str(version.version),
+                 "champion_version": str(champion.version) if champion else None,
+                 "reason": f"this DAG run registered version {version.version} before; a rerun moves no alias"}
+    return sorted(client.get_model_version(model_name, version.version).aliases), promotion
+
+
 def _limit_mlflow_retries() -> None:
     """Fail within seconds, not minutes, when the tracking server is down (the Airflow retry waits instead),
     and never unpickle a model. Explicit settings in the environment win."""
@@ -360,13 +374,17 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
         experiment_id = ensure_experiment(client, experiment_name, artifact_root)
         run_id, created = _find_or_create_run(client, experiment_id, {TAG_RUN: record.run_id, TAG_DAG: record.dag_id},
                                               record.run_id)
+        rerun = not created and client.get_run(run_id).data.tags.get(TAG_COMPLETE) == "true"
         _reopen(client, run_id, created)
     except Exception as err:
         raise RegistryError(f"MLflow at {where} cannot be reached or refused the run: {type(err).__name__}: "
                             f"{err}") from err
     try:
         version = _log_and_register(client, experiment_id, run_id, record, model_name, eval_features)
-        aliases, promotion = _move_aliases(client, model_name, version, record, run_id)
+        if rerun:  # the same DAG run again (a rerun night): its version stays, and so do the aliases
+            aliases, promotion = _aliases_as_they_are(client, model_name, version)
+        else:
+            aliases, promotion = _move_aliases(client, model_name, version, record, run_id)
         client.set_tag(run_id, TAG_COMPLETE, "true")
         client.set_terminated(run_id, "FINISHED")
     except Exception as err:

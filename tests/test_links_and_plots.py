@@ -85,3 +85,5 @@ def test_champion_event_only_when_champion_moved():
     assert event["model_version"] == "7" and event["ds"] == "2026-11-12"  # the night a consumer scores
     with pytest.raises(AirflowSkipException, match="champion stays at version 6"):  # skipped: no Asset event
         champion_event(night, {**REGISTERED, "aliases": ["candidate"]})
+    with pytest.raises(AirflowSkipException):  # a rerun night finds its version champion but moved nothing
+        champion_event(night, {**REGISTERED, "promotion": {"outcome": "rerun", "promoted": False}})

@@ -196,10 +196,13 @@ def test_backfill_three_nights_then_rerun_one(nightly):
 
     # rerunning the middle night: the same DAG run again, the same MLflow run and version; the others untouched
     untouched = {r: r.read_bytes() for r in (reports[0], reports[2])}
+    aliases = _registry(env).get_registered_model(MODEL).aliases
     done, lines = _backfill(env, extra, "2026-11-11", "2026-11-11")
     assert done.returncode == 0, done.stdout[-3000:]
     assert Path(lines[-1]) == reports[1]
-    assert read_report(reports[1].parent)["status"] == "success"
+    rerun = read_report(reports[1].parent)
+    assert rerun["status"] == "success" and rerun["mlflow"]["promotion"]["outcome"] == "rerun"
+    assert _registry(env).get_registered_model(MODEL).aliases == aliases  # a rerun night moves no alias
     assert len(_versions(env)) == 3
     assert len(_parent_runs(env, nights[1]["run_id"])) == 1
     assert all(r.read_bytes() == before for r, before in untouched.items())
