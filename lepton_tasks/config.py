@@ -14,11 +14,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from lepton_tasks.errors import BadParam
+from lepton_tasks.window import check_template
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTATIONS_DIR = REPO_ROOT / "expectations"
@@ -27,6 +28,7 @@ PIPELINES_DIR = REPO_ROOT / "dags" / "pipelines"  # one YAML spec per pipeline; 
 ModelKind = Literal["mlp", "cnn"]
 InitFrom = Literal["scratch", "champion"]
 DriftAction = Literal["fail", "warn"]
+TemplatedUri = Annotated[str, AfterValidator(check_template)]  # may hold {ds}, ...; other placeholders refused
 
 
 class RunParams(BaseModel):
@@ -34,7 +36,7 @@ class RunParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source_uri: str = Field(
+    source_uri: TemplatedUri = Field(
         title="Source URI",
         description="CSV or Parquet file, folder or glob; local path or any fsspec URI. "
         "A relative path is read under the Lepton data root.",
@@ -95,13 +97,6 @@ class RunParams(BaseModel):
         description="Rows failing row-level expectations go to a run-scoped quarantine file (with reasons) and the "
         "run goes on while they are at most this share of the data; 0 stops the run on any failed expectation.",
     )
-
-    @field_validator("source_uri")
-    @classmethod
-    def _known_placeholders(cls, value: str) -> str:
-        from lepton_tasks.window import check_template
-
-        return check_template(value)
 
     def digest(self) -> str:
         """Short content hash, used to tell whether a checkpoint was made with these params."""

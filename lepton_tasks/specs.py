@@ -18,11 +18,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from lepton_tasks.config import EXPECTATIONS_DIR, PIPELINES_DIR, DriftAction, RunParams
+from lepton_tasks.config import EXPECTATIONS_DIR, PIPELINES_DIR, DriftAction, RunParams, TemplatedUri
 from lepton_tasks.errors import SpecError
 
 FeatureType = Literal["numeric", "categorical"]
@@ -45,6 +45,9 @@ def check_schedule(value: str | None) -> str | None:
     if value is None or value in SCHEDULE_PRESETS or croniter.is_valid(value):
         return value
     raise ValueError(f"'{value}' is neither a cron expression nor one of {', '.join(SCHEDULE_PRESETS)}")
+
+
+Schedule = Annotated[str | None, AfterValidator(check_schedule)]
 
 
 class _Strict(BaseModel):
@@ -73,18 +76,11 @@ class WaitSection(_Strict):
 
 
 class SourceSection(_Strict):
-    uri: str = Field(min_length=1, description="File, folder or glob; local path or any fsspec URI; may hold "
-                     "{ds}, {ds_nodash}, {yyyy}, {mm}, {dd} (the run's date).")
+    uri: TemplatedUri = Field(min_length=1, description="File, folder or glob; local path or any fsspec URI; "
+                              "may hold {ds}, {ds_nodash}, {yyyy}, {mm}, {dd} (the run's date).")
     format: SourceFormat | None = Field(None, description="csv, parquet or jsonl; default: each file's extension.")
     window_days: int = RunParams.model_fields["window_days"]
     wait: WaitSection = Field(default_factory=WaitSection)
-
-    @field_validator("uri")
-    @classmethod
-    def _known_placeholders(cls, value: str) -> str:
-        from lepton_tasks.window import check_template
-
-        return check_template(value)
 
 
 class DriftSection(_Strict):
@@ -117,21 +113,9 @@ class NotifySection(_Strict):
 class ScoreSection(_Strict):
     """A consumer DAG NAME_score: scores each night's data with the champion (on its Asset and schedule)."""
 
-    uri: str = Field(min_length=1, description="The rows to score; templated like source.uri.")
-    schedule: str | None = Field(None, description="Cron or preset; also runs whenever the champion changes.")
+    uri: TemplatedUri = Field(min_length=1, description="The rows to score; templated like source.uri.")
+    schedule: Schedule = Field(None, description="Cron or preset; also runs whenever the champion changes.")
     window_days: int = RunParams.model_fields["window_days"]
-
-    @field_validator("uri")
-    @classmethod
-    def _known_placeholders(cls, value: str) -> str:
-        from lepton_tasks.window import check_template
-
-        return check_template(value)
-
-    @field_validator("schedule")
-    @classmethod
-    def _schedule(cls, value: str | None) -> str | None:
-        return check_schedule(value)
 
 
 class TargetSection(_Strict):
@@ -161,7 +145,7 @@ class PipelineSpec(_Strict):
     description: str = ""
     owner: str = Field("lepton", min_length=1)
     tags: list[str] = Field(default_factory=list)
-    schedule: str | None = Field(None, description="Cron expression or preset (@daily, ...); null: manual only.")
+    schedule: Schedule = Field(None, description="Cron expression or preset (@daily, ...); null: manual only.")
     source: SourceSection
     features: dict[str, FeatureType] = Field(min_length=1)
     target: TargetSection
@@ -175,11 +159,6 @@ class PipelineSpec(_Strict):
     drift: DriftSection = Field(default_factory=DriftSection)
     notify: NotifySection | None = None
     score: ScoreSection | None = None
-
-    @field_validator("schedule")
-    @classmethod
-    def _schedule_is_cron_or_preset(cls, value: str | None) -> str | None:
-        return check_schedule(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineSpec:
