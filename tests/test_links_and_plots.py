@@ -37,6 +37,17 @@ def test_data_docs_are_found_in_the_run_folder_and_never_outside_it(tmp_path):
         "/lepton/data-docs/lepton_mnist1d/manual__2026-11-22T10%3A00%3A00%2B00%3A00/index.html")
 
 
+def test_the_drift_report_link_appears_once_the_run_has_a_report(tmp_path):
+    run_id = "backfill__2026-11-12T03:00:00+00:00"
+    assert links.drift_report_file(tmp_path, "lepton_sensors", run_id) is None  # before the drift task ran
+    report = RunPaths.of(tmp_path, "lepton_sensors", run_id).stage("drift") / "report.html"
+    report.parent.mkdir(parents=True)
+    report.write_text("<html></html>")
+    assert links.drift_report_file(tmp_path, "lepton_sensors", run_id) == report
+    assert links.drift_report_url("lepton_sensors", run_id) == (
+        "/lepton/drift/lepton_sensors/backfill__2026-11-12T03%3A00%3A00%2B00%3A00/report.html")
+
+
 def test_dask_dashboard_link_prefers_the_configured_one(monkeypatch):
     monkeypatch.delenv("LEPTON_DASK_DASHBOARD_URL", raising=False)
     assert links.dask_dashboard_url({"dashboard_link": "http://127.0.0.1:8787/status"}) == \

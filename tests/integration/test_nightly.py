@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lepton_tasks import links
 from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.demo_data import make_sensor_day, write_sensor_day
 from lepton_tasks.storage import RunPaths
@@ -150,6 +151,31 @@ def _backfill(env: AirflowEnv, extra: dict, first: str, last: str) -> tuple[subp
     return done, done.stdout.strip().splitlines()
 
 
+def _served(env: AirflowEnv, extra: dict, path: str, token: str | None = None) -> tuple[int, str]:
+    """GET a path of the api-server (as a browser following an extra link would), with a token or without."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{extra['AIRFLOW__API__PORT']}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
+
+
+def _token(env: AirflowEnv, extra: dict) -> str:
+    import urllib.request
+
+    password = json.loads((env.home / "passwords.json").read_text())["admin"]
+    request = urllib.request.Request(f"http://127.0.0.1:{extra['AIRFLOW__API__PORT']}/auth/token", method="POST",
+                                     data=json.dumps({"username": "admin", "password": password}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["access_token"]
+
+
 def _trigger(env: AirflowEnv, extra: dict, run_id: str, logical_date: str, conf: dict) -> None:
     env.airflow("dags", "trigger", DAG, "--run-id", run_id, "--logical-date", logical_date, "-c", json.dumps(conf),
                 **extra)
@@ -188,6 +214,10 @@ def test_backfill_three_nights_then_rerun_one(nightly):
     assert shifted["alarm"] is True and shifted["worst"] == "pressure_bar" and shifted["max_psi"] > 0.25
     assert nights[1]["stages"]["drift"]["alarm"] is False
     assert "Drift report" in Path(shifted["report_path"]).read_text()
+    link = links.drift_report_url(DAG, nights[2]["run_id"])  # the *Drift report* extra link, behind the login
+    assert _served(env, extra, link)[0] in (401, 403)
+    status, page = _served(env, extra, link, _token(env, extra))
+    assert status == 200 and "pressure_bar" in page
     assert nights[2]["metrics"]["drift.max_psi"] == shifted["max_psi"]
     assert "drift" in inbox.events(nights[2]["run_id"])
     assert "champion_change" in inbox.events(nights[0]["run_id"])
