@@ -34,7 +34,9 @@ def _mlflow(env: AirflowEnv):
 def _check_good_run(env: AirflowEnv, run_dir: Path) -> dict:
     report = read_report(run_dir)
     assert report["status"] == "success" and report["failed_stage"] is None
-    assert set(report["stages"]) == {"ingest", "validate", "shard", "train", "merge", "compress", "register"}
+    assert set(report["stages"]) == {"wait", "ingest", "validate", "drift", "shard", "train", "merge", "compress",
+                                     "register"}
+    assert "no champion" in report["stages"]["drift"]["note"]  # the first run: nothing to compare with
     assert all(s["status"] == "success" and s["seconds"] >= 0 for s in report["stages"].values())
     assert report["metrics"]["rows"] == 1500 and report["metrics"]["validate.failed"] == 0
     # 3x chance: it learns; the quality bar itself is measured in bench/
@@ -74,6 +76,8 @@ def _check_worse_run_keeps_champion(env: AirflowEnv, good_dir: Path) -> None:
     _, run_dir = env.dags_test(WORSE_CONF, WORSE_DATE)
     report, good = read_report(run_dir), read_report(good_dir)
     assert report["metrics"]["merged_metrics"]["accuracy"] < good["metrics"]["merged_metrics"]["accuracy"]
+    drift = report["stages"]["drift"]  # the same data as the champion's: no drift
+    assert drift["reference"]["model_version"] == "1" and drift["max_psi"] < 0.01 and drift["alarm"] is False
     client = _mlflow(env)
     assert str(client.get_model_version_by_alias("lepton-mnist1d", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("lepton-mnist1d", "candidate").version) == "2"
