@@ -176,7 +176,8 @@ def ensure_example_data(pipeline: str, data_root: Path, rows: int | None = None)
     landing = Path(data_root) / folder
     if not any(landing.rglob("*.*")):
         writer(landing, rows or default_rows)
-        print(f"wrote {rows or default_rows} demo rows for {pipeline} to {landing}")
+        per_day = f" a day, {SENSOR_DAYS[0]}..{SENSOR_DAYS[1]}," if writer is write_sensors else ""
+        print(f"wrote {rows or default_rows} demo rows{per_day} for {pipeline} to {landing}")
     return landing
 
 
