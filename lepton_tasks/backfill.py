@@ -53,10 +53,15 @@ def _check(done: subprocess.CompletedProcess, what: str) -> str:
     return done.stdout
 
 
+def _json_rows(printed: str) -> list[dict]:
+    """The rows an `airflow ... -o json` command printed: warnings may come first on stdout, so the table is the
+    last line that is a JSON array."""
+    return next((json.loads(line) for line in reversed(printed.splitlines()) if line.startswith("[")), [])
+
+
 def _is_paused(dag_id: str, env: dict) -> bool:
-    listed = _check(_airflow("dags", "details", dag_id, "-o", "json", env=env), f"reading {dag_id}")
-    details = next((json.loads(line) for line in reversed(listed.splitlines()) if line.startswith("[")), [{}])
-    return details[0].get("is_paused", True) is not False
+    details = _json_rows(_check(_airflow("dags", "details", dag_id, "-o", "json", env=env), f"reading {dag_id}"))
+    return (details or [{}])[0].get("is_paused", True) is not False
 
 
 def _runs(dag_id: str, env: dict) -> dict[str, Night]:
@@ -64,11 +69,8 @@ def _runs(dag_id: str, env: dict) -> dict[str, Night]:
     done = _airflow("dags", "list-runs", dag_id, "-o", "json", env=env)
     if done.returncode != 0 and SQLITE_BUSY in done.stdout + done.stderr:
         return {}  # asked again at the next poll
-    listed = _check(done, f"listing the runs of {dag_id}")
-    # warnings may come first on stdout: the table is the line that is a JSON array
-    rows = next((json.loads(line) for line in reversed(listed.splitlines()) if line.startswith("[")), [])
     found = {}
-    for row in rows:
+    for row in _json_rows(_check(done, f"listing the runs of {dag_id}")):
         if row.get("logical_date"):
             when = dt.datetime.fromisoformat(row["logical_date"]).astimezone(dt.UTC)
             found[when.isoformat()] = Night(when, row["run_id"], row["state"])

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS, ENCODER, PROFILE = "merged/merged.safetensors", "model/encoder.json", "drift/profile.json"
 SNAPSHOT = "snapshot.json"
+CHAMPION = "champion"  # the registry alias of the model in service
 
 
 @dataclass(frozen=True)
@@ -46,23 +47,25 @@ def snapshot(tracking_uri: str, model_name: str, folder: Path) -> ChampionSnapsh
     if done.exists():
         saved = read_json(done)
         return ChampionSnapshot(**saved) if saved else None
-    champion = _champion_version(tracking_uri, model_name)
+    from mlflow import MlflowClient
+
+    champion = current_champion(MlflowClient(tracking_uri), model_name)
     with atomic_dir(folder) as tmp:
         found = _download(tracking_uri, model_name, champion, tmp, folder) if champion else None
         write_json(tmp / SNAPSHOT, found.to_dict() if found else {})
     return found
 
 
-def _champion_version(tracking_uri: str, model_name: str):
-    from mlflow import MlflowClient
+def current_champion(client, model_name: str):
+    """The version holding `champion`, or None when the model has no champion yet (or was never registered).
+    Any other failure (the registry unreachable, say) propagates: decisions that need the champion fail closed."""
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri)
     try:
-        version = client.get_registered_model(model_name).aliases.get("champion")
+        version = client.get_registered_model(model_name).aliases.get(CHAMPION)
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None  # the model has never been registered
+            return None
         raise
     return None if version is None else client.get_model_version(model_name, str(version))
 

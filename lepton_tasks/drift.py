@@ -92,20 +92,27 @@ def _categorical_shares(values: np.ndarray, kept: list[str] | None) -> dict[str,
     return shares
 
 
+def _profile_column(values: np.ndarray, kind: str) -> dict:
+    """One column's part of a profile: its kind, its decile edges (numeric) and its shares."""
+    if kind != "numeric":
+        return {"kind": kind, "shares": _categorical_shares(values, None)}
+    numbers = values.astype("float64")
+    present = numbers[~np.isnan(numbers)]
+    deciles = np.quantile(present, np.linspace(0, 1, BINS + 1)[1:-1]).tolist() if len(present) else []
+    edges = sorted(set(deciles))
+    return {"kind": kind, "edges": edges, "shares": _numeric_shares(numbers, edges)}
+
+
 def profile(parts: list[str], spec: PipelineSpec) -> dict:
     """The reference profile of a run's validated rows: per column its kind, bin edges and shares."""
-    columns = {}
-    for column, kind in _columns(spec).items():
-        values = _read(parts, column)
-        if kind == "numeric":
-            numbers = values.astype("float64")
-            present = numbers[~np.isnan(numbers)]
-            deciles = np.quantile(present, np.linspace(0, 1, BINS + 1)[1:-1]).tolist() if len(present) else []
-            edges = sorted(set(deciles))
-            columns[column] = {"kind": kind, "edges": edges, "shares": _numeric_shares(numbers, edges)}
-        else:
-            columns[column] = {"kind": kind, "shares": _categorical_shares(values, None)}
-    return {"rows": int(len(values)), "label": spec.target.column, "columns": columns}
+    return _as_profile(parts, spec, {c: _profile_column(_read(parts, c), kind) for c, kind in _columns(spec).items()})
+
+
+def _as_profile(parts: list[str], spec: PipelineSpec, columns: dict[str, dict]) -> dict:
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    return {"rows": rows, "label": spec.target.column, "columns": columns}
 
 
 def psi(reference: dict[str, float], current: dict[str, float]) -> float:
@@ -116,8 +123,8 @@ def psi(reference: dict[str, float], current: dict[str, float]) -> float:
     return float(total)
 
 
-def _current_shares(parts: list[str], column: str, reference: dict) -> dict[str, float]:
-    values = _read(parts, column)
+def _shares_on(values: np.ndarray, reference: dict) -> dict[str, float]:
+    """Tonight's shares in the champion's bins (its edges, or its categories)."""
     if reference["kind"] == "numeric":
         return _numeric_shares(values, reference["edges"])
     return _categorical_shares(values, [k for k in reference["shares"] if k != OTHER])
@@ -125,29 +132,32 @@ def _current_shares(parts: list[str], column: str, reference: dict) -> dict[str,
 
 def measure(parts: list[str], spec: PipelineSpec, stage_dir: Path, reference_profile: Path | None,
             reference: dict | None, threshold: float, action: str) -> DriftManifest:
-    """Profile the validated `parts` and, given the champion's profile, measure drift and write the report."""
+    """Profile the validated `parts` and, given the champion's profile, measure drift and write the report. Each
+    column is read once, for both."""
     stage_dir = Path(stage_dir)
-    mine = profile(parts, spec)
     manifest = DriftManifest(str(stage_dir), str(stage_dir / PROFILE), reference, threshold, action,
                              label=spec.target.column)
+    theirs = read_json(reference_profile)["columns"] if reference_profile is not None else {}
+    columns: dict[str, dict] = {}
     compared: dict[str, tuple[dict, dict]] = {}  # column -> (the champion's profile of it, tonight's shares)
+    for column, kind in _columns(spec).items():
+        values = _read(parts, column)
+        columns[column] = _profile_column(values, kind)
+        ref = theirs.get(column)
+        if ref is not None and ref["kind"] == kind:  # else: a column the champion did not have, or of another kind
+            compared[column] = (ref, _shares_on(values, ref))
+            manifest.columns[column] = round(psi(ref["shares"], compared[column][1]), 6)
     if reference_profile is None:
         manifest.note = "no champion with a data profile yet: nothing to compare"
     else:
-        theirs = read_json(reference_profile)
-        for column, ref in theirs["columns"].items():
-            if column not in mine["columns"] or ref["kind"] != mine["columns"][column]["kind"]:
-                continue  # a column the champion did not have, or of another kind: the schema changed
-            compared[column] = (ref, _current_shares(parts, column, ref))
-            manifest.columns[column] = round(psi(ref["shares"], compared[column][1]), 6)
-        skipped = sorted(set(mine["columns"]) - set(manifest.columns))
+        skipped = sorted(set(columns) - set(manifest.columns))
         manifest.note = f"columns not in the champion's profile: {skipped}" if skipped else ""
     if manifest.columns:
         manifest.worst = max(manifest.columns, key=manifest.columns.get)
         manifest.max_psi = manifest.columns[manifest.worst]
         manifest.alarm = bool(manifest.max_psi > threshold)
     with atomic_dir(stage_dir) as tmp:
-        write_json(tmp / PROFILE, mine)
+        write_json(tmp / PROFILE, _as_profile(parts, spec, columns))
         if compared:
             (tmp / REPORT).write_text(_report_html(manifest, compared), encoding="utf-8")
             manifest.report_path = str(stage_dir / REPORT)

@@ -223,15 +223,23 @@ def _window(source_uri: str, data_root: Path, fmt: str | None, ds: dt.date | Non
     if window.is_templated(source_uri) and ds is None:
         raise BadSource(f"param 'source_uri' ('{source_uri}') is templated on the run's date, but the run has none")
     days = window.resolve(source_uri, ds or dt.date.today(), window_days)
-    listed, absent = {}, []
+    listed, absent = list_days(days, data_root, fmt)
+    untemplated = absent.pop(DaySource(None, source_uri), None)
+    if untemplated is not None:
+        raise untemplated
+    if absent:
+        raise BadSource(f"no data for {len(absent)} of the {len(days)} day(s) of the window ending {ds}: "
+                        + "; ".join(f"{day.day}: {err}" for day, err in absent.items()))
+    return listed
+
+
+def list_days(days: list[DaySource], data_root: Path, fmt: str | None = None
+              ) -> tuple[dict[DaySource, tuple[object, list[str]]], dict[DaySource, BadSource]]:
+    """Each day's filesystem and data files, and the error of each day that has none (yet)."""
+    listed, absent = {}, {}
     for day in days:
         try:
             listed[day] = list_source_files(resolve_uri(day.uri, data_root), fmt)
         except BadSource as err:
-            if day.day is None:
-                raise
-            absent.append(f"{day.day}: {err}")
-    if absent:
-        raise BadSource(f"no data for {len(absent)} of the {len(days)} day(s) of the window ending {ds}: "
-                        + "; ".join(absent))
-    return listed
+            absent[day] = err
+    return listed, absent

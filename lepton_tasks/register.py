@@ -13,6 +13,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lepton_tasks.champion import CHAMPION, current_champion
 from lepton_tasks.config import redact_uri
 from lepton_tasks.errors import RegistryError
 from lepton_tasks.metrics import at_least_as_good
@@ -29,7 +30,7 @@ TAG_SPEC, TAG_SPEC_SHA = "lepton.spec", "lepton.spec_sha256"
 TAG_SOURCE, TAG_DATA_SHA = "lepton.source_uri", "lepton.data_sha256"
 TAG_COMPLETE = "lepton.complete"
 TAG_WINDOW, TAG_INIT, TAG_INIT_FALLBACK = "lepton.window", "lepton.init_from", "lepton.warm_start_fallback"
-CANDIDATE, CHAMPION = "candidate", "champion"
+CANDIDATE = "candidate"
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _find_or_create_run(client, experiment_id: str, tags: dict[str, str], name: 
     return client.create_run(experiment_id, run_name=name, tags={**tags, **extra}).info.run_id, True
 
 
-def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     import time
 
     from mlflow.entities import Metric
@@ -155,12 +156,12 @@ def _log_shard_runs(client, experiment_id: str, parent: str, record: RunRecord) 
             run_id = open_run(client, experiment_id, tags, shard, parent)
             for epoch in ckpt["epochs"]:
                 step = (ckpt["round"] - 1) * epochs_per_round + epoch["epoch"]
-                _log_metrics(client, run_id, {"loss": epoch["loss"]}, step)
+                log_metrics(client, run_id, {"loss": epoch["loss"]}, step)
     for shard, info in by_shard.items():
         run_id = _find_run(client, experiment_id, {TAG_RUN: record.run_id, TAG_DAG: record.dag_id, TAG_SHARD: shard})
         client.log_param(run_id, "rows", info["rows"])
         client.log_dict(run_id, info["label_histogram"], "label_histogram.json")
-        _log_metrics(client, run_id, {f"eval_{k}": v for k, v in record.merge["shard_metrics"][shard].items()})
+        log_metrics(client, run_id, {f"eval_{k}": v for k, v in record.merge["shard_metrics"][shard].items()})
         client.set_terminated(run_id, "FINISHED")
 
 
@@ -270,13 +271,6 @@ def _champion_on_this_data(client, champion, record: RunRecord, metric: str) -> 
 PROMOTED, KEPT, NOT_COMPARED = "promoted", "kept_champion", "not_compared"  # tag lepton.promotion
 
 
-def _current_champion(client, model_name: str):
-    """The version holding `champion`, or None when the model has no champion yet. Any other failure (the
-    registry unreachable, say) propagates: the gate fails closed."""
-    version = client.get_registered_model(model_name).aliases.get(CHAMPION)
-    return None if version is None else client.get_model_version(model_name, str(version))
-
-
 def _compare(client, champion, version, record: RunRecord) -> dict:
     """Whether this version may take `champion`: only when it is the first, or when it scores at least as well
     as the champion re-scored on this run's held-out rows. No comparison on the same rows, no promotion."""
@@ -304,11 +298,11 @@ def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: s
     """`candidate` always; `champion` only as `_compare` decides. The comparison is recorded in the run (tag
     `lepton.promotion`, metric, promotion.json) and returned for the report."""
     client.set_registered_model_alias(model_name, CANDIDATE, version.version)
-    champion = _current_champion(client, model_name)
+    champion = current_champion(client, model_name)
     comparison = _compare(client, champion, version, record)
     comparison["promoted"] = comparison["outcome"] == PROMOTED
     if comparison.get("champion_score_same_data") is not None:
-        _log_metrics(client, run_id, {f"champion_eval_{comparison['metric']}": comparison["champion_score_same_data"]})
+        log_metrics(client, run_id, {f"champion_eval_{comparison['metric']}": comparison["champion_score_same_data"]})
     client.log_dict(run_id, comparison, "promotion.json")
     client.set_tag(run_id, "lepton.promotion", comparison["outcome"])
     if comparison["promoted"]:
@@ -326,7 +320,7 @@ def _aliases_as_they_are(client, model_name: str, version) -> tuple[list[str], d
     """A DAG run that completed its registration before and runs again (a rerun night) moves no alias: its
     decision was made (promotion.json and tag `lepton.promotion` of its MLflow run keep it), and moving
     `champion` now could take it back from a newer night."""
-    champion = _current_champion(client, model_name)
+    champion = current_champion(client, model_name)
     promotion = {"outcome": RERUN, "promoted": False, "candidate_version": str(version.version),
                  "champion_version": str(champion.version) if champion else None,
                  "reason": f"this DAG run registered version {version.version} before; a rerun moves no alias"}
@@ -404,13 +398,13 @@ def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord
         client.set_tag(run_id, key, value)
     for key, value in record.params.items():
         client.log_param(run_id, key, value)
-    _log_metrics(client, run_id, summary_metrics(record))
+    log_metrics(client, run_id, summary_metrics(record))
     if record.drift and record.drift.get("max_psi") is not None:
-        _log_metrics(client, run_id, {"drift_max_psi": record.drift["max_psi"],
+        log_metrics(client, run_id, {"drift_max_psi": record.drift["max_psi"],
                                       **{f"drift_psi.{c}": v for c, v in record.drift["columns"].items()}})
     metric = record.merge["metric"]
     for rnd, score in enumerate(record.merge.get("round_scores", []), start=1):  # the merged curve, per round
-        _log_metrics(client, run_id, {f"merged_eval_{metric}_by_round": score}, step=rnd)
+        log_metrics(client, run_id, {f"merged_eval_{metric}_by_round": score}, step=rnd)
     _log_shard_runs(client, experiment_id, run_id, record)
     _log_artifacts(client, run_id, record)
     _log_dataset(run_id, record)

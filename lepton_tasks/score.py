@@ -152,16 +152,16 @@ def log_scoring(tracking_uri: str, experiment: str, artifact_root: str | None, d
     """One MLflow run per scoring DAG run (found again by its tags on a retry): rows, distribution, metrics."""
     from mlflow import MlflowClient
 
-    from lepton_tasks.register import TAG_DAG, TAG_RUN, ensure_experiment, open_run
+    from lepton_tasks.register import TAG_DAG, TAG_RUN, ensure_experiment, log_metrics, open_run
 
     client = MlflowClient(tracking_uri)
     mlflow_run = open_run(client, ensure_experiment(client, experiment, artifact_root),
                           {TAG_DAG: dag_id, TAG_RUN: run_id}, f"score {run_id}")
     client.set_tag(mlflow_run, "lepton.kind", "scoring")
     client.set_tag(mlflow_run, "lepton.model_version", manifest.model_version)
-    client.log_metric(mlflow_run, "scored_rows", manifest.rows)
-    for key, value in {**manifest.distribution, **{f"eval_{k}": v for k, v in manifest.metrics.items()}}.items():
-        client.log_metric(mlflow_run, f"prediction.{key}" if not key.startswith("eval_") else key, value)
+    log_metrics(client, mlflow_run, {"scored_rows": manifest.rows,
+                                     **{f"prediction.{k}": v for k, v in manifest.distribution.items()},
+                                     **{f"eval_{k}": v for k, v in manifest.metrics.items()}})
     client.log_dict(mlflow_run, manifest.to_dict(), "scoring/manifest.json")
     client.set_terminated(mlflow_run, "FINISHED")
     return mlflow_run

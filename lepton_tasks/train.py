@@ -28,7 +28,15 @@ from lepton_tasks.config import stable_json
 from lepton_tasks.errors import TrainingError
 from lepton_tasks.features import Encoder
 from lepton_tasks.merge import fedavg_files
-from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, load_model, loss_fn, save_checkpoint
+from lepton_tasks.models import (
+    ModelShape,
+    build_model,
+    init_weights,
+    load_checkpoint,
+    load_model,
+    loss_fn,
+    save_checkpoint,
+)
 from lepton_tasks.storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -329,7 +337,7 @@ def starting_weights(path: Path, shape: ModelShape) -> dict[str, torch.Tensor]:
     """A checkpoint's weights, if they fit `shape` tensor for tensor (TrainingError naming the first that does
     not)."""
     state = load_checkpoint(path)[0]
-    expected = init_weights(shape, 0)
+    expected = build_model(shape).state_dict()  # the shapes only: no seeding, no init of our own
     for name, tensor in expected.items():
         if name not in state or state[name].shape != tensor.shape:
             got = tuple(state[name].shape) if name in state else "missing"

@@ -75,17 +75,9 @@ def parse_ds(value: str | dt.date | dt.datetime) -> dt.date:
 def missing(sources: list[DaySource], data_root: Path, fmt: str | None = None) -> list[DaySource]:
     """The days whose URI holds no data file yet. An untemplated source is never waited for: ingest says exactly
     what is wrong with it (missing, empty, unreadable)."""
-    from lepton_tasks.ingest import list_source_files, resolve_uri
+    from lepton_tasks.ingest import list_days
 
-    absent = []
-    for source in sources:
-        if source.day is None:
-            continue
-        try:
-            list_source_files(resolve_uri(source.uri, data_root), fmt)
-        except BadSource:
-            absent.append(source)
-    return absent
+    return list(list_days([s for s in sources if s.day is not None], data_root, fmt)[1])
 
 
 def describe(sources: list[DaySource]) -> str:
