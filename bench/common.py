@@ -1,12 +1,16 @@
-"""Shared by the benchmarks: the result record, peak-RSS measurement of a process tree, test data."""
+"""Shared by the benchmarks: interleaved repeats and the result record, peak-RSS measurement of a process tree,
+test data."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +19,58 @@ RESULTS = Path(__file__).parent / "results"
 PROBE = [sys.executable, "-m", "bench.probe"]
 
 
-def record(value: float, baseline: float, goal: str, unit: str, higher_is_better: bool, met: bool, **detail) -> dict:
-    """One benchmark in summary.json's shape: the value, the baseline measured in the same run, their ratio."""
-    return {"value": value, "baseline": baseline, "ratio": value / baseline if baseline else None, "goal": goal,
-            "unit": unit, "higher_is_better": higher_is_better, "met": bool(met), **detail}
+REPEATS = 3  # every benchmark: at least three repeats, value and baseline interleaved
+
+
+@dataclass
+class Repeats:
+    """Per repeat: the value, the baseline measured beside it, and whatever else each measurement reported."""
+
+    values: list[float] = field(default_factory=list)
+    baselines: list[float] = field(default_factory=list)
+    details: list[dict] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [v / b for v, b in zip(self.values, self.baselines, strict=True)]
+
+
+Measurement = Callable[[], "float | tuple[float, dict]"]
+
+
+def interleaved(value: Measurement, baseline: Measurement, repeats: int = REPEATS, label: str = "") -> Repeats:
+    """Measure value and baseline `repeats` times, alternating which goes first, so that a machine growing slower
+    or faster over the run (caches, thermal state, a neighbour) weighs on both alike. Each measurement returns
+    its figure, or (figure, detail)."""
+    out = Repeats()
+    for index in range(repeats):
+        measured = {}
+        for name, measure in ((("value", value), ("baseline", baseline))[::1 if index % 2 == 0 else -1]):
+            result = measure()
+            measured[name] = result if isinstance(result, tuple) else (result, {})
+        out.values.append(measured["value"][0])
+        out.baselines.append(measured["baseline"][0])
+        out.details.append({"value": measured["value"][1], "baseline": measured["baseline"][1]})
+        print(f"{label} repeat {index + 1}/{repeats}: value {out.values[-1]:.4g}, baseline {out.baselines[-1]:.4g}, "
+              f"ratio {out.ratios[-1]:.3f}", flush=True)
+    return out
+
+
+def record(measured: Repeats, goal: str, unit: str, higher_is_better: bool, met: Callable[[float], bool],
+           **detail) -> dict:
+    """One benchmark in summary.json's shape: medians of value and baseline, `ratio` the median of the per-repeat
+    ratios (value / baseline), `spread` their min and max, and whether the median ratio meets the goal."""
+    ratios = measured.ratios
+    ratio = statistics.median(ratios)
+    return {"value": statistics.median(measured.values), "baseline": statistics.median(measured.baselines),
+            "ratio": ratio, "repeats": len(ratios), "spread": [min(ratios), max(ratios)], "goal": goal,
+            "unit": unit, "higher_is_better": higher_is_better, "met": bool(met(ratio)), **detail}
+
+
+def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
+    started = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return value, time.perf_counter() - started
 
 
 def run_measured(args: list[str], timeout: int = 1800) -> tuple[dict, int]:
@@ -75,15 +127,28 @@ def classification_spec(features: int = 8):
 
 
 def mnist_frame(rows: int, seed: int = 42):
-    """MNIST-1D rows: the package's 5000 generated rows, tiled (with small noise) up to `rows`."""
+    """MNIST-1D rows: the package's 5000 generated rows, tiled (with small noise) up to `rows`. Tiled rows are
+    near-copies of each other: fine for speed and memory, never for quality (see bench.quality.fresh_samples)."""
     from lepton_tasks.demo_data import mnist1d_frame
 
-    demo = mnist1d_frame(5000, seed)
+    demo = mnist1d_frame(min(rows, 5000), seed)
     frame = demo.iloc[np.arange(rows) % len(demo)].reset_index(drop=True)
     features = [c for c in frame.columns if c != "label"]
     noise = np.random.default_rng(seed).normal(0, 0.01, (rows, len(features))).astype(np.float32)
     frame[features] += noise * (np.arange(rows) >= len(demo))[:, None]  # the first 5000 rows stay as generated
     return frame
+
+
+def write_mnist_parts(folder: Path, rows: int, rows_per_part: int = 500_000) -> list[str]:
+    """`rows` MNIST-1D rows as Parquet parts of at most `rows_per_part` rows (at least two), made part by part so
+    that 10 M rows never sit in memory at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = np.diff(np.linspace(0, rows, max(2, -(-rows // rows_per_part)) + 1).astype(int))
+    paths = []
+    for index, size in enumerate(sizes):
+        paths.append(str(folder / f"part-{index:05d}.parquet"))
+        mnist_frame(int(size), seed=42 + index).to_parquet(paths[-1], index=False)
+    return paths
 
 
 def write_json(name: str, value) -> Path:

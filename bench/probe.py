@@ -1,8 +1,12 @@
-"""Entry points the benchmarks run as their own processes, so each one's peak memory is its own.
+"""Entry points the benchmarks run as their own processes, so each one's peak memory and imports are its own.
 
-`python -m bench.probe shard-stage PARTS_DIR OUT_DIR SHARDS`, `... shard-baseline ...` (seconds of the work,
-process and cluster start-up excluded) and `... plain-run DATA_ROOT ROWS CONF_JSON` (the whole pipeline as a
-plain script); each prints one JSON line.
+`python -m bench.probe COMMAND ARGS...`, each printing one JSON line:
+- `shard-stage PARTS_DIR OUT_DIR SHARDS`: Lepton's shard stage, the start of its Dask cluster included;
+- `shard-baseline PARTS_DIR OUT_DIR SHARDS`: pyarrow read, a seeded stratified split, pyarrow write;
+- `train-stage OUT_DIR EPOCHS SHARD_FILE...`: the train stage on a fresh 2-worker cluster (started beforehand:
+  the run's cluster is up before train, its start is counted in shard);
+- `train-script OUT_DIR EPOCHS SHARD_FILE...`: a plain PyTorch script doing the same work, from `import torch`;
+- `plain-run DATA_ROOT ROWS CONF_JSON`: the whole pipeline as a plain script.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ EVAL_FRACTION, SEED = 0.2, 42
 
 
 def shard_stage(parts_dir: Path, out_dir: Path, shards: int) -> dict:
-    """Lepton's shard stage on a 2-worker local Dask cluster (as the pipeline starts it)."""
+    """Lepton's shard stage on a 2-worker local Dask cluster, its start included (the run pays it once)."""
     from bench.common import classification_spec
     from lepton_tasks.cluster import dask_client
     from lepton_tasks.config import Settings
@@ -26,11 +30,13 @@ def shard_stage(parts_dir: Path, out_dir: Path, shards: int) -> dict:
 
     parts = sorted(str(p) for p in parts_dir.glob("*.parquet"))
     settings = Settings(out_dir.parent, None, None, 2)
+    started = time.perf_counter()
     with dask_client(settings, 2) as client:
-        started = time.perf_counter()
+        cluster_start_s = time.perf_counter() - started
         manifest = shard(parts, out_dir, shards, EVAL_FRACTION, SEED, classification_spec(), client)
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "rows": sum(s.rows for s in manifest.shards) + manifest.eval.rows}
+    return {"seconds": seconds, "cluster_start_s": cluster_start_s,
+            "rows": sum(s.rows for s in manifest.shards) + manifest.eval.rows}
 
 
 def shard_baseline(parts_dir: Path, out_dir: Path, shards: int) -> dict:
@@ -52,13 +58,75 @@ def shard_baseline(parts_dir: Path, out_dir: Path, shards: int) -> dict:
     return {"seconds": time.perf_counter() - started, "rows": len(labels)}
 
 
+def _mnist_setup(files: list[str], epochs: int):
+    from lepton_tasks.config import RunParams
+    from lepton_tasks.features import fit, partition_stats
+    from lepton_tasks.specs import find_spec
+
+    spec = find_spec("lepton_mnist1d").spec
+    import pandas as pd
+
+    encoder = fit(spec, partition_stats(pd.read_parquet(files[0]), spec))
+    params = RunParams(source_uri="bench", local_epochs=epochs, merge_rounds=1, model_kind="cnn", hidden_size=64)
+    return encoder, params
+
+
+def train_stage(out_dir: Path, epochs: int, files: list[str]) -> dict:
+    """The train stage over `files` (one shard each) on a fresh 2-worker cluster."""
+    from lepton_tasks.cluster import dask_client
+    from lepton_tasks.config import Settings
+    from lepton_tasks.storage import sha256_files
+    from lepton_tasks.train import model_shape, train
+
+    encoder, params = _mnist_setup(files, epochs)
+    shape = model_shape(encoder, params.model_kind, params.hidden_size)
+    infos = [{"name": f"shard-{i:03d}", "files": [f], "rows": 0, "sha256": sha256_files([f])}
+             for i, f in enumerate(files)]
+    with dask_client(Settings(out_dir, None, None, 2), len(files)) as client:
+        started = time.perf_counter()
+        manifest = train(infos, encoder.to_dict(), shape, params, out_dir, client)
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "epoch_s": [sum(e["seconds"] for e in c["epochs"]) for c in manifest.final_round]}
+
+
+def train_script(out_dir: Path, epochs: int, files: list[str]) -> dict:
+    """What a person would write: for each shard file, read it, train the same model from the same seeded
+    initialisation with Adam for `epochs`, save a safetensors checkpoint; torch on every core."""
+    encoder, params = _mnist_setup(files, epochs)
+    feature_columns = [c.name for c in encoder.columns]
+    started = time.perf_counter()
+    import pandas as pd
+    import torch
+    from safetensors.torch import save_file
+
+    from lepton_tasks.models import build_model
+    from lepton_tasks.train import model_shape
+
+    shape = model_shape(encoder, params.model_kind, params.hidden_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, path in enumerate(files):
+        frame = pd.read_parquet(path)
+        x = torch.from_numpy(frame[feature_columns].to_numpy(np.float32, copy=True))
+        y = torch.from_numpy(frame[encoder.target].to_numpy(np.int64))
+        torch.manual_seed(params.seed)
+        model = build_model(shape).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(y)).split(params.batch_size):
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / f"shard-{index}.st"))
+    return {"seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
+
+
 def plain_run(data_root: Path, rows: int, conf: dict) -> dict:
-    """The whole pipeline as a plain script: the same `lepton_tasks.pipeline` functions the DAG's tasks call,
-    one after the other in one process; seconds per stage (the shard and train stages start their Dask
-    cluster, as under Airflow). LEPTON_DATA_ROOT and MLFLOW_TRACKING_URI come from the environment."""
+    """The whole pipeline as a plain script: the same `lepton_tasks.pipeline` functions the DAG's tasks call, one
+    after the other in one process, one Dask cluster for the run; seconds per stage. LEPTON_DATA_ROOT and
+    MLFLOW_TRACKING_URI come from the environment."""
     from bench.common import mnist_frame
     from lepton_tasks import pipeline
-    from lepton_tasks.cluster import dask_client
     from lepton_tasks.specs import find_spec
 
     landing = data_root / "landing" / "mnist1d" / "mnist1d.parquet"
@@ -67,18 +135,17 @@ def plain_run(data_root: Path, rows: int, conf: dict) -> dict:
         mnist_frame(rows).to_parquet(landing, index=False)
     ctx = pipeline.context(find_spec("lepton_mnist1d"), f"plain_{rows}_{time.time_ns()}", conf)
     _, seconds = pipeline.run_in_process(ctx)
-    started = time.perf_counter()
-    with dask_client(ctx.settings, ctx.params.num_shards):
-        pass
-    return {"stages": seconds, "total": sum(seconds.values()), "dask_cluster_start_stop_s":
-            time.perf_counter() - started, "rows": rows}
+    return {"stages": seconds, "total": sum(seconds.values()), "rows": rows}
 
 
 if __name__ == "__main__":
-    command = sys.argv[1]
+    command, args = sys.argv[1], sys.argv[2:]
     if command == "plain-run":
-        print(json.dumps(plain_run(Path(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]))))
+        result = plain_run(Path(args[0]), int(args[1]), json.loads(args[2]))
+    elif command in ("train-stage", "train-script"):
+        run = train_stage if command == "train-stage" else train_script
+        result = run(Path(args[0]), int(args[1]), args[2:])
     else:
-        parts_dir, out_dir, shards = sys.argv[2:5]
-        commands = {"shard-stage": shard_stage, "shard-baseline": shard_baseline}
-        print(json.dumps(commands[command](Path(parts_dir), Path(out_dir), int(shards))))
+        run = {"shard-stage": shard_stage, "shard-baseline": shard_baseline}[command]
+        result = run(Path(args[0]), Path(args[1]), int(args[2]))
+    print(json.dumps(result))

@@ -1,9 +1,12 @@
-"""`make bench`: every stage against the best hand-written baseline, measured in the same run on this machine.
+"""`make bench`: every stage against the best hand-written way to do the same work, measured in the same run.
 
-Writes `bench/results/summary.json` ({"machine", "benchmarks": {NAME: {"value", "baseline", "ratio", "goal",
-"unit", "higher_is_better", "met", ...}}}), one detail file per benchmark beside it, and PNG plots. Names:
-shard, validate, train, orchestration_overhead, merge_vs_central, compression_size, compression_latency,
-scale_10x, scale_100x, scaffold_profile. `python -m bench.run NAME...` runs a subset (merged into an existing summary).
+Every benchmark interleaves value and baseline at least three times (`bench.common.interleaved`) and writes
+`bench/results/summary.json` ({"machine", "benchmarks": {NAME: {"value", "baseline", "ratio" (median of the
+per-repeat ratios), "repeats", "spread" [min, max], "goal", "unit", "higher_is_better", "met", ...}}}), one
+detail file per benchmark group beside it, and PNG plots. Groups (`python -m bench.run GROUP...` runs some,
+merged into an existing summary): shard, validate (validate, validate_vs_gx, validate_vs_gx_partitioned), train,
+orchestration (orchestration_overhead, orchestration_vs_script), merge_vs_central, compression
+(compression_size, compression_latency, compression_latency_batch), whole_run_10m_memory, scaffold_profile.
 CPU figures here are not GPU claims; see the README for the GPU path.
 """
 
@@ -13,14 +16,15 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 
 import torch
 
 from bench import plots, profiling, stages, whole_run
-from bench.common import RESULTS, mnist_frame, record, write_json
-from bench.quality import merge_grid, merge_vs_central
+from bench.common import REPEATS, RESULTS, Repeats, record, write_json
+from bench.quality import merge_vs_central
 
 
 def machine() -> dict:
@@ -33,76 +37,69 @@ def machine() -> dict:
 
 
 def bench_merge(work) -> dict:
-    from lepton_tasks.demo_data import make_house_prices
     from lepton_tasks.specs import find_spec
 
-    mnist = mnist_frame(5000)  # the package's 4000 train rows first, then its 1000 test rows
     loaded = find_spec("lepton_mnist1d")
-    defaults = loaded.spec.run_defaults()
-    headline = merge_vs_central(loaded, mnist, 4000, defaults)
-    mlp = merge_vs_central(loaded, mnist, 4000, defaults.model_copy(update={"model_kind": "mlp", "hidden_size": 100}))
-    houses = find_spec("lepton_house_prices")
-    regression = merge_vs_central(houses, make_house_prices(6000, 42), 4800, houses.spec.run_defaults())
-    grid = merge_grid(loaded, mnist, 4000, defaults.model_copy(update={"local_epochs": 2}))
-    at_four = [p for p in grid if p["shards"] == 4]
-    plots.merge_grid(grid, RESULTS / "merge_vs_central.png")
-    write_json("merge_vs_central.json", {"cnn_defaults": headline, "mlp": mlp, "house_prices": regression,
-                                         "grid_local_epochs_2": grid})
-    return record(headline["value"], headline["baseline"], "merged within 1 point of central at 4 shards",
-                  "accuracy", True, headline["gap"] <= 0.01,
-                  gap=headline["gap"], shards=defaults.num_shards, rounds=defaults.merge_rounds,
-                  local_epochs=defaults.local_epochs, grid_gap_at_4_shards={p["rounds"]: p["gap"] for p in at_four},
-                  mlp_gap=mlp["gap"], house_prices_r2=(regression["value"], regression["baseline"]))
+    runs = [merge_vs_central(work, loaded, seed) for seed in range(42, 42 + REPEATS)]
+    for run in runs:
+        print(f"merge vs central, seed {run['seed']}: merged {run['merged']:.3f}, central {run['central']:.3f}",
+              flush=True)
+    gaps = [r["gap"] for r in runs]
+    write_json("merge_vs_central.json", {"runs": runs})
+    summary = record(Repeats([r["merged"] for r in runs], [r["central"] for r in runs]),
+                     "merged (shard, train, merge stages) within 1 point of central training, fresh samples",
+                     "accuracy", True, lambda r: statistics.median(gaps) <= 0.01, gap=statistics.median(gaps),
+                     gaps=gaps, seeds=[r["seed"] for r in runs], params=runs[0]["params"],
+                     train_rows=runs[0]["train_rows"], fresh_rows=runs[0]["fresh_rows"])
+    return {"merge_vs_central": summary}
 
 
 def bench_shard(work) -> dict:
     summary, detail = stages.shard_bench(work)
     write_json("shard.json", detail)
     plots.shard_memory(detail["curve"], RESULTS / "shard_memory.png")
-    return summary
+    return {"shard": summary}
 
 
 def bench_validate(work) -> dict:
-    summary, detail = stages.validate_bench(work)
+    pandas, vs_gx, partitioned, detail = stages.validate_bench(work)
     write_json("validate.json", detail)
-    return summary
+    return {"validate": pandas, "validate_vs_gx": vs_gx, "validate_vs_gx_partitioned": partitioned}
 
 
 def bench_train(work) -> dict:
     summary, detail = stages.train_bench(work)
     write_json("train.json", detail)
-    plots.train_scaling(detail["scaling"], RESULTS / "train_scaling.png")
-    return summary
+    return {"train": summary}
 
 
 def bench_compression(work) -> dict:
-    size, latency, detail = stages.compression_bench(work)
+    size, latency, batch, detail = stages.compression_bench(work)
     write_json("compression.json", detail)
-    return {"compression_size": size, "compression_latency": latency}
+    return {"compression_size": size, "compression_latency": latency, "compression_latency_batch": batch}
 
 
 def bench_orchestration(work) -> dict:
-    summary, detail = whole_run.orchestration_bench(work)
+    overhead, vs_script, detail = whole_run.orchestration_bench(work)
     write_json("orchestration_overhead.json", detail)
-    return summary
+    return {"orchestration_overhead": overhead, "orchestration_vs_script": vs_script}
 
 
 def bench_profile(work) -> dict:
     summary, detail = profiling.profile_bench(work)
     write_json("scaffold_profile.json", detail)
-    return summary
+    return {"scaffold_profile": summary}
 
 
-def bench_scale(work) -> dict:
-    ten, hundred, detail = whole_run.scale_bench(work)
-    write_json("scale.json", detail)
-    plots.scale(detail["curve"], RESULTS / "scale.png")
-    return {"scale_10x": ten, "scale_100x": hundred}
+def bench_whole_run(work) -> dict:
+    summary, detail = whole_run.whole_run_memory_bench(work)
+    write_json("whole_run_10m_memory.json", detail)
+    return {"whole_run_10m_memory": summary}
 
 
-BENCHES = {"shard": bench_shard, "validate": bench_validate, "train": bench_train,
-           "orchestration_overhead": bench_orchestration, "merge_vs_central": bench_merge,
-           "compression": bench_compression, "scale": bench_scale, "scaffold_profile": bench_profile}
+BENCHES = {"shard": bench_shard, "validate": bench_validate, "train": bench_train, "compression": bench_compression,
+           "merge_vs_central": bench_merge, "scaffold_profile": bench_profile, "orchestration": bench_orchestration,
+           "whole_run_10m_memory": bench_whole_run}
 
 
 def main(names: list[str]) -> None:
@@ -117,12 +114,15 @@ def main(names: list[str]) -> None:
             result = BENCHES[name](work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        summary["benchmarks"].update(result if name in ("compression", "scale") else {name: result})
+        summary["benchmarks"].update(result)
+        summary.setdefault("seconds", {})[name] = round(time.perf_counter() - started)
         print(f"== {name}: {time.perf_counter() - started:.0f}s", flush=True)
         write_json("summary.json", summary)
     for name, bench in summary["benchmarks"].items():
-        print(f"{name:24} {'met' if bench['met'] else 'MISSED':6} value {bench['value']:.4g} vs baseline "
-              f"{bench['baseline']:.4g} {bench['unit']} (goal: {bench['goal']})")
+        low, high = bench["spread"]
+        print(f"{name:28} {'met' if bench['met'] else 'MISSED':6} ratio {bench['ratio']:.3g} [{low:.3g}, {high:.3g}] "
+              f"x{bench['repeats']}: {bench['value']:.4g} vs {bench['baseline']:.4g} {bench['unit']} "
+              f"(goal: {bench['goal']})")
     print(summary_path)
 
 

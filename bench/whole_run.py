@@ -1,4 +1,8 @@
-"""The whole run: Airflow's overhead over the same stage functions in a plain script, and cost as data grows."""
+"""The whole DAG under Airflow's real scheduler: its overhead at the demo size, and its memory from 1 M to 10 M rows.
+
+Runs are triggered on one Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor) started once
+per benchmark, after a first "cold" run that pays the components' start-up and is reported, not counted.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,22 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
+import threading
 import time
+from itertools import count
 from pathlib import Path
 
-from bench.common import PROBE, mnist_frame, record
+from bench.common import PROBE, Repeats, interleaved, mnist_frame, record, write_mnist_parts
 from tests.integration.airflow_env import AirflowEnv, unscheduled_specs
 
 DEMO_ROWS = 5000
+DAG_ID = "lepton_mnist1d"
+RUN_TIMEOUT_S = 1800
+_runs = count()
 
 
 def _plain(data_root: Path, rows: int, conf: dict) -> dict:
-    """The plain-script run in its own process: its stage seconds, and the process's wall time (imports too)."""
+    """The plain-script run in its own process: its stage seconds, and the process's wall (imports included)."""
     env = {**os.environ, "LEPTON_DATA_ROOT": str(data_root), "MLFLOW_TRACKING_URI": f"sqlite:///{data_root}/mlflow.db",
            "GX_ANALYTICS_ENABLED": "false"}
     started = time.perf_counter()
@@ -36,18 +44,18 @@ def _seconds(start: str | None, end: str | None) -> float | None:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
-def _airflow_times(env: AirflowEnv, run_id: str | None, stage_s: dict) -> dict:
-    """What Airflow's metadata DB recorded of one run (`run_id`, or the only one): its wall (first task start to
-    last task end), and per task its queue wait and the part of its run time outside the stage function (task
-    process start, DAG parse, imports, XCom)."""
+def _airflow_times(env: AirflowEnv, run_id: str, stage_s: dict) -> dict:
+    """What Airflow's metadata DB recorded of one run: its wall (the DAG run's start to its end, as the UI shows
+    it), and per task its queue wait and the part of its run time outside the stage function (task process
+    start, DAG parse, imports, XCom)."""
     with sqlite3.connect(env.home / "airflow.db") as db:
-        rows = db.execute("SELECT task_id, queued_dttm, start_date, end_date FROM task_instance "
-                          "WHERE run_id = coalesce(?, run_id) ORDER BY start_date", (run_id,)).fetchall()
-    tasks = {task: {"queued_s": _seconds(queued, start), "run_s": _seconds(start, end),
-                    "outside_stage_s": _seconds(start, end) - stage_s.get(task, 0.0)}
-             for task, queued, start, end in rows}
-    return {"wall_s": _seconds(rows[0][2], max(r[3] for r in rows)), "tasks": tasks,
-            "outside_stages_s": sum(t["outside_stage_s"] for t in tasks.values())}
+        start, end = db.execute("SELECT start_date, end_date FROM dag_run WHERE run_id = ?", (run_id,)).fetchone()
+        rows = db.execute("SELECT task_id, queued_dttm, start_date, end_date FROM task_instance WHERE run_id = ? "
+                          "ORDER BY start_date", (run_id,)).fetchall()
+    tasks = {task: {"queued_s": _seconds(queued, t_start), "run_s": _seconds(t_start, t_end),
+                    "outside_stage_s": (_seconds(t_start, t_end) or 0) - stage_s.get(task, 0.0)}
+             for task, queued, t_start, t_end in rows}
+    return {"wall_s": _seconds(start, end), "tasks": tasks}
 
 
 def _stage_seconds(run_dir: Path) -> dict[str, float]:
@@ -56,92 +64,140 @@ def _stage_seconds(run_dir: Path) -> dict[str, float]:
     return {name: stage["seconds"] for name, stage in report["stages"].items()}
 
 
-def _demo_env(work: Path) -> AirflowEnv:
-    env = AirflowEnv.sqlite(work)
-    landing = env.data_root / "landing" / "mnist1d"
-    landing.mkdir(parents=True, exist_ok=True)
+class TreeMemory:
+    """Peak RSS, sampled every 50 ms, of every process of an Airflow deployment on this machine: the components'
+    process trees (task processes included) and Lepton's Dask cluster processes with their workers (they run in
+    a session of their own)."""
+
+    def __init__(self, roots: list[int]):
+        self.roots, self.peak, self._done = roots, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def reset(self) -> None:
+        self.peak = 0
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._done.is_set():
+            try:
+                tree = {}
+                for root in [psutil.Process(pid) for pid in self.roots] + [
+                        p for p in psutil.process_iter(["cmdline"]) if "lepton_tasks.cluster" in
+                        " ".join(p.info["cmdline"] or [])]:
+                    for process in [root, *root.children(recursive=True)]:
+                        tree[process.pid] = process
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree.values() if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+
+class Deployment:
+    """One Airflow serving this repo's DAGs on SQLite, runs triggered one at a time."""
+
+    def __init__(self, work: Path):
+        self.env = AirflowEnv.sqlite(work)
+        self.pipelines = unscheduled_specs(work / "pipelines")
+
+    def trigger(self, extra: dict, conf: dict | None = None) -> str:
+        run_id = f"bench-{next(_runs)}"
+        self.env.airflow("dags", "trigger", DAG_ID, "--run-id", run_id, "-c", json.dumps(conf or {}), **extra)
+        self.env.airflow("dags", "unpause", DAG_ID, **extra)
+        state = self.env.finished_state(run_id, RUN_TIMEOUT_S)
+        assert state == "success", f"{run_id} ended {state}:\n{self.env.component_logs()}"
+        return run_id
+
+    def run(self, extra: dict, conf: dict | None = None) -> dict:
+        run_id = self.trigger(extra, conf)
+        stage_s = _stage_seconds(self.env.data_root / DAG_ID / run_id)
+        return {"run_id": run_id, **_airflow_times(self.env, run_id, stage_s), "stages_s": stage_s,
+                "stages_total_s": sum(stage_s.values())}
+
+
+def _component_pids() -> list[int]:
+    """Airflow's components, which `AirflowEnv.serving` starts as children of this process."""
+    import psutil
+
+    return [p.pid for p in psutil.Process().children() if "airflow" in " ".join(p.cmdline())]
+
+
+def orchestration_bench(work: Path) -> tuple[dict, dict, dict]:
+    """The nightly DAG at the demo size and defaults under the scheduler, interleaved with the same stage
+    functions run one after another as a plain script in its own process.
+    `orchestration_overhead`: each DAG run's wall over the sum of its own stages' seconds (what Airflow adds:
+    task processes, scheduling, XCom, the cluster's setup task). `orchestration_vs_script`: the DAG run's wall
+    over the script process's wall (its imports included)."""
+    deployment = Deployment(work / "scheduler")
+    landing = deployment.env.data_root / "landing" / "mnist1d"
+    landing.mkdir(parents=True)
     mnist_frame(DEMO_ROWS).to_parquet(landing / "mnist1d.parquet", index=False)
-    env.migrate()
-    return env
+    deployment.env.migrate()
+    plain_dirs = count()
+    with deployment.env.serving(LEPTON_PIPELINES_DIR=str(deployment.pipelines)) as extra:
+        cold = deployment.run(extra)
+
+        def dag_run() -> tuple[float, dict]:
+            run = deployment.run(extra)
+            return run["wall_s"], run
+
+        def script() -> tuple[float, dict]:
+            plain = _plain(work / f"plain-{next(plain_dirs)}", DEMO_ROWS, {})
+            return plain["process_wall_s"], plain
+
+        vs_script = interleaved(dag_run, script, label="DAG run vs plain script")
+    runs = [d["value"] for d in vs_script.details]
+    own = Repeats([r["wall_s"] for r in runs], [r["stages_total_s"] for r in runs])
+    where = {"cold_run_wall_s": cold["wall_s"], "cold_run_stages_total_s": cold["stages_total_s"],
+             "stages_under_scheduler_s": [r["stages_s"] for r in runs],
+             "stages_in_script_s": [d["baseline"]["stages"] for d in vs_script.details],
+             "queue_wait_s": [sum(t["queued_s"] or 0 for t in r["tasks"].values()) for r in runs],
+             "outside_stages_s": [{k: round(t["outside_stage_s"], 3) for k, t in r["tasks"].items()} for r in runs]}
+    overhead = record(own, "DAG run wall within 15% of the same run's stage seconds (demo size)", "s", False,
+                      lambda r: r <= 1.15, rows=DEMO_ROWS, run="warm runs under the scheduler, after a cold one")
+    script_ratio = record(vs_script, "DAG run wall within 15% of the plain script's process wall (demo size)", "s",
+                          False, lambda r: r <= 1.15, rows=DEMO_ROWS)
+    return overhead, script_ratio, {**where, "scheduler_tasks": [r["tasks"] for r in runs], "rows": DEMO_ROWS}
 
 
-def _under_scheduler(work: Path, preload: bool = True) -> dict[str, dict]:
-    """Two triggered runs under the scheduler (PreloadingLocalExecutor; api-server, scheduler, dag-processor
-    running), one after the other: the first after start-up ("cold": Airflow's api-server builds its execution
-    API on the first task's first call), then a nightly run's steady state ("warm")."""
-    env = _demo_env(work)
-    runs = {}
-    no_preload = {} if preload else {"LEPTON_PRELOAD_MODULES": ""}
-    with env.serving(LEPTON_PIPELINES_DIR=str(unscheduled_specs(work / "pipelines")), **no_preload) as extra:
-        for run_id in ("cold", "warm"):
-            env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", run_id, **extra)
-            env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
-            assert env.finished_state(run_id, 900) == "success", env.component_logs()
-            stage_s = _stage_seconds(env.data_root / "lepton_mnist1d" / run_id)
-            runs[run_id] = {**_airflow_times(env, run_id, stage_s), "stages_s": stage_s}
-    return runs
+SCALE_ROWS = (1_000_000, 10_000_000)
+SCALE_CONF = {"model_kind": "mlp", "hidden_size": 64, "num_shards": 2, "merge_rounds": 1, "local_epochs": 1,
+              "batch_size": 1024}
 
 
-def _dags_test(work: Path) -> dict:
-    """One `airflow dags test` run: every task in the CLI's process."""
-    env = _demo_env(work)
-    started = time.perf_counter()
-    done, run_dir = env.dags_test({}, "2026-07-01T02:00:00+00:00")
-    cli_wall = time.perf_counter() - started
-    stage_s = _stage_seconds(run_dir)
-    return {**_airflow_times(env, None, stage_s), "cli_wall_s": cli_wall, "stages_s": stage_s}
+def whole_run_memory_bench(work: Path, sizes=SCALE_ROWS) -> tuple[dict, dict]:
+    """The full DAG under the real scheduler on 1 M and 10 M MNIST-1D-shaped rows (20 Parquet files at 10 M),
+    interleaved: peak RSS of the whole deployment's process tree during each run (Airflow's components, the task
+    processes, the run's Dask cluster and workers), and each stage's seconds and rows/s."""
+    deployment = Deployment(work / "scheduler")
+    small, large = sizes
+    for rows in sizes:
+        write_mnist_parts(deployment.env.data_root / "landing" / f"rows-{rows}", rows)
+    deployment.env.migrate()
+    with deployment.env.serving(LEPTON_PIPELINES_DIR=str(deployment.pipelines)) as extra, \
+            TreeMemory(_component_pids()) as memory:
+        time.sleep(5)
+        idle = memory.peak  # the deployment before any run
 
+        def at(rows: int) -> tuple[float, dict]:
+            memory.reset()
+            run = deployment.run(extra, {**SCALE_CONF, "source_uri": f"landing/rows-{rows}/"})
+            rates = {stage: rows / s for stage, s in run["stages_s"].items() if s}
+            print(f"whole run {rows:,} rows: {run['wall_s']:.0f}s, peak {memory.peak / 2**30:.2f} GiB", flush=True)
+            return memory.peak, {"rows": rows, "wall_s": run["wall_s"], "stages_s": run["stages_s"],
+                                 "rows_per_s": rates, "peak_rss": memory.peak}
 
-def orchestration_bench(work: Path) -> tuple[dict, dict]:
-    """The nightly DAG at the demo size and defaults, under the scheduler (the headline: a nightly run on a
-    running deployment) and under `airflow dags test`, vs the same stage functions one after another in a plain
-    script (the sum of their seconds: their compute)."""
-    plain = _plain(work / "plain", DEMO_ROWS, {})
-    runs = _under_scheduler(work / "scheduler")
-    warm, cold = runs["warm"], runs["cold"]
-    in_process = _dags_test(work / "dags-test")
-    overhead = warm["wall_s"] / plain["total"] - 1
-    where = {
-        "scheduler_run_wall_s": warm["wall_s"],
-        "scheduler_outside_stages_s": warm["outside_stages_s"],  # task process start, DAG parse, XCom, state
-        "scheduler_queue_wait_s": sum(t["queued_s"] or 0 for t in warm["tasks"].values()),
-        "cold_run_wall_s": cold["wall_s"],  # the first run after start-up
-        "cold_overhead": cold["wall_s"] / plain["total"] - 1,
-        "dags_test_run_wall_s": in_process["wall_s"],
-        "dags_test_cli_wall_s": in_process["cli_wall_s"],  # + CLI start, DAG parse, DB set-up: not in a run
-        "dags_test_overhead": in_process["wall_s"] / plain["total"] - 1,
-        "script_process_wall_s": plain["process_wall_s"],  # the script's own imports and start-up included
-        "dask_cluster_start_stop_s_per_task": plain["dask_cluster_start_stop_s"],
-        "dask_cluster_tasks": 2,  # shard and train each start one
-        "mlflow_register_s": warm["stages_s"]["register"],
-        "stages_under_scheduler_s": warm["stages_s"],
-        "stages_in_script_s": plain["stages"],
-    }
-    summary = record(warm["wall_s"], plain["total"],
-                     "DAG run within 15% of the same stages in a script (demo size)", "s", False, overhead < 0.15,
-                     overhead=overhead, run="second triggered run under the scheduler",
-                     where_the_time_goes=where)
-    return summary, {"overhead": overhead, **where, "scheduler_tasks": warm["tasks"],
-                     "cold_run_tasks": cold["tasks"], "dags_test_tasks": in_process["tasks"], "rows": DEMO_ROWS}
-
-
-SCALE_CONF = {"model_kind": "mlp", "hidden_size": 64, "merge_rounds": 1, "local_epochs": 1}
-
-
-def scale_bench(work: Path, factors=(1, 10, 100)) -> tuple[dict, dict, dict]:
-    """Cost of the whole run (plain script, every stage) at 1x, 10x, 100x the demo rows, one epoch budget."""
-    curve = []
-    for factor in factors:
-        rows = DEMO_ROWS * factor
-        run = _plain(work / f"scale-{factor}", rows, SCALE_CONF)
-        curve.append({"factor": factor, "rows": rows, "total_s": run["total"], "stages_s": run["stages"]})
-        print(f"scale {factor:>3}x ({rows} rows): {run['total']:.1f}s", flush=True)
-    base = curve[0]["total_s"]
-    results = {}
-    for point in curve[1:]:
-        cost = point["total_s"] / base
-        results[point["factor"]] = record(point["total_s"], base * point["factor"],
-                                          f"near-linear: <= 1.2 x {point['factor']} x the 1x cost", "s", False,
-                                          cost <= 1.2 * point["factor"], cost_ratio=cost, rows=point["rows"],
-                                          rows_ratio=point["factor"], baseline_is="linear extrapolation of 1x")
-    return results[10], results[100], {"curve": curve, "conf": SCALE_CONF, "python": sys.version.split()[0]}
+        measured = interleaved(lambda: at(large), lambda: at(small), label="whole run 10M vs 1M peak RSS")
+    summary = record(measured, f"peak RSS of the whole process tree at {large:,} rows <= 1.5x that at {small:,}",
+                     "bytes", False, lambda r: r <= 1.5, conf=SCALE_CONF, idle_deployment_rss=idle,
+                     wall_s={str(large): [d["value"]["wall_s"] for d in measured.details],
+                             str(small): [d["baseline"]["wall_s"] for d in measured.details]})
+    return summary, {"runs": measured.details, "idle_deployment_rss": idle, "conf": SCALE_CONF}

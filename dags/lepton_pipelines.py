@@ -9,13 +9,15 @@ wait (deferred until the run's window of data has landed) → ingest → validat
 (against the champion's data) → shard (Dask) → train (one model per shard on Dask workers, R rounds, from scratch
 or the champion) → merge (FedAvg) → compress (pruning, ONNX, int8) → register (MLflow; `champion` moves only
 on a better model) → publish_champion (the Asset `NAME.champion`, only when `champion` moved) → report.
+Beside ingest, the setup task dask_cluster starts the run's Dask cluster, used by validate (when partitioned),
+shard and train; the teardown stop_dask_cluster stops it after train, whatever happened.
 The spec's `notify:` notifiers hear of failures, champion changes and drift.
 
 A spec that does not validate becomes an import error naming its file and fields; the others still load.
 """
 
 import pendulum
-from airflow.sdk import DAG, Asset, Param, dag, task
+from airflow.sdk import DAG, Asset, Param, dag, setup, task, teardown
 
 from lepton_tasks import notify, pipeline
 from lepton_tasks.config import airflow_param_specs
@@ -67,11 +69,24 @@ def build(loaded: LoadedSpec) -> DAG:
             checksums in the manifest."""
             return pipeline.ingest(pipeline.from_airflow(context, loaded))
 
+        @setup
+        @task(**MANIFEST)
+        def dask_cluster(**context) -> dict:
+            """Start the run's Dask cluster (or name the external one): started once, used by validate, shard and
+            train; a task whose cluster is gone starts its own."""
+            return pipeline.start_cluster(pipeline.from_airflow(context, loaded))
+
+        @teardown
+        @task(retries=0)
+        def stop_dask_cluster(run_cluster: dict) -> None:
+            """Stop the run's Dask cluster once train is done, whether the run succeeded or not."""
+            pipeline.stop_cluster(run_cluster)
+
         @task(outlets=[validated_data], **MANIFEST)
-        def validate(ingested: dict, **context) -> dict:
+        def validate(ingested: dict, run_cluster: dict, **context) -> dict:
             """Run the pipeline's Great Expectations suite; result JSON and HTML data docs in the run folder (extra
             link *Data docs*). A failed expectation stops the run, naming it and its column."""
-            validated = pipeline.validate(pipeline.from_airflow(context, loaded), ingested)
+            validated = pipeline.validate(pipeline.from_airflow(context, loaded), ingested, run_cluster)
             context["outlet_events"][validated_data].extra = pipeline.validated_event(validated)
             return validated
 
@@ -83,16 +98,16 @@ def build(loaded: LoadedSpec) -> DAG:
                                   lambda text: notify.send(spec, "drift", context, text))
 
         @task(**MANIFEST)
-        def shard(validated: dict, drifted: dict, **context) -> dict:
+        def shard(validated: dict, drifted: dict, run_cluster: dict, **context) -> dict:
             """Split the validated rows on Dask into stratified Parquet shards and a held-out split, with a
             manifest (rows, label histograms, checksums); a warm start encodes with the champion's encoder."""
-            return pipeline.shard(pipeline.from_airflow(context, loaded), validated, drifted)
+            return pipeline.shard(pipeline.from_airflow(context, loaded), validated, drifted, run_cluster)
 
         @task(**MANIFEST)
-        def train(shards: dict, **context) -> dict:
+        def train(shards: dict, run_cluster: dict, **context) -> dict:
             """Train one model per shard on the Dask workers, round after round from the last merge; a retry
             resumes from the checkpoints that exist (extra link *Dask dashboard*)."""
-            return pipeline.train(pipeline.from_airflow(context, loaded), shards)
+            return pipeline.train(pipeline.from_airflow(context, loaded), shards, run_cluster)
 
         @task(**MANIFEST)
         def merge(shards: dict, trained: dict, **context) -> dict:
@@ -122,11 +137,13 @@ def build(loaded: LoadedSpec) -> DAG:
             return pipeline.finish(pipeline.from_airflow(context, loaded))
 
         ingested = ingest()
-        wait >> ingested
-        validated = validate(ingested)
+        run_cluster = dask_cluster()
+        wait >> [ingested, run_cluster]
+        validated = validate(ingested, run_cluster)
         drifted = drift(validated)
-        shards = shard(validated, drifted)  # the validated rows: the stage, or its clean part after a quarantine
-        trained = train(shards)
+        shards = shard(validated, drifted, run_cluster)  # the validated rows (their clean part after a quarantine)
+        trained = train(shards, run_cluster)
+        trained >> stop_dask_cluster(run_cluster)
         merged = merge(shards, trained)
         compressed = compress(shards, merged)
         registered = register({"ingest": ingested, "validate": validated, "drift": drifted, "shard": shards,

@@ -2,8 +2,11 @@
 
 Order of choice (`dask_client`):
 1. an external scheduler (`tcp://...`): the Airflow connection `dask_default`, or `LEPTON_DASK_ADDRESS`;
-2. `dask_cuda.LocalCUDACluster` (one worker per GPU) when torch itself can use a CUDA device;
-3. `distributed.LocalCluster` otherwise, one worker per shard up to the cores; the fallback is logged.
+2. the run's own cluster (`start_run_cluster`, the DAG's setup task; `stop_run_cluster` is its teardown): started
+   once a run and shared by partitioned validation, shard and train, so a run pays the start-up once, not once a
+   task. If it is gone (killed), the task starts one of its own, as in 3 and 4, and says so;
+3. `dask_cuda.LocalCUDACluster` (one worker per GPU) when torch itself can use a CUDA device;
+4. `distributed.LocalCluster` otherwise, one worker per shard up to the cores; the fallback is logged.
 
 Faults (`recovering`): a lost worker is Dask's to handle (it reschedules, or recomputes a lost result, which the
 stages make cheap by reading back what was already written). A lost scheduler cancels every future; the stage
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +42,8 @@ from lepton_tasks.errors import ClusterError
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120
+CONNECT_TIMEOUT_S = 10  # the run's cluster is on this machine: it answers at once or it is gone
+RUN_CLUSTER_IDLE_S = 1800  # a run's cluster with no client and no task this long stops itself (a lost teardown)
 T = TypeVar("T")
 
 # Worker settings for training speed, measured with bench/stages.py's train benchmark on this CPU:
@@ -125,8 +131,10 @@ def _default_workers(wanted: int | None, settings: Settings) -> int | None:
 
 
 @contextmanager
-def dask_client(settings: Settings, wanted_workers: int | None = None) -> Iterator[object]:
-    """A `distributed.Client` on the cluster chosen as described in the module docstring."""
+def dask_client(settings: Settings, wanted_workers: int | None = None,
+                run_cluster: dict | None = None) -> Iterator[object]:
+    """A `distributed.Client` on the cluster chosen as described in the module docstring; `run_cluster` is what
+    `start_run_cluster` returned for this run."""
     from distributed import Client
 
     address = external_scheduler_address(settings)
@@ -139,13 +147,98 @@ def dask_client(settings: Settings, wanted_workers: int | None = None) -> Iterat
         with client:
             yield client
         return
+    client = _run_cluster_client(run_cluster) if run_cluster else None
+    if client is not None:
+        with client:
+            yield client
+        return
     with _local_cluster_process(_default_workers(wanted_workers, settings)) as scheduler_file:
         with Client(scheduler_file=str(scheduler_file), timeout=f"{START_TIMEOUT_S}s") as client:
             info = json.loads(Path(scheduler_file).read_text())
             client.wait_for_workers(info["n_workers"], timeout=START_TIMEOUT_S)
-            log.info("%s with %d worker(s) at %s (dashboard %s)", info["kind"], info["n_workers"],
-                     info["address"], info.get("dashboard_link"))
+            _log_cluster(info, "for this task")
             yield client
+
+
+def _started_at(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).create_time()
+
+
+def _log_cluster(info: dict, whose: str) -> None:
+    log.info("%s with %d worker(s) at %s %s (dashboard %s)", info["kind"], info["n_workers"], info["address"], whose,
+             info.get("dashboard_link"))
+
+
+def _run_cluster_client(run_cluster: dict):
+    """A client on the run's cluster, or None (logged) when it no longer answers."""
+    from distributed import Client
+
+    client = None
+    try:
+        client = Client(run_cluster["address"], timeout=f"{CONNECT_TIMEOUT_S}s")
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as err:
+        if client is not None:
+            client.close()
+        log.warning("the run's Dask cluster at %s does not answer (%s: %s): starting one for this task",
+                    run_cluster["address"], type(err).__name__, err)
+        return None
+    _log_cluster(run_cluster, "(the run's cluster)")
+    return client
+
+
+def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | None) -> dict:
+    """Start the run's cluster: `python -m lepton_tasks.cluster` in its own session, outliving this task, its
+    scheduler file and log in `folder`. Returns what tasks connect with (and `stop_run_cluster` stops): address,
+    kind, workers, dashboard, pid, host. With an external scheduler, that scheduler (nothing is started).
+    A retry finds the cluster it started still answering and keeps it."""
+    address = external_scheduler_address(settings)
+    if address:
+        return {"address": address, "kind": "external", "n_workers": None, "pid": None, "host": None}
+    scheduler_file = folder / "scheduler.json"
+    if scheduler_file.exists():
+        earlier = json.loads(scheduler_file.read_text())
+        client = _run_cluster_client(earlier)
+        if client is not None:
+            client.close()
+            return earlier
+        stop_run_cluster(earlier)
+        scheduler_file.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    workers = _default_workers(wanted_workers, settings)
+    command = [sys.executable, "-m", "lepton_tasks.cluster", "--scheduler-file", str(scheduler_file),
+               "--idle-timeout", str(RUN_CLUSTER_IDLE_S), *(["--workers", str(workers)] if workers else [])]
+    with open(folder / "cluster.log", "ab") as out:
+        process = subprocess.Popen(command, start_new_session=True, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                                   env=_helper_env())
+    _wait_for_file(scheduler_file, process)
+    info = {**json.loads(scheduler_file.read_text()), "pid": process.pid, "host": socket.gethostname(),
+            "pid_started": _started_at(process.pid)}
+    _write_json(scheduler_file, info)
+    _log_cluster(info, "for the run")
+    return info
+
+
+def stop_run_cluster(run_cluster: dict) -> None:
+    """Stop the run's cluster (its process and workers); nothing for an external scheduler or one already gone."""
+    import psutil
+
+    pid = run_cluster.get("pid")
+    if not pid or run_cluster.get("host") != socket.gethostname():
+        return
+    try:
+        process = psutil.Process(pid)
+        if process.create_time() != run_cluster.get("pid_started"):
+            return  # the pid was reused: not ours (the command line is no proof: Dask retitles its scheduler)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    except psutil.TimeoutExpired:
+        os.killpg(pid, signal.SIGKILL)
+    except psutil.NoSuchProcess:
+        return
+    log.info("stopped the run's Dask cluster at %s (pid %d)", run_cluster["address"], pid)
 
 
 MAX_RECOVERIES = 5  # per stage body: a cluster that keeps failing under it is left to Airflow's retry
@@ -210,12 +303,18 @@ def _local_cluster_process(n_workers: int | None) -> Iterator[Path]:
         command = [sys.executable, "-m", "lepton_tasks.cluster", "--scheduler-file", str(scheduler_file)]
         if n_workers:
             command += ["--workers", str(n_workers)]
-        process = subprocess.Popen(command, start_new_session=True, cwd=tmp)
+        process = subprocess.Popen(command, start_new_session=True, cwd=tmp, env=_helper_env())
         try:
             _wait_for_file(scheduler_file, process)
             yield scheduler_file
         finally:
             _stop(process)
+
+
+def _helper_env() -> dict[str, str]:
+    """This environment, less the mark a process that started a Dask cluster leaves for its children
+    (`__DASK_PARENT_PID`), which would make Dask retitle the helper `dask scheduler [...]` in `ps`."""
+    return {k: v for k, v in os.environ.items() if k != "__DASK_PARENT_PID"}
 
 
 def _wait_for_file(path: Path, process: subprocess.Popen) -> None:
@@ -238,8 +337,9 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int) -> None:
-    """Start a local cluster, publish its address in `scheduler_file`, and hold it until SIGTERM."""
+def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int, idle_timeout_s: float | None) -> None:
+    """Start a local cluster, publish its address in `scheduler_file`, and hold it until SIGTERM (or until it has
+    had no client and no task for `idle_timeout_s`)."""
     import dask
 
     logging.basicConfig(level=logging.INFO, format="[lepton.cluster] %(message)s")
@@ -247,23 +347,38 @@ def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int) 
     cluster, kind = make_local_cluster(n_workers, threads_per_worker)
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
-    info = {"address": cluster.scheduler_address, "kind": kind, "n_workers": len(cluster.workers),
-            "dashboard_link": cluster.dashboard_link}
-    tmp = scheduler_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.rename(scheduler_file)  # the parent waits for this name: publish it whole
+    _write_json(scheduler_file, {"address": cluster.scheduler_address, "kind": kind,
+                                 "n_workers": len(cluster.workers), "dashboard_link": cluster.dashboard_link})
+    busy_at = time.monotonic()
     while not stopped:
         time.sleep(0.2)
+        if _in_use(cluster.scheduler):
+            busy_at = time.monotonic()
+        elif idle_timeout_s and time.monotonic() - busy_at > idle_timeout_s:
+            logging.info("no client and no task for %.0fs: stopping", idle_timeout_s)
+            break
     cluster.close(timeout=20)
 
 
+def _in_use(scheduler) -> bool:
+    clients = [c for c in list(scheduler.clients) if c != "fire-and-forget"]
+    return bool(clients or scheduler.tasks)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.rename(path)  # the parent waits for this name: publish it whole
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Hold a local Dask cluster for one Lepton task.")
+    parser = argparse.ArgumentParser(description="Hold a local Dask cluster for a Lepton task or run.")
     parser.add_argument("--scheduler-file", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--threads-per-worker", type=int, default=1)
+    parser.add_argument("--idle-timeout", type=float, default=None, help="stop after this many idle seconds")
     args = parser.parse_args(argv)
-    serve(args.scheduler_file, args.workers, args.threads_per_worker)
+    serve(args.scheduler_file, args.workers, args.threads_per_worker, args.idle_timeout)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,9 @@ def airflow_param_specs(defaults: RunParams) -> dict[str, dict[str, Any]]:
     return specs
 
 
-DEFAULT_VALIDATE_MEMORY_BYTES = 2 << 30
+# above this decoded size a stage is validated partition by partition on the run's cluster: in one process
+# its float64 value checks would hold it about three times over
+DEFAULT_VALIDATE_MEMORY_BYTES = 512 << 20
 DEFAULT_DASK_RECOVERY_S = 180.0
 
 

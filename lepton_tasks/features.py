@@ -74,20 +74,26 @@ class Encoder:
         return [c.name for c in self.columns]
 
     def encode_features(self, frame) -> np.ndarray:
-        """The float32 model input of a pandas frame holding the source columns."""
-        blocks = []
+        """The float32 model input of a pandas frame holding the source columns, written column by column into
+        one array: at most one column is ever held in float64 (a shard of millions of rows would otherwise hold
+        every column three times over while encoding)."""
+        out = np.empty((len(frame), self.width), dtype=np.float32)
+        start = 0
         for column in self.columns:
             values = frame[column.name]
             if column.kind == "numeric":
                 numbers = values.astype("float64").fillna(column.fill).to_numpy()
-                blocks.append(((numbers - column.mean) / column.std)[:, None])
+                out[:, start] = (numbers - column.mean) / column.std
+                start += 1
             else:
                 text = values.map(label_key, na_action="ignore").fillna(column.fill).to_numpy(dtype=object)
-                one_hot = [text == category for category in column.categories]
+                for category in column.categories:
+                    out[:, start] = text == category
+                    start += 1
                 if column.other:
-                    one_hot.append(~np.isin(text, column.categories))
-                blocks.append(np.stack(one_hot, axis=1))
-        return np.concatenate(blocks, axis=1).astype(np.float32)
+                    out[:, start] = ~np.isin(text, column.categories)
+                    start += 1
+        return out
 
     def encode_target(self, values) -> np.ndarray:
         """Class indices (int64) or target values (float32) of a pandas series."""

@@ -28,7 +28,7 @@ from lepton_tasks.window import DaySource, parse_ds
 log = logging.getLogger(__name__)
 
 STAGES = ("wait", "ingest", "validate", "drift", "shard", "train", "merge", "compress", "register")
-VARIANT_FIGURES = ("score", "metrics", "bytes", "latency_p50_ms", "latency_p99_ms")
+VARIANT_FIGURES = ("score", "metrics", "bytes", "latency_p50_ms", "latency_p99_ms", "batch_latency_p50_ms", "verdict")
 REPORT_METRICS = {"ingest": ["rows"], "validate": ["passed", "failed", "quarantined_rows"],
                   "drift": ["max_psi"], "shard": ["shard_rows", "eval_rows"],
                   "merge": ["metric", "merged_metrics", "shard_metrics"], "compress": ["chosen", "variants"]}
@@ -205,7 +205,23 @@ def ingest(ctx: RunContext) -> dict:
                                  "source_sha256": m["source_sha256"], "window": m["window"]})
 
 
-def validate(ctx: RunContext, ingested: dict) -> dict:
+def start_cluster(ctx: RunContext) -> dict:
+    """The run's Dask cluster (the DAG's setup task), shared by partitioned validation, shard and train."""
+    from lepton_tasks.cluster import start_run_cluster
+
+    return start_run_cluster(ctx.settings, ctx.paths.root / "cluster", ctx.params.num_shards)
+
+
+def stop_cluster(run_cluster: dict) -> None:
+    """Stop the run's Dask cluster (the DAG's teardown task, which runs whether the run failed or not)."""
+    from lepton_tasks.cluster import stop_run_cluster
+
+    stop_run_cluster(run_cluster)
+
+
+def validate(ctx: RunContext, ingested: dict, run_cluster: dict | Callable[[], dict] | None = None) -> dict:
+    """Validate in memory up to LEPTON_VALIDATE_MEMORY_BYTES, else partition by partition on the run's cluster
+    (`run_cluster`, or a callable that starts it when needed)."""
     from lepton_tasks import validate as stage
     from lepton_tasks.cluster import dask_client, recovering
     from lepton_tasks.storage import decoded_bytes
@@ -218,7 +234,8 @@ def validate(ctx: RunContext, ingested: dict) -> dict:
             return run()
         log.info("the stage decodes to %.1f GiB, over LEPTON_VALIDATE_MEMORY_BYTES (%.1f GiB): validating it "
                  "partition by partition on Dask", size / 2**30, ctx.settings.validate_memory_bytes / 2**30)
-        with dask_client(ctx.settings) as client:
+        cluster = run_cluster() if callable(run_cluster) else run_cluster
+        with dask_client(ctx.settings, ctx.params.num_shards, cluster) as client:
             return recovering(client, "validate", lambda attempt: run(client=client))
 
     return _run_stage(ctx, "validate", body,
@@ -283,7 +300,7 @@ def warm_start(ctx: RunContext, drifted: dict) -> tuple[dict | None, str]:
     return snap.to_dict(), f"round 1 starts from champion version {snap.version} (its weights and encoder)"
 
 
-def shard(ctx: RunContext, validated: dict, drifted: dict | None = None) -> dict:
+def shard(ctx: RunContext, validated: dict, drifted: dict | None = None, run_cluster: dict | None = None) -> dict:
     from lepton_tasks import shard as stage
     from lepton_tasks.champion import ChampionSnapshot
     from lepton_tasks.cluster import dask_client, recovering
@@ -292,7 +309,7 @@ def shard(ctx: RunContext, validated: dict, drifted: dict | None = None) -> dict
         snap, reason = warm_start(ctx, drifted or {})
         log.info("warm start: %s", reason)
         encoder = ChampionSnapshot(**snap).encoder_dict() if snap else None
-        with dask_client(ctx.settings, ctx.params.num_shards) as client:
+        with dask_client(ctx.settings, ctx.params.num_shards, run_cluster) as client:
             manifest = recovering(client, "shard", lambda attempt: stage.shard(
                 validated["parts"], ctx.stage_dir("shard"), ctx.params.num_shards, ctx.params.eval_fraction,
                 ctx.params.seed, ctx.spec, client, encoder))
@@ -305,13 +322,13 @@ def shard(ctx: RunContext, validated: dict, drifted: dict | None = None) -> dict
         "warm_start": m["warm_start"]})
 
 
-def train(ctx: RunContext, shards: dict) -> dict:
+def train(ctx: RunContext, shards: dict, run_cluster: dict | None = None) -> dict:
     from lepton_tasks import train as stage
     from lepton_tasks.cluster import dask_client
 
     def body():
         start = shards.get("warm_start") or {}
-        with dask_client(ctx.settings, ctx.params.num_shards) as client:
+        with dask_client(ctx.settings, ctx.params.num_shards, run_cluster) as client:
             manifest = stage.train(shards["shards"], shards["encoder"], _shape(ctx, shards), ctx.params,
                                    ctx.stage_dir("train"), client, ctx.settings.train_threads,
                                    start if "weights" in start else None)
@@ -364,24 +381,39 @@ def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
 
 
 def run_in_process(ctx: RunContext, last: str = "register") -> tuple[dict[str, dict], dict[str, float]]:
-    """Every stage up to `last`, one after another in this process, wired as the DAG wires them: the manifests
-    and each stage's wall seconds. For plain scripts, benchmarks and tests (the DAG runs each in a task)."""
-    steps: dict[str, Callable[[dict], dict]] = {
-        "wait": lambda m: wait(ctx, missing_days(ctx)),
-        "ingest": lambda m: ingest(ctx),
-        "validate": lambda m: validate(ctx, m["ingest"]),
-        "drift": lambda m: drift(ctx, m["validate"]),
-        "shard": lambda m: shard(ctx, m["validate"], m["drift"]),
-        "train": lambda m: train(ctx, m["shard"]),
-        "merge": lambda m: merge(ctx, m["shard"], m["train"]),
-        "compress": lambda m: compress(ctx, m["shard"], m["merge"]),
-        "register": lambda m: register(ctx, m),
-    }
-    manifests, seconds = {}, {}
-    for stage in STAGES[:STAGES.index(last) + 1]:
+    """Every stage up to `last`, one after another in this process, wired as the DAG wires them (one Dask cluster
+    for the run, started when a stage first needs it): the manifests and each stage's wall seconds (`cluster`:
+    its start). For plain scripts, benchmarks and tests (the DAG runs each in a task)."""
+    manifests, seconds, cluster = {}, {}, {}
+
+    def timed(name: str, step: Callable[[], dict]) -> dict:
         started = time.perf_counter()
-        manifests[stage] = steps[stage](manifests)
-        seconds[stage] = time.perf_counter() - started
+        result = step()
+        seconds[name] = time.perf_counter() - started
+        return result
+
+    def run_cluster() -> dict:
+        if not cluster:
+            cluster.update(timed("cluster", lambda: start_cluster(ctx)))
+        return cluster
+
+    steps: dict[str, Callable[[], dict]] = {
+        "wait": lambda: wait(ctx, missing_days(ctx)),
+        "ingest": lambda: ingest(ctx),
+        "validate": lambda: validate(ctx, manifests["ingest"], run_cluster),
+        "drift": lambda: drift(ctx, manifests["validate"]),
+        "shard": lambda: shard(ctx, manifests["validate"], manifests["drift"], run_cluster()),
+        "train": lambda: train(ctx, manifests["shard"], run_cluster()),
+        "merge": lambda: merge(ctx, manifests["shard"], manifests["train"]),
+        "compress": lambda: compress(ctx, manifests["shard"], manifests["merge"]),
+        "register": lambda: register(ctx, manifests),
+    }
+    try:
+        for stage in STAGES[:STAGES.index(last) + 1]:
+            manifests[stage] = timed(stage, steps[stage])
+    finally:
+        if cluster:
+            stop_cluster(cluster)
     return manifests, seconds
 
 

@@ -140,7 +140,7 @@ def summary_metrics(record: RunRecord) -> dict[str, float]:
     }
     for variant in [record.compress["reference"], *record.compress["variants"]]:
         metrics.update({f"{variant['name']}_{name}": value for name, value in variant["metrics"].items()})
-        for key in ("bytes", "latency_p50_ms", "latency_p99_ms"):
+        for key in ("bytes", "latency_p50_ms", "latency_p99_ms", "batch_latency_p50_ms"):
             metrics[f"{variant['name']}_{key}"] = variant[key]
     return metrics
 
@@ -166,6 +166,8 @@ def _log_shard_runs(client, experiment_id: str, parent: str, record: RunRecord) 
 
 
 def _log_artifacts(client, run_id: str, record: RunRecord) -> None:
+    from lepton_tasks.compress import tradeoff_table
+
     client.log_artifact(run_id, record.validation["result_path"], "validation")
     client.log_artifacts(run_id, str(Path(record.validation["docs_index"]).parent), "validation/docs")
     if record.validation.get("quarantine_path"):  # the rows held back, with their reasons (not the clean data)
@@ -183,6 +185,7 @@ def _log_artifacts(client, run_id: str, record: RunRecord) -> None:
     client.log_artifact(run_id, record.merge["merged_path"], "merged")
     client.log_artifact(run_id, record.compress["chosen_path"], "onnx")
     client.log_dict(run_id, record.compress, "onnx/variants.json")
+    client.log_table(run_id, tradeoff_table(record.compress), "onnx/tradeoff.json")  # why each variant, or not
     for plot in [*record.merge.get("plots", []), *record.compress.get("plots", [])]:
         client.log_artifact(run_id, plot, "plots")
 

@@ -47,3 +47,77 @@ def test_a_stages_own_error_is_not_taken_for_a_cluster_fault():
     with pytest.raises(FileNotFoundError):
         recovering(None, "shard", body, timeout_s=60)
     assert calls == [0]
+
+
+def _answers(address: str) -> bool:
+    from distributed import Client
+
+    try:
+        Client(address, timeout="3s").close()
+        return True
+    except OSError:
+        return False
+
+
+def _logged(caplog, capsys) -> str:
+    """What was logged, by stdlib logging or (once Airflow has configured it) structlog on stdout."""
+    return caplog.text + capsys.readouterr().out
+
+
+def test_the_run_cluster_is_shared_kept_by_a_retry_stopped_by_teardown(tmp_path, caplog, capsys):
+    from lepton_tasks.cluster import start_run_cluster, stop_run_cluster
+
+    settings = Settings(tmp_path, None, None, None)
+    run_cluster = start_run_cluster(settings, tmp_path / "cluster", 2)
+    try:
+        assert run_cluster["n_workers"] == min(2, os.cpu_count()) and _answers(run_cluster["address"])
+        for _ in range(2):  # two tasks, one cluster: no start-up of their own
+            with caplog.at_level(logging.INFO, logger="lepton_tasks.cluster"), \
+                    dask_client(settings, 2, run_cluster) as client:
+                assert client.scheduler.address == run_cluster["address"]
+                assert client.submit(lambda x: x + 1, 41).result() == 42
+        logged = _logged(caplog, capsys)
+        assert logged.count("(the run's cluster)") == 2 and "for this task" not in logged
+        assert start_run_cluster(settings, tmp_path / "cluster", 2) == run_cluster  # the setup task retried
+    finally:
+        stop_run_cluster(run_cluster)
+    assert not _answers(run_cluster["address"])
+    stop_run_cluster(run_cluster)  # a teardown that runs twice is harmless
+
+
+def test_a_task_whose_run_cluster_was_killed_starts_its_own(tmp_path, caplog, capsys):
+    import signal
+
+    from lepton_tasks.cluster import start_run_cluster
+
+    settings = Settings(tmp_path, None, None, None)
+    run_cluster = start_run_cluster(settings, tmp_path / "cluster", 1)
+    os.killpg(run_cluster["pid"], signal.SIGKILL)  # scheduler, nanny and worker: the whole session
+    with caplog.at_level(logging.INFO, logger="lepton_tasks.cluster"), dask_client(settings, 1, run_cluster) as client:
+        assert client.scheduler.address != run_cluster["address"]
+        assert client.submit(lambda x: x * 2, 21).result() == 42
+    logged = _logged(caplog, capsys)
+    assert "does not answer" in logged and "for this task" in logged
+    again = start_run_cluster(settings, tmp_path / "cluster", 1)  # a retried setup task replaces the dead one
+    try:
+        assert again["pid"] != run_cluster["pid"] and _answers(again["address"])
+    finally:
+        from lepton_tasks.cluster import stop_run_cluster
+
+        stop_run_cluster(again)
+
+
+def test_a_run_cluster_whose_teardown_never_came_stops_itself_when_idle(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    scheduler_file = tmp_path / "scheduler.json"
+    process = subprocess.Popen([sys.executable, "-m", "lepton_tasks.cluster", "--scheduler-file", str(scheduler_file),
+                                "--workers", "1", "--idle-timeout", "2"], start_new_session=True)
+    try:
+        started = time.monotonic()
+        assert process.wait(timeout=60) == 0 and scheduler_file.exists()
+        assert time.monotonic() - started > 2
+    finally:
+        process.kill()

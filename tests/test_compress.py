@@ -1,6 +1,6 @@
 import torch
 
-from lepton_tasks.compress import compress, prune_global
+from lepton_tasks.compress import compress, prune_global, tradeoff_table
 from lepton_tasks.models import ModelShape, build_model, init_weights, save_checkpoint
 from tests.conftest import encoder_for, mnist_frame
 
@@ -27,5 +27,12 @@ def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(t
     assert by_name["onnx_int8"].bytes < by_name["onnx_fp32"].bytes / 2
     chosen = by_name[manifest.chosen]
     assert chosen.within_tolerance and chosen.score >= manifest.reference.score - 0.02
-    assert all(chosen.bytes <= v.bytes for v in manifest.variants if v.within_tolerance)
+    assert chosen.not_slower and chosen.verdict.startswith("chosen")
+    fp32 = by_name["onnx_fp32"]
+    assert chosen.batch_latency_p50_ms <= fp32.batch_latency_p50_ms * 1.05
+    assert all(chosen.bytes <= v.bytes for v in manifest.variants if v.within_tolerance and v.not_slower)
+    for v in manifest.variants:  # every other variant says which rule it failed
+        assert v is chosen or any(word in v.verdict for word in ("tolerance", "slower", "larger"))
     assert (tmp_path / "c" / "model.onnx").exists()
+    table = tradeoff_table(manifest.to_dict())
+    assert table["name"][0] == "pytorch_fp32" and len(table["verdict"]) == len(manifest.variants) + 1

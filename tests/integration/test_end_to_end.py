@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,9 @@ def _check_good_run(env: AirflowEnv, run_dir: Path) -> dict:
     by_round = client.get_metric_history(info["run_id"], "merged_eval_accuracy_by_round")
     assert [m.step for m in by_round] == list(range(1, report["params"]["merge_rounds"] + 1))
     assert any(a.path.endswith("docs") for a in client.list_artifacts(info["run_id"], "validation"))
+    tradeoff = json.loads(Path(client.download_artifacts(info["run_id"], "onnx/tradeoff.json")).read_text())
+    verdicts = {row[0]: row[-1] for row in tradeoff["data"]}  # MLflow's table: columns name ... verdict
+    assert tradeoff["columns"][0] == "name" and verdicts[report["metrics"]["chosen"]].startswith("chosen")
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "ingested"
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{info['run_id']}'")
     assert len(children) == 2

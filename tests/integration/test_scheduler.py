@@ -2,8 +2,9 @@
 
 Task processes started by the scheduler have no metadata-DB access, and a Dask worker spawned from one would
 re-import the `airflow` entry point; this test runs the pipeline the way the nightly schedule does, on the
-local-cluster path (each Dask task holds its own cluster process), SIGKILLing a worker of that cluster during
-shard, in round 1 and in round 2.
+local-cluster path (the run's own cluster, started by the setup task), SIGKILLing a worker of that cluster during
+shard and in round 1, then the whole cluster (scheduler, nannies, workers) in round 2: train's retry starts a
+cluster of its own and resumes from the checkpoints written.
 """
 
 from __future__ import annotations
@@ -49,15 +50,25 @@ def _kill_a_local_worker(pause_s: float = 0.0) -> str:
     return str(pid)
 
 
-def _worker_kills(run_dir) -> list:
-    """During shard (its cluster is up, its output not yet there), in round 1, and in round 2."""
+def _kill_the_run_cluster(run_dir) -> str:
+    """SIGKILL the run's cluster process group: its scheduler, nannies and workers at once."""
+    import os
+    import signal
+
+    pid = json.loads((run_dir / "cluster" / "scheduler.json").read_text())["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    return str(pid)
+
+
+def _faults(run_dir) -> list:
+    """A worker during shard (its output not yet there) and in round 1; the whole run cluster in round 2."""
     return [
         ("during shard", lambda: (run_dir / "validate").exists() and not (run_dir / "shard").exists()
          and bool(local_cluster_workers()), _kill_a_local_worker),
         ("in round 1", lambda: (run_dir / "summaries" / "shard.json").exists() and bool(local_cluster_workers()),
          lambda: _kill_a_local_worker(pause_s=1.0)),
-        ("in round 2", lambda: (run_dir / "train" / "round-01" / "merged.safetensors").exists(),
-         _kill_a_local_worker),
+        ("cluster in round 2", lambda: (run_dir / "train" / "round-01" / "merged.safetensors").exists(),
+         lambda: _kill_the_run_cluster(run_dir)),
     ]
 
 
@@ -65,14 +76,17 @@ def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_noth
     env = AirflowEnv.sqlite(tmp_path)
     write_demo(env.data_root, 1500)
     env.migrate()
-    with env.serving() as extra:
+    # a cluster that is gone for good fails train after 10 s (not 180); Airflow retries it 30 s later
+    with env.serving(LEPTON_DASK_RECOVERY_S="10") as extra:
         env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", RUN_ID, "--logical-date", LOGICAL_DATE,
                     "-c", json.dumps(SMALL_CONF), **extra)
         env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
-        with FaultDriver(_worker_kills(env.data_root / "lepton_mnist1d" / RUN_ID)) as driver:
+        with FaultDriver(_faults(env.data_root / "lepton_mnist1d" / RUN_ID)) as driver:
             ended = env.finished_state(RUN_ID, RUN_TIMEOUT_S)
         assert ended == "success", f"run ended {ended}; component logs:\n{env.component_logs()}"
-        assert {"during shard", "in round 1", "in round 2"} <= set(driver.done), driver.done
+        assert {"during shard", "in round 1", "cluster in round 2"} <= set(driver.done), driver.done
+        assert env.task_state(RUN_ID, "stop_dask_cluster") == "success"
+        wait_for(lambda: not local_cluster_workers(), 60, "every cluster of the run to be stopped")
         first = _merged_and_registry(env)
         assert first[1:] == (1, 1)
 
@@ -86,4 +100,5 @@ def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_noth
     assert report["stages"]["train"]["resumed"] > 0  # the rerun reused the finished checkpoints
     task_logs = "\n".join(p.read_text() for p in (env.home / "logs").rglob("*.log") if "task_id=train" in str(p))
     assert "LocalCluster" in task_logs and "epoch" in task_logs  # the cluster choice and per-epoch progress
+    assert "does not answer" in task_logs and "for this task" in task_logs  # the retry after the cluster kill
     assert "preloaded for the task processes" in (env.home / "scheduler.log").read_text()
