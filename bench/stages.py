@@ -173,7 +173,7 @@ def validate_bench(work: Path, rows: int = VALIDATE_ROWS) -> tuple[dict, dict, d
                                                              "bare_gx_as_stored_rows_per_s": vs_gx_as_stored}
 
 
-TRAIN_ROWS, TRAIN_SHARDS, TRAIN_EPOCHS = 20_000, 2, 3
+TRAIN_ROWS, TRAIN_SHARDS, TRAIN_EPOCHS = 10_000, 2, 3
 
 
 def train_bench(work: Path) -> tuple[dict, dict]:

@@ -32,8 +32,8 @@ from lepton_tasks.storage import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
-LATENCY_ROUNDS = 10  # rounds of timing; in each, every variant in turn
-SINGLE_RUNS = 20  # single-row calls per variant per round
+LATENCY_ROUNDS = 6  # rounds of timing; in each, every variant in turn
+SINGLE_RUNS = 25  # single-row calls per variant per round
 BATCH_RUNS = 2  # batch calls per variant per round
 BATCH_ROWS = 256
 LATENCY_NOISE = 0.05  # "not slower" allows this much: the spread of one model's p50 between repeats here

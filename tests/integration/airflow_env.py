@@ -72,7 +72,10 @@ class AirflowEnv:
         `home`."""
         port = free_port()
         served = {"AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__EXECUTION_API_SERVER_URL":
-                  f"http://127.0.0.1:{port}/execution/", "AIRFLOW__CORE__PARALLELISM": "4", **extra}
+                  f"http://127.0.0.1:{port}/execution/", "AIRFLOW__CORE__PARALLELISM": "4",
+                  # the log servers' fixed ports (8793, 8794) would clash with a deployment tested beside this one
+                  "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                  "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()), **extra}
         with ExitStack() as stack:
             for command in (("api-server", "--port", str(port)), ("scheduler",), ("dag-processor",), ("triggerer",)):
                 log = stack.enter_context(open(self.home / f"{command[0]}.log", "w"))
