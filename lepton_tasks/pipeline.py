@@ -382,8 +382,9 @@ def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
 
 def run_in_process(ctx: RunContext, last: str = "register") -> tuple[dict[str, dict], dict[str, float]]:
     """Every stage up to `last`, one after another in this process, wired as the DAG wires them (one Dask cluster
-    for the run, started when a stage first needs it): the manifests and each stage's wall seconds (`cluster`:
-    its start). For plain scripts, benchmarks and tests (the DAG runs each in a task)."""
+    for the run, started before shard, or by validate when it partitions): the manifests and each stage's wall
+    seconds (`cluster`: its start before shard, which the DAG's setup task pays). For plain scripts, benchmarks
+    and tests (the DAG runs each in a task)."""
     manifests, seconds, cluster = {}, {}, {}
 
     def timed(name: str, step: Callable[[], dict]) -> dict:
@@ -394,7 +395,7 @@ def run_in_process(ctx: RunContext, last: str = "register") -> tuple[dict[str, d
 
     def run_cluster() -> dict:
         if not cluster:
-            cluster.update(timed("cluster", lambda: start_cluster(ctx)))
+            cluster.update(start_cluster(ctx))
         return cluster
 
     steps: dict[str, Callable[[], dict]] = {
@@ -410,6 +411,8 @@ def run_in_process(ctx: RunContext, last: str = "register") -> tuple[dict[str, d
     }
     try:
         for stage in STAGES[:STAGES.index(last) + 1]:
+            if stage == "shard" and not cluster:
+                timed("cluster", run_cluster)  # apart from the stage, as the DAG's setup task
             manifests[stage] = timed(stage, steps[stage])
     finally:
         if cluster:
