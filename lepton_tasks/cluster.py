@@ -22,7 +22,6 @@ main module does no I/O on import, and the task connects to it through a schedul
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -38,10 +37,12 @@ from typing import TypeVar
 
 from lepton_tasks.config import DASK_CONN_ID, Settings, airflow_connection
 from lepton_tasks.errors import ClusterError
+from lepton_tasks.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 30
 CONNECT_TIMEOUT_S = 10  # the run's cluster is on this machine: it answers at once or it is gone
 RUN_CLUSTER_IDLE_S = 1800  # a run's cluster with no client and no task this long stops itself (a lost teardown)
 T = TypeVar("T")
@@ -154,7 +155,7 @@ def dask_client(settings: Settings, wanted_workers: int | None = None,
         return
     with _local_cluster_process(_default_workers(wanted_workers, settings)) as scheduler_file:
         with Client(scheduler_file=str(scheduler_file), timeout=f"{START_TIMEOUT_S}s") as client:
-            info = json.loads(Path(scheduler_file).read_text())
+            info = read_json(scheduler_file)
             client.wait_for_workers(info["n_workers"], timeout=START_TIMEOUT_S)
             _log_cluster(info, "for this task")
             yield client
@@ -199,7 +200,7 @@ def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | No
         return {"address": address, "kind": "external", "n_workers": None, "pid": None, "host": None}
     scheduler_file = folder / "scheduler.json"
     if scheduler_file.exists():
-        earlier = json.loads(scheduler_file.read_text())
+        earlier = read_json(scheduler_file)
         client = _run_cluster_client(earlier)
         if client is not None:
             client.close()
@@ -214,9 +215,9 @@ def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | No
         process = subprocess.Popen(command, start_new_session=True, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
                                    env=_helper_env())
     _wait_for_file(scheduler_file, process)
-    info = {**json.loads(scheduler_file.read_text()), "pid": process.pid, "host": socket.gethostname(),
+    info = {**read_json(scheduler_file), "pid": process.pid, "host": socket.gethostname(),
             "pid_started": _started_at(process.pid)}
-    _write_json(scheduler_file, info)
+    write_json(scheduler_file, info)
     _log_cluster(info, "for the run")
     return info
 
@@ -232,10 +233,7 @@ def stop_run_cluster(run_cluster: dict) -> None:
         process = psutil.Process(pid)
         if process.create_time() != run_cluster.get("pid_started"):
             return  # the pid was reused: not ours (the command line is no proof: Dask retitles its scheduler)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-    except psutil.TimeoutExpired:
-        os.killpg(pid, signal.SIGKILL)
+        _terminate(process)
     except psutil.NoSuchProcess:
         return
     log.info("stopped the run's Dask cluster at %s (pid %d)", run_cluster["address"], pid)
@@ -328,13 +326,26 @@ def _wait_for_file(path: Path, process: subprocess.Popen) -> None:
 
 
 def _stop(process: subprocess.Popen) -> None:
+    import psutil
+
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _terminate(psutil.Process(process.pid))
+        except psutil.NoSuchProcess:
+            pass  # it exited just now
+    process.wait()  # reaped
+
+
+def _terminate(process) -> None:
+    """SIGTERM a cluster helper (a `psutil.Process`): it closes its cluster; SIGKILL its whole session (the
+    workers too) if it has not exited within STOP_TIMEOUT_S."""
+    import psutil
+
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except psutil.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int, idle_timeout_s: float | None) -> None:
@@ -347,8 +358,9 @@ def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int, 
     cluster, kind = make_local_cluster(n_workers, threads_per_worker)
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
-    _write_json(scheduler_file, {"address": cluster.scheduler_address, "kind": kind,
-                                 "n_workers": len(cluster.workers), "dashboard_link": cluster.dashboard_link})
+    # written atomically: the parent waits for this name and reads it at once
+    write_json(scheduler_file, {"address": cluster.scheduler_address, "kind": kind,
+                                "n_workers": len(cluster.workers), "dashboard_link": cluster.dashboard_link})
     busy_at = time.monotonic()
     while not stopped:
         time.sleep(0.2)
@@ -363,12 +375,6 @@ def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int, 
 def _in_use(scheduler) -> bool:
     clients = [c for c in list(scheduler.clients) if c != "fire-and-forget"]
     return bool(clients or scheduler.tasks)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.rename(path)  # the parent waits for this name: publish it whole
 
 
 def main(argv: list[str] | None = None) -> None:
