@@ -75,30 +75,50 @@ def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
 
 def run_measured(args: list[str], timeout: int = 1800) -> tuple[dict, int]:
     """Run `python -m bench.probe ARGS`; its JSON output and the peak RSS (bytes) of its whole process tree
-    (a Dask cluster's workers included), sampled every 50 ms."""
-    import psutil
-
+    (a Dask cluster's workers included)."""
     process = subprocess.Popen([*PROBE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak, done = [0], threading.Event()
+    with TreeMemory([process.pid], clusters=False) as memory:
+        out, err = process.communicate(timeout=timeout)
+    if process.returncode != 0:
+        raise RuntimeError(f"bench.probe {' '.join(args)} exited {process.returncode}:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1]), memory.peak
 
-    def sample() -> None:
-        root = psutil.Process(process.pid)
-        while not done.is_set():
+
+class TreeMemory:
+    """Peak summed RSS, sampled every 50 ms, of the process trees under `roots` (a probe, or an Airflow
+    deployment's components with their task processes) and, with `clusters`, of every Lepton Dask cluster
+    process on this machine with its workers (a run's cluster runs in a session of its own)."""
+
+    def __init__(self, roots: list[int], clusters: bool = True):
+        self.roots, self.clusters, self.peak, self._done = roots, clusters, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def reset(self) -> None:
+        self.peak = 0
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._done.is_set():
             try:
-                tree = [root, *root.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+                tree = {}
+                clusters = [p for p in psutil.process_iter(["cmdline"])
+                            if "lepton_tasks.cluster" in " ".join(p.info["cmdline"] or [])] if self.clusters else []
+                for root in [psutil.Process(pid) for pid in self.roots] + clusters:
+                    for process in [root, *root.children(recursive=True)]:
+                        tree[process.pid] = process
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree.values() if p.is_running()))
             except psutil.Error:
                 pass
             time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = process.communicate(timeout=timeout)
-    done.set()
-    sampler.join()
-    if process.returncode != 0:
-        raise RuntimeError(f"bench.probe {' '.join(args)} exited {process.returncode}:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1]), peak[0]
 
 
 def write_classification_parts(out_dir: Path, rows: int, parts: int, features: int = 8, seed: int = 0) -> list[str]:

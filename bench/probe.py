@@ -59,13 +59,14 @@ def shard_baseline(parts_dir: Path, out_dir: Path, shards: int) -> dict:
 
 
 def _mnist_setup(files: list[str], epochs: int):
+    """The MNIST-1D spec's encoder (fitted on the first shard) and the run params both train probes use."""
+    import pandas as pd
+
     from lepton_tasks.config import RunParams
     from lepton_tasks.features import fit, partition_stats
     from lepton_tasks.specs import find_spec
 
     spec = find_spec("lepton_mnist1d").spec
-    import pandas as pd
-
     encoder = fit(spec, partition_stats(pd.read_parquet(files[0]), spec))
     params = RunParams(source_uri="bench", local_epochs=epochs, merge_rounds=1, model_kind="cnn", hidden_size=64)
     return encoder, params

@@ -11,12 +11,14 @@ import importlib
 import json
 import shutil
 import tempfile
+from functools import partial
 from itertools import count
 from pathlib import Path
 
 import numpy as np
 
 from bench.common import (
+    Repeats,
     interleaved,
     mnist_frame,
     record,
@@ -35,6 +37,14 @@ def _out(work: Path, name: str) -> Path:
     return work / f"{name}-{next(_fresh)}"
 
 
+def _shard_probe(work: Path, command: str, parts_dir: Path, rows: int) -> tuple[float, dict]:
+    """One run of `bench.probe COMMAND` over `parts_dir`: rows/s, and the probe's figures with its peak RSS."""
+    out = _out(work, command)
+    result, rss = run_measured([command, str(parts_dir), str(out), str(SHARDS)])
+    shutil.rmtree(out, ignore_errors=True)
+    return rows / result["seconds"], {**result, "peak_rss": rss}
+
+
 def shard_bench(work: Path, sizes=SHARD_ROWS) -> tuple[dict, dict]:
     """Rows/s and peak RSS of the shard stage, the start of its 2-worker Dask cluster included, vs pyarrow read +
     stratified split + write (one process, no cluster), as rows grow."""
@@ -43,14 +53,8 @@ def shard_bench(work: Path, sizes=SHARD_ROWS) -> tuple[dict, dict]:
         parts_dir = work / f"shard-in-{rows}"
         write_classification_parts(parts_dir, rows, parts=max(1, rows // 500_000))
 
-        def probe(command: str, rows: int = rows, parts_dir: Path = parts_dir) -> tuple[float, dict]:
-            out = _out(work, command)
-            result, rss = run_measured([command, str(parts_dir), str(out), str(SHARDS)])
-            shutil.rmtree(out, ignore_errors=True)
-            return rows / result["seconds"], {**result, "peak_rss": rss}
-
-        measured = interleaved(lambda: probe("shard-stage"), lambda: probe("shard-baseline"),
-                               label=f"shard {rows:,}")
+        measured = interleaved(partial(_shard_probe, work, "shard-stage", parts_dir, rows),
+                               partial(_shard_probe, work, "shard-baseline", parts_dir, rows), label=f"shard {rows:,}")
         curve.append({"rows": rows, "measured": measured,
                       "stage_peak_rss": max(d["value"]["peak_rss"] for d in measured.details),
                       "baseline_peak_rss": max(d["baseline"]["peak_rss"] for d in measured.details),
@@ -153,7 +157,7 @@ def validate_bench(work: Path, rows: int = VALIDATE_ROWS) -> tuple[dict, dict, d
 
     pandas = interleaved(stage, lambda: anchor(_pandas_on_parts, suite), label="validate vs pandas")
     vs_gx = interleaved(stage, lambda: anchor(_bare_gx, suite, True), label="validate vs GX")
-    vs_gx_as_stored = [anchor(_bare_gx, suite, False)]  # GX on float32 as stored: once, it is slow
+    vs_gx_as_stored = anchor(_bare_gx, suite, False)  # GX on float32 as stored: once, it is slow
     with dask_client(Settings(work, None, None, 2), 2) as client:
         client.run(importlib.import_module, "great_expectations")
         validate(parts[:2], suite_file, _out(work, "validate-warm"), client=client)
@@ -162,7 +166,7 @@ def validate_bench(work: Path, rows: int = VALIDATE_ROWS) -> tuple[dict, dict, d
     common = {"rows": rows, "expectations": len(suite["expectations"]), "gx_import_s": import_s}
     goal = ">= 0.9x the rows/s of a bare GX 1.x validation of the same suite and data (float64 upcast)"
     summary_gx = record(vs_gx, goal, "rows/s", True, lambda r: r >= 0.9, way="in memory",
-                        bare_gx_as_stored_rows_per_s=vs_gx_as_stored[0], **common)
+                        bare_gx_as_stored_rows_per_s=vs_gx_as_stored, **common)
     summary_partitioned = record(partitioned, goal, "rows/s", True, lambda r: r >= 0.9, way="partitioned, 2 workers",
                                  **common)
     summary_pandas = record(pandas, "for information: the same checks in plain pandas (no GX)", "rows/s", True,
@@ -221,20 +225,13 @@ def compression_bench(work: Path) -> tuple[dict, dict, dict, dict]:
         runs.append(manifest)
         print(f"compress: chose {manifest.chosen}", flush=True)
 
-    def figures(key: str, baseline_name: str):
-        from bench.common import Repeats
-
-        out = Repeats()
-        for manifest in runs:
-            chosen = next(v for v in manifest.variants if v.name == manifest.chosen)
-            base = manifest.reference if baseline_name == "pytorch_fp32" else \
-                next(v for v in manifest.variants if v.name == baseline_name)
-            out.values.append(getattr(chosen, key))
-            out.baselines.append(getattr(base, key))
-        return out
+    def figures(key: str, baseline: str) -> Repeats:
+        """`key` of each run's chosen variant against the same figure of `baseline` (a variant, or the reference)."""
+        return Repeats([getattr(_variant_named(m, m.chosen), key) for m in runs],
+                       [getattr(_variant_named(m, baseline), key) for m in runs])
 
     chosen = [m.chosen for m in runs]
-    drop = [m.reference.score - next(v for v in m.variants if v.name == m.chosen).score for m in runs]
+    drop = [m.reference.score - _variant_named(m, m.chosen).score for m in runs]
     size = record(figures("bytes", "pytorch_fp32"), "<= 1/3.5 of the fp32 PyTorch checkpoint's bytes", "bytes", False,
                   lambda r: r <= 1 / 3.5, chosen=chosen, accuracy_drop=drop, tolerance=params.compression_tolerance)
     not_slower = f"not slower than ONNX Runtime fp32 (p50, within {LATENCY_NOISE:.0%} timing noise)"
@@ -245,6 +242,11 @@ def compression_bench(work: Path) -> tuple[dict, dict, dict, dict]:
     detail = {"runs": [{"chosen": m.chosen, "reference": vars(m.reference), "variants": [vars(v) for v in m.variants]}
                        for m in runs]}
     return size, single, batch, detail
+
+
+def _variant_named(manifest, name: str):
+    """A compress manifest's variant by name, the fp32 PyTorch reference included."""
+    return next(v for v in [manifest.reference, *manifest.variants] if v.name == name)
 
 
 def scratch() -> Path:

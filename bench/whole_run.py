@@ -10,12 +10,11 @@ import json
 import os
 import sqlite3
 import subprocess
-import threading
 import time
 from itertools import count
 from pathlib import Path
 
-from bench.common import PROBE, Repeats, interleaved, mnist_frame, record, write_mnist_parts
+from bench.common import PROBE, Repeats, TreeMemory, interleaved, mnist_frame, record, write_mnist_parts
 from tests.integration.airflow_env import AirflowEnv, unscheduled_specs
 
 DEMO_ROWS = 5000
@@ -62,43 +61,6 @@ def _stage_seconds(run_dir: Path) -> dict[str, float]:
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "success", report.get("failed_stage")
     return {name: stage["seconds"] for name, stage in report["stages"].items()}
-
-
-class TreeMemory:
-    """Peak RSS, sampled every 50 ms, of every process of an Airflow deployment on this machine: the components'
-    process trees (task processes included) and Lepton's Dask cluster processes with their workers (they run in
-    a session of their own)."""
-
-    def __init__(self, roots: list[int]):
-        self.roots, self.peak, self._done = roots, 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def reset(self) -> None:
-        self.peak = 0
-
-    def _sample(self) -> None:
-        import psutil
-
-        while not self._done.is_set():
-            try:
-                tree = {}
-                for root in [psutil.Process(pid) for pid in self.roots] + [
-                        p for p in psutil.process_iter(["cmdline"]) if "lepton_tasks.cluster" in
-                        " ".join(p.info["cmdline"] or [])]:
-                    for process in [root, *root.children(recursive=True)]:
-                        tree[process.pid] = process
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree.values() if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
 
 
 class Deployment:
