@@ -168,7 +168,8 @@ def _latencies(predictors: dict[str, Callable], features: np.ndarray) -> dict[st
     batched: dict[str, list[float]] = {name: [] for name in predictors}
     for predict_rows in predictors.values():  # warm-up: first-call allocations are not latency
         for _ in range(5):
-            predict_rows(rows[0]), predict_rows(batch)
+            predict_rows(rows[0])
+            predict_rows(batch)
     names = list(predictors)
     for round_index in range(LATENCY_ROUNDS):
         for name in names[round_index % len(names):] + names[:round_index % len(names)]:
