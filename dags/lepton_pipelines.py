@@ -27,9 +27,9 @@ from lepton_tasks.wait import WaitForWindow
 
 MANIFEST = {"multiple_outputs": False}  # a task's manifest is one XCom value, not one per key (a call each)
 
+# the first retry waits [core] default_task_retry_delay (30 s in airflow.cfg; a deployment or test may set its own)
 DEFAULT_ARGS = {
     "retries": 2,
-    "retry_delay": pendulum.duration(seconds=30),
     "retry_exponential_backoff": True,
     "max_retry_delay": pendulum.duration(minutes=10),
 }

@@ -28,7 +28,7 @@ def build(loaded: LoadedSpec) -> DAG:
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=1,
-        default_args={"owner": spec.owner, "retries": 2, "retry_delay": pendulum.duration(seconds=30)},
+        default_args={"owner": spec.owner, "retries": 2},
         tags=["lepton", "consumer", spec.name],
         doc_md=f"Scores `{spec.score.uri}` with `{spec.registered_model_name}@champion`.\n{__doc__}",
     )

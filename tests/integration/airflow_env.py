@@ -45,6 +45,7 @@ class AirflowEnv:
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
             "AIRFLOW__API_AUTH__JWT_SECRET": self.jwt_secret,
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "3",  # a fault test waits for real retries, not 30 s each
             "LEPTON_DATA_ROOT": str(self.data_root),
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "GX_ANALYTICS_ENABLED": "false",

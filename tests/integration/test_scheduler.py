@@ -76,7 +76,7 @@ def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_noth
     env = AirflowEnv.sqlite(tmp_path)
     write_demo(env.data_root, 1500)
     env.migrate()
-    # a cluster that is gone for good fails train after 10 s (not 180); Airflow retries it 30 s later
+    # a cluster that is gone for good fails train after 10 s (not 180); retried 3 s later
     with env.serving(LEPTON_DASK_RECOVERY_S="10") as extra:
         env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", RUN_ID, "--logical-date", LOGICAL_DATE,
                     "-c", json.dumps(SMALL_CONF), **extra)
