@@ -58,11 +58,22 @@ up: setup
 down:
 	$(BIN)/lepton down
 
-bench: setup
+# Flower for the flower_side_by_side benchmark, in its own environment: flwr[simulation] pins FastAPI, Starlette
+# and protobuf versions that Airflow's api-server cannot share
+FLOWER_VENV := $(CURDIR)/.venv-flower
+
+$(FLOWER_VENV)/.installed: bench/flower-requirements.txt
+	$(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/pip install -q --upgrade pip
+	$(FLOWER_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(FLOWER_VENV)/bin/pip install -q -r bench/flower-requirements.txt
+	touch $@
+
+bench: setup $(FLOWER_VENV)/.installed
 	source var/secrets.env && $(BIN)/python -m bench.run
 
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf var airflow.db logs simple_auth_manager_passwords.json.generated
+	rm -rf var airflow.db logs simple_auth_manager_passwords.json.generated .venv-flower

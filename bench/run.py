@@ -5,8 +5,11 @@ Every benchmark interleaves value and baseline at least three times (`bench.comm
 per-repeat ratios), "repeats", "spread" [min, max], "goal", "unit", "higher_is_better", "met", ...}}}), one
 detail file per benchmark group beside it, and PNG plots. Groups (`python -m bench.run GROUP...` runs some,
 merged into an existing summary): shard, validate (validate, validate_vs_gx, validate_vs_gx_partitioned), train,
-orchestration (orchestration_overhead, orchestration_vs_script), merge_vs_central, compression
-(compression_size, compression_latency, compression_latency_batch), whole_run_10m_memory, scaffold_profile.
+merge_vs_central, compression (compression_size, compression_latency, compression_latency_batch), scaffold_profile,
+scheduler (orchestration_overhead, orchestration_vs_script and whole_run_10m_memory, on one Airflow; details in
+orchestration.json and whole_run_10m_memory.json), federated (merge strategies on non-IID, poisoned and private
+shards: federated.json and federated.png, accuracies without a ratio) and flower (flower_side_by_side,
+flower_side_by_side_fedprox: the same work run by Flower in .venv-flower).
 CPU figures here are not GPU claims; see the README for the GPU path.
 """
 
@@ -22,7 +25,7 @@ import time
 
 import torch
 
-from bench import plots, profiling, stages, whole_run
+from bench import federated, profiling, stages, whole_run
 from bench.common import REPEATS, RESULTS, Repeats, record, write_json
 from bench.quality import merge_vs_central
 
@@ -57,7 +60,6 @@ def bench_merge(work) -> dict:
 def bench_shard(work) -> dict:
     summary, detail = stages.shard_bench(work)
     write_json("shard.json", detail)
-    plots.shard_memory(detail["curve"], RESULTS / "shard_memory.png")
     return {"shard": summary}
 
 
@@ -79,27 +81,38 @@ def bench_compression(work) -> dict:
     return {"compression_size": size, "compression_latency": latency, "compression_latency_batch": batch}
 
 
-def bench_orchestration(work) -> dict:
-    overhead, vs_script, detail = whole_run.orchestration_bench(work)
-    write_json("orchestration_overhead.json", detail)
-    return {"orchestration_overhead": overhead, "orchestration_vs_script": vs_script}
-
-
 def bench_profile(work) -> dict:
     summary, detail = profiling.profile_bench(work)
     write_json("scaffold_profile.json", detail)
     return {"scaffold_profile": summary}
 
 
-def bench_whole_run(work) -> dict:
-    summary, detail = whole_run.whole_run_memory_bench(work)
-    write_json("whole_run_10m_memory.json", detail)
-    return {"whole_run_10m_memory": summary}
+def bench_federated(work) -> dict:
+    detail = federated.federated_bench(work)
+    write_json("federated.json", detail)
+    federated.plot(detail, RESULTS / "federated.png")
+    for scenario, medians in detail["median_accuracy"].items():
+        print(f"{scenario}: " + ", ".join(f"{name} {value:.3f}" for name, value in medians.items()), flush=True)
+    return {}  # accuracies side by side, no ratio: federated.json and federated.png
+
+
+def bench_flower(work) -> dict:
+    summaries, detail = federated.flower_side_by_side(work)
+    write_json("flower_side_by_side.json", detail)
+    return summaries
+
+
+def bench_scheduler(work) -> dict:
+    summaries = {}
+    for group, (summary, detail) in whole_run.scheduler_bench(work).items():
+        write_json(f"{group}.json", detail)
+        summaries.update(summary)
+    return summaries
 
 
 BENCHES = {"shard": bench_shard, "validate": bench_validate, "train": bench_train, "compression": bench_compression,
-           "merge_vs_central": bench_merge, "scaffold_profile": bench_profile, "orchestration": bench_orchestration,
-           "whole_run_10m_memory": bench_whole_run}
+           "merge_vs_central": bench_merge, "scaffold_profile": bench_profile, "scheduler": bench_scheduler,
+           "federated": bench_federated, "flower": bench_flower}
 
 
 def main(names: list[str]) -> None:

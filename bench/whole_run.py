@@ -1,7 +1,7 @@
 """The whole DAG under Airflow's real scheduler: its overhead at the demo size, and its memory from 1 M to 10 M rows.
 
 Runs are triggered on one Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor) started once
-per benchmark, after a first "cold" run that pays the components' start-up and is reported, not counted.
+for both, after a first "cold" run that pays the components' start-up and is reported, not counted.
 """
 
 from __future__ import annotations
@@ -92,34 +92,26 @@ def _component_pids() -> list[int]:
     return [p.pid for p in psutil.Process().children() if "airflow" in " ".join(p.cmdline())]
 
 
-def orchestration_bench(work: Path) -> tuple[dict, dict, dict]:
+def _orchestration(deployment: Deployment, extra: dict, work: Path) -> tuple[dict, dict, dict]:
     """The nightly DAG at the demo size and defaults under the scheduler, interleaved with the same stage
     functions run one after another as a plain script in its own process.
     `orchestration_overhead`: each DAG run's wall over the sum of its own stages' seconds (what Airflow adds:
     task processes, scheduling, XCom, the cluster's setup task). `orchestration_vs_script`: the DAG run's wall
     over the script process's wall (its imports included)."""
-    deployment = Deployment(work / "scheduler")
-    landing = deployment.env.data_root / "landing" / "mnist1d"
-    landing.mkdir(parents=True)
-    mnist_frame(DEMO_ROWS).to_parquet(landing / "mnist1d.parquet", index=False)
-    deployment.env.migrate()
     plain_dirs = count()
-    with deployment.env.serving(LEPTON_PIPELINES_DIR=str(deployment.pipelines)) as extra:
-        cold = deployment.run(extra)
 
-        def dag_run() -> tuple[float, dict]:
-            run = deployment.run(extra)
-            return run["wall_s"], run
+    def dag_run() -> tuple[float, dict]:
+        run = deployment.run(extra)
+        return run["wall_s"], run
 
-        def script() -> tuple[float, dict]:
-            plain = _plain(work / f"plain-{next(plain_dirs)}", DEMO_ROWS, {})
-            return plain["process_wall_s"], plain
+    def script() -> tuple[float, dict]:
+        plain = _plain(work / f"plain-{next(plain_dirs)}", DEMO_ROWS, {})
+        return plain["process_wall_s"], plain
 
-        vs_script = interleaved(dag_run, script, label="DAG run vs plain script")
+    vs_script = interleaved(dag_run, script, label="DAG run vs plain script")
     runs = [d["value"] for d in vs_script.details]
     own = Repeats([r["wall_s"] for r in runs], [r["stages_total_s"] for r in runs])
-    where = {"cold_run_wall_s": cold["wall_s"], "cold_run_stages_total_s": cold["stages_total_s"],
-             "stages_under_scheduler_s": [r["stages_s"] for r in runs],
+    where = {"stages_under_scheduler_s": [r["stages_s"] for r in runs],
              "stages_in_script_s": [d["baseline"]["stages"] for d in vs_script.details],
              "queue_wait_s": [sum(t["queued_s"] or 0 for t in r["tasks"].values()) for r in runs],
              "outside_stages_s": [{k: round(t["outside_stage_s"], 3) for k, t in r["tasks"].items()} for r in runs]}
@@ -135,31 +127,48 @@ SCALE_CONF = {"model_kind": "mlp", "hidden_size": 64, "num_shards": 2, "merge_ro
               "batch_size": 1024}
 
 
-def whole_run_memory_bench(work: Path, sizes=SCALE_ROWS) -> tuple[dict, dict]:
-    """The full DAG under the real scheduler on 1 M and 10 M MNIST-1D-shaped rows (20 Parquet files at 10 M),
-    interleaved: peak RSS of the whole deployment's process tree during each run (Airflow's components, the task
-    processes, the run's Dask cluster and workers), and each stage's seconds and rows/s."""
-    deployment = Deployment(work / "scheduler")
+def _memory(deployment: Deployment, extra: dict, memory: TreeMemory, sizes=SCALE_ROWS) -> tuple[dict, dict]:
+    """The full DAG on 1 M and 10 M MNIST-1D-shaped rows (20 Parquet files at 10 M), interleaved: peak RSS of the
+    whole deployment's process tree during each run (Airflow's components, the task processes, the run's Dask
+    cluster and workers), and each stage's seconds and rows/s."""
     small, large = sizes
-    for rows in sizes:
-        write_mnist_parts(deployment.env.data_root / "landing" / f"rows-{rows}", rows)
+
+    def at(rows: int) -> tuple[float, dict]:
+        memory.reset()
+        run = deployment.run(extra, {**SCALE_CONF, "source_uri": f"landing/rows-{rows}/"})
+        rates = {stage: rows / s for stage, s in run["stages_s"].items() if s}
+        print(f"whole run {rows:,} rows: {run['wall_s']:.0f}s, peak {memory.peak / 2**30:.2f} GiB", flush=True)
+        return memory.peak, {"rows": rows, "wall_s": run["wall_s"], "stages_s": run["stages_s"],
+                             "rows_per_s": rates, "peak_rss": memory.peak}
+
+    measured = interleaved(lambda: at(large), lambda: at(small), label="whole run 10M vs 1M peak RSS")
+    summary = record(measured, f"peak RSS of the whole process tree at {large:,} rows <= 1.5x that at {small:,}",
+                     "bytes", False, lambda r: r <= 1.5, conf=SCALE_CONF,
+                     wall_s={str(large): [d["value"]["wall_s"] for d in measured.details],
+                             str(small): [d["baseline"]["wall_s"] for d in measured.details]})
+    return summary, {"runs": measured.details, "conf": SCALE_CONF}
+
+
+def scheduler_bench(work: Path) -> dict[str, tuple[dict, dict]]:
+    """Everything measured under one Airflow deployment (started once; its first, cold run is reported, not
+    counted): the orchestration figures at the demo size, then the whole DAG's memory from 1 M to 10 M rows.
+    Returns {group: (summaries by benchmark name, detail)}."""
+    deployment = Deployment(work / "scheduler")
+    landing = deployment.env.data_root / "landing"
+    (landing / "mnist1d").mkdir(parents=True)
+    mnist_frame(DEMO_ROWS).to_parquet(landing / "mnist1d" / "mnist1d.parquet", index=False)
+    for rows in SCALE_ROWS:
+        write_mnist_parts(landing / f"rows-{rows}", rows)
     deployment.env.migrate()
     with deployment.env.serving(LEPTON_PIPELINES_DIR=str(deployment.pipelines)) as extra, \
             TreeMemory(_component_pids()) as memory:
         time.sleep(5)
         idle = memory.peak  # the deployment before any run
-
-        def at(rows: int) -> tuple[float, dict]:
-            memory.reset()
-            run = deployment.run(extra, {**SCALE_CONF, "source_uri": f"landing/rows-{rows}/"})
-            rates = {stage: rows / s for stage, s in run["stages_s"].items() if s}
-            print(f"whole run {rows:,} rows: {run['wall_s']:.0f}s, peak {memory.peak / 2**30:.2f} GiB", flush=True)
-            return memory.peak, {"rows": rows, "wall_s": run["wall_s"], "stages_s": run["stages_s"],
-                                 "rows_per_s": rates, "peak_rss": memory.peak}
-
-        measured = interleaved(lambda: at(large), lambda: at(small), label="whole run 10M vs 1M peak RSS")
-    summary = record(measured, f"peak RSS of the whole process tree at {large:,} rows <= 1.5x that at {small:,}",
-                     "bytes", False, lambda r: r <= 1.5, conf=SCALE_CONF, idle_deployment_rss=idle,
-                     wall_s={str(large): [d["value"]["wall_s"] for d in measured.details],
-                             str(small): [d["baseline"]["wall_s"] for d in measured.details]})
-    return summary, {"runs": measured.details, "idle_deployment_rss": idle, "conf": SCALE_CONF}
+        cold = deployment.run(extra)
+        overhead, vs_script, orchestration = _orchestration(deployment, extra, work)
+        memory_summary, memory_detail = _memory(deployment, extra, memory)
+    orchestration.update(cold_run_wall_s=cold["wall_s"], cold_run_stages_total_s=cold["stages_total_s"])
+    memory_summary["idle_deployment_rss"] = memory_detail["idle_deployment_rss"] = idle
+    return {"orchestration": ({"orchestration_overhead": overhead, "orchestration_vs_script": vs_script},
+                              orchestration),
+            "whole_run_10m_memory": ({"whole_run_10m_memory": memory_summary}, memory_detail)}

@@ -14,9 +14,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lepton_tasks.errors import BadParam
 from lepton_tasks.window import check_template
@@ -28,6 +28,9 @@ PIPELINES_DIR = REPO_ROOT / "dags" / "pipelines"  # one YAML spec per pipeline; 
 ModelKind = Literal["mlp", "cnn"]
 InitFrom = Literal["scratch", "champion"]
 DriftAction = Literal["fail", "warn"]
+MergeStrategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "median", "trimmed_mean",
+                        "greedy_soup"]  # see lepton_tasks.strategies
+LOCAL_STRATEGIES = ("fedprox", "scaffold")  # strategies that change local training, not only the server's merge
 TemplatedUri = Annotated[str, AfterValidator(check_template)]  # may hold {ds}, ...; other placeholders refused
 
 
@@ -60,6 +63,35 @@ class RunParams(BaseModel):
         8, ge=1, le=50, title="Merge rounds",
         description="FedAvg rounds; each round restarts every shard from the merge.",
     )
+    shard_by: str | None = Field(
+        None, min_length=1, title="Shard by column",
+        description="One shard per value of this column (values hashed into 'Shards' buckets when there are more), "
+        "natural sizes, no stratification: data that lives apart (per site, region, customer). Empty: rows dealt "
+        "to 'Shards' shards stratified by label.",
+    )
+    merge_strategy: MergeStrategy = Field(
+        "fedavg", title="Merge strategy",
+        description="fedavg: sample-weighted mean; fedprox: plus a proximal term in local training; fedavgm / "
+        "fedadam: a server optimizer over the averaged update; scaffold: control variates against client drift; "
+        "median / trimmed_mean: coordinate-wise, robust to a bad shard; greedy_soup: the final model a greedy "
+        "soup of the shard and merged models by held-out score.",
+    )
+    fedprox_mu: float = Field(0.01, ge=0, le=100, title="FedProx mu",
+                              description="Weight of FedProx's proximal term mu/2 * ||w - w_global||^2.")
+    server_learning_rate: float | None = Field(
+        None, gt=0, le=10, title="Server learning rate",
+        description="fedavgm / fedadam step size; empty: 1.0 for fedavgm, 0.01 for fedadam.")
+    server_momentum: float = Field(0.9, ge=0, lt=1, title="Server momentum",
+                                   description="fedavgm's momentum, fedadam's beta1.")
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, title="Trim fraction",
+        description="trimmed_mean drops floor(fraction x shards) values at each end of every coordinate.")
+    dp_epsilon: float | None = Field(
+        None, gt=0, le=1000, title="DP epsilon per shard",
+        description="Train every shard with DP-SGD (Opacus) to this privacy budget over all rounds, delta = 1/rows "
+        "of the shard; empty: off.")
+    dp_max_grad_norm: float = Field(1.0, gt=0, le=1000, title="DP clipping norm",
+                                    description="Per-sample gradient norm DP-SGD clips to.")
     learning_rate: float = Field(0.01, gt=0, le=1, title="Learning rate", description="Adam learning rate.")
     batch_size: int = Field(64, ge=1, le=65536, title="Batch size", description="Mini-batch size per shard.")
     model_kind: ModelKind = Field(
@@ -98,6 +130,14 @@ class RunParams(BaseModel):
         "run goes on while they are at most this share of the data; 0 stops the run on any failed expectation.",
     )
 
+    @model_validator(mode="after")
+    def _private_strategy(self) -> RunParams:
+        if self.dp_epsilon is not None and self.merge_strategy in LOCAL_STRATEGIES:
+            raise ValueError(f"'dp_epsilon' with 'merge_strategy' {self.merge_strategy!r}: DP-SGD privatises the "
+                             "per-sample gradients, and this strategy's local correction would bypass it; use one of "
+                             f"{', '.join(s for s in get_args(MergeStrategy) if s not in LOCAL_STRATEGIES)}")
+        return self
+
     def digest(self) -> str:
         """Short content hash, used to tell whether a checkpoint was made with these params."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
@@ -108,8 +148,13 @@ def parse_params(raw: dict[str, Any] | None, defaults: RunParams | None = None) 
     try:
         return RunParams.model_validate({**(defaults.model_dump() if defaults else {}), **(raw or {})})
     except ValidationError as err:
-        problems = "; ".join(f"param '{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in err.errors())
+        problems = "; ".join(_problem(e) for e in err.errors())
         raise BadParam(problems) from None
+
+
+def _problem(error: dict) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    return f"param '{'.'.join(map(str, error['loc']))}': {message}" if error["loc"] else message
 
 
 def airflow_param_specs(defaults: RunParams) -> dict[str, dict[str, Any]]:
@@ -118,6 +163,9 @@ def airflow_param_specs(defaults: RunParams) -> dict[str, dict[str, Any]]:
     schema = RunParams.model_json_schema()["properties"]
     specs = {}
     for name, prop in schema.items():
+        if "anyOf" in prop:  # an optional field: its value's schema, and null allowed (an empty form field)
+            value = next(p for p in prop["anyOf"] if p.get("type") != "null")
+            prop = {**prop, **value, "type": [value["type"], "null"]}
         spec = {k: prop[k] for k in ("type", "title", "description", "enum", "minimum", "maximum") if k in prop}
         for exclusive in ("exclusiveMinimum", "exclusiveMaximum"):
             if exclusive in prop:

@@ -1,4 +1,5 @@
-"""Merge: sample-weighted parameter averaging of shard checkpoints (FedAvg), then held-out evaluation."""
+"""Merge: the run's final model (the train stage's last global model under the run's merge strategy, or a greedy
+soup), its held-out evaluation and the run's plots. The strategies themselves are in `strategies`."""
 
 from __future__ import annotations
 
@@ -19,33 +20,6 @@ MERGED_FILE = "merged.safetensors"
 PLOTS_DIR = "plots"
 
 
-def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Average each tensor over the models, weighted by `weights` (the shards' sample counts).
-
-    Accumulates in float64 so the result does not depend on shard order beyond rounding of the final cast.
-    """
-    if not states or len(states) != len(weights):
-        raise ValueError(f"need one weight per state, got {len(states)} states and {len(weights)} weights")
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
-    keys = states[0].keys()
-    for i, state in enumerate(states[1:], start=1):
-        if state.keys() != keys:
-            raise ValueError(f"state {i} has other tensors than state 0: {sorted(set(state) ^ set(keys))}")
-    total = float(sum(weights))
-    merged = {}
-    for key in keys:
-        acc = sum(state[key].to(torch.float64) * (w / total) for state, w in zip(states, weights, strict=True))
-        merged[key] = acc.to(states[0][key].dtype)
-    return merged
-
-
-def fedavg_files(checkpoints: list[dict], out_path: Path, metadata: dict[str, str]) -> str:
-    """FedAvg over checkpoint records ({"path", "sha256", "rows"}); writes `out_path`, returns its sha256."""
-    states = [load_checkpoint(Path(c["path"]), c["sha256"])[0] for c in checkpoints]
-    return save_checkpoint(out_path, fedavg(states, [c["rows"] for c in checkpoints]), metadata)
-
-
 @dataclass
 class MergeManifest:
     """The merged model, how it and each shard model score on the held-out split, and the run's plots."""
@@ -59,6 +33,8 @@ class MergeManifest:
     shard_metrics: dict[str, dict[str, float]]
     round_scores: list[float] = field(default_factory=list)  # the merged model's metric after each round
     plots: list[str] = field(default_factory=list)
+    strategy: str = "fedavg"
+    soup: list[str] | None = None  # greedy_soup: the models in the soup, best first
 
     @property
     def merged_score(self) -> float:
@@ -68,48 +44,64 @@ class MergeManifest:
         return asdict(self)
 
 
-def _round_state(checkpoints: list[dict]) -> dict[str, torch.Tensor]:
-    states = [load_checkpoint(Path(c["path"]), c["sha256"])[0] for c in checkpoints]
-    return fedavg(states, [c["rows"] for c in checkpoints])
+def _state(record: dict) -> dict[str, torch.Tensor]:
+    return load_checkpoint(Path(record["path"]), record["sha256"])[0]
 
 
 def _plots(rounds: list[list[dict]], epochs_per_round: int, round_scores: list[float], outputs: np.ndarray,
-           shape: ModelShape, targets: torch.Tensor, metric: str, classes: list[str], out: Path) -> list[Path]:
-    """Training curves, and the merged model's confusion matrix or residuals from its held-out `outputs`."""
+           shape: ModelShape, targets: torch.Tensor, metric: str, classes: list[str], shards: list[dict],
+           out: Path) -> list[Path]:
+    """Training curves, each shard's size and label mix, and the merged model's confusion matrix or residuals
+    from its held-out `outputs`."""
     from lepton_tasks import plots
 
-    curves = plots.training_curves(rounds, epochs_per_round, round_scores, metric, out / "training_curves.png")
+    drawn = [plots.training_curves(rounds, epochs_per_round, round_scores, metric, out / "training_curves.png"),
+             plots.shard_mix(shards, out / "shard_mix.png")]
     if shape.task == "regression":
-        return [curves, plots.residuals(targets.numpy(), outputs, out / "residuals.png")]
-    return [curves, plots.confusion_matrix(targets.numpy(), outputs.argmax(axis=1), classes,
+        return [*drawn, plots.residuals(targets.numpy(), outputs, out / "residuals.png")]
+    return [*drawn, plots.confusion_matrix(targets.numpy(), outputs.argmax(axis=1), classes,
                                            out / "confusion_matrix.png")]
 
 
-def merge(rounds: list[list[dict]], shape: ModelShape, eval_data: tuple[torch.Tensor, torch.Tensor],
-          stage_dir: Path, metric: str, epochs_per_round: int, classes: list[str]) -> MergeManifest:
-    """Average the last round's shard checkpoints; score merged (after every round) and shard models on the
-    held-out split; draw the training curves and a confusion matrix or residual plot."""
+def _soup(final_round: list[dict], merged: dict[str, torch.Tensor], shape: ModelShape, eval_data, metric: str):
+    """Greedy soup over the last round's shard models and the strategy's merged model, scored on the held-out
+    split (which the soup is then also reported on: its held-out figure is optimistic by that choice)."""
+    from lepton_tasks.metrics import HIGHER_IS_BETTER
+    from lepton_tasks.strategies import greedy_soup
+
+    features, targets = eval_data
+    candidates = [("merged", merged), *((c["shard"], _state(c)) for c in final_round)]
+    return greedy_soup(candidates, lambda state: evaluate(load_model(shape, state), shape, features, targets)[metric],
+                       HIGHER_IS_BETTER[metric])
+
+
+def merge(rounds: list[list[dict]], merged_rounds: list[dict], shape: ModelShape,
+          eval_data: tuple[torch.Tensor, torch.Tensor], stage_dir: Path, metric: str, epochs_per_round: int,
+          classes: list[str], shards: list[dict], strategy: str = "fedavg") -> MergeManifest:
+    """The final model: the train stage's last global model (`merged_rounds`: one {"path", "sha256"} per round),
+    or for `greedy_soup` a soup of it and the last round's shard models. Score it (and the global model after
+    every round, and each shard model) on the held-out split; draw the plots."""
     features, targets = eval_data
     final_round = rounds[-1]
-    merged_state = _round_state(final_round)
+    merged_state, soup = _state(merged_rounds[-1]), None
+    if strategy == "greedy_soup":
+        merged_state, soup = _soup(final_round, merged_state, shape, eval_data, metric)
     outputs = predict(load_model(shape, merged_state), features).numpy()  # scored and plotted from one pass
     merged_metrics = metrics.evaluate(shape.task, outputs, targets.numpy())
-    round_scores = [evaluate(load_model(shape, _round_state(r)), shape, features, targets)[metric]
-                    for r in rounds[:-1]] + [merged_metrics[metric]]
+    round_scores = [evaluate(load_model(shape, _state(r)), shape, features, targets)[metric]
+                    for r in merged_rounds[:-1]] + [merged_metrics[metric]]
     stage_dir = Path(stage_dir)
     with atomic_dir(stage_dir) as tmp:
-        save_checkpoint(tmp / MERGED_FILE, merged_state, {"rounds": str(len(rounds)), "kind": shape.kind})
-        drawn = _plots(rounds, epochs_per_round, round_scores, outputs, shape, targets, metric, classes,
+        save_checkpoint(tmp / MERGED_FILE, merged_state, {"rounds": str(len(rounds)), "kind": shape.kind,
+                                                          "strategy": strategy})
+        drawn = _plots(rounds, epochs_per_round, round_scores, outputs, shape, targets, metric, classes, shards,
                        tmp / PLOTS_DIR)
     merged_path = stage_dir / MERGED_FILE
-    shard_metrics = {
-        c["shard"]: evaluate(load_model(shape, load_checkpoint(Path(c["path"]), c["sha256"])[0]), shape, features,
-                             targets)
-        for c in final_round
-    }
-    log.info("merged %s %.4f on %d held-out rows (by round: %s); shards %s", metric, merged_metrics[metric],
-             len(targets), [round(v, 4) for v in round_scores],
-             {k: round(v[metric], 4) for k, v in shard_metrics.items()})
+    shard_metrics = {c["shard"]: evaluate(load_model(shape, _state(c)), shape, features, targets)
+                     for c in final_round}
+    log.info("merged (%s%s) %s %.4f on %d held-out rows (by round: %s); shards %s", strategy,
+             f", soup of {soup}" if soup else "", metric, merged_metrics[metric], len(targets),
+             [round(v, 4) for v in round_scores], {k: round(v[metric], 4) for k, v in shard_metrics.items()})
     return MergeManifest(str(merged_path), sha256_file(merged_path), len(rounds), len(targets), metric,
                          merged_metrics, shard_metrics, round_scores,
-                         [str(stage_dir / PLOTS_DIR / p.name) for p in drawn])
+                         [str(stage_dir / PLOTS_DIR / p.name) for p in drawn], strategy, soup)

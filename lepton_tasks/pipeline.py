@@ -149,7 +149,7 @@ def _calibration_rows(shards: dict):
     """Encoded training rows (from the first shard) that static int8 quantization calibrates on."""
     from lepton_tasks.train import load_xy
 
-    return load_xy(shards["shards"][0]["files"], shards["encoder"])[0][:CALIBRATION_ROWS].numpy()
+    return load_xy(shards["shards"][0]["files"], shards["encoder"], max_rows=CALIBRATION_ROWS)[0].numpy()
 
 
 def _shape(ctx: RunContext, shards: dict):
@@ -312,7 +312,7 @@ def shard(ctx: RunContext, validated: dict, drifted: dict | None = None, run_clu
         with dask_client(ctx.settings, ctx.params.num_shards, run_cluster) as client:
             manifest = recovering(client, "shard", lambda attempt: stage.shard(
                 validated["parts"], ctx.stage_dir("shard"), ctx.params.num_shards, ctx.params.eval_fraction,
-                ctx.params.seed, ctx.spec, client, encoder))
+                ctx.params.seed, ctx.spec, client, encoder, ctx.params.shard_by))
         manifest.warm_start = {"init_from": ctx.params.init_from, "reason": reason,
                                **({"version": snap["version"], "weights": snap["weights"]} if snap else {})}
         return manifest
@@ -336,20 +336,23 @@ def train(ctx: RunContext, shards: dict, run_cluster: dict | None = None) -> dic
             return manifest
 
     return _run_stage(ctx, "train", body, lambda m: {
-        "rounds": len(m["rounds"]),
+        "rounds": len(m["rounds"]), "strategy": m["strategy"],
         "final_loss": {c["shard"]: c["epochs"][-1]["loss"] if c["epochs"] else None for c in m["rounds"][-1]},
-        "resumed": sum(c["resumed"] for r in m["rounds"] for c in r)})
+        "resumed": sum(c["resumed"] for r in m["rounds"] for c in r),
+        "dp_epsilon": {c["shard"]: c["epsilon"] for c in m["rounds"][-1] if c.get("epsilon") is not None} or None})
 
 
 def merge(ctx: RunContext, shards: dict, trained: dict) -> dict:
     from lepton_tasks import merge as stage
 
     return _run_stage(ctx, "merge",
-                      lambda: stage.merge(trained["rounds"], _shape(ctx, shards), _eval_tensors(shards),
-                                          ctx.stage_dir("merge"), ctx.spec.metric, ctx.params.local_epochs,
-                                          shards["encoder"].get("classes", [])),
+                      lambda: stage.merge(trained["rounds"], trained["merged"], _shape(ctx, shards),
+                                          _eval_tensors(shards), ctx.stage_dir("merge"), ctx.spec.metric,
+                                          ctx.params.local_epochs, shards["encoder"].get("classes", []),
+                                          shards["shards"], ctx.params.merge_strategy),
                       lambda m: {"metric": m["metric"], "merged_metrics": m["merged_metrics"],
-                                 "round_scores": m["round_scores"], "shard_metrics": m["shard_metrics"]})
+                                 "round_scores": m["round_scores"], "shard_metrics": m["shard_metrics"],
+                                 "strategy": m["strategy"], "soup": m["soup"]})
 
 
 def compress(ctx: RunContext, shards: dict, merged: dict) -> dict:

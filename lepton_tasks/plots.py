@@ -2,7 +2,8 @@
 
 - training curves: each shard's loss per epoch over all rounds, and the merged model's held-out metric per round;
 - a confusion matrix (classification) or a residual plot (regression) of the merged model on the held-out rows;
-- the compression trade-off: size against held-out metric for every variant, latency in the labels.
+- the compression trade-off: size against held-out metric for every variant, latency in the labels;
+- each shard's rows and label mix (how far the shards differ).
 """
 
 from __future__ import annotations
@@ -92,4 +93,27 @@ def compression_tradeoff(variants: list[dict], chosen: str, metric: str, path: P
     ax.set(title=f"Compression trade-off (star: chosen {chosen})", xlabel="size (KiB)", ylabel=f"held-out {metric}")
     ax.set_xscale("log")
     ax.margins(x=0.25, y=0.2)  # room for the labels
+    return _save(fig, path)
+
+
+def shard_mix(shards: list[dict], path: Path) -> Path:
+    """Each shard's rows (left) and label mix as shares (right; regression: rows only): how far shards differ."""
+    plt = _pyplot()
+    names = [s["name"] + (f" ({', '.join(s['keys'][:3])}{'...' if len(s['keys']) > 3 else ''})"
+                          if s.get("keys") else "") for s in shards]
+    labels = sorted({k for s in shards for k in s["label_histogram"]}, key=lambda k: (len(k), k))
+    fig, (rows_ax, mix_ax) = plt.subplots(1, 2, figsize=(10, 1.5 + 0.35 * len(shards)))
+    rows_ax.barh(names, [s["rows"] for s in shards], color="steelblue")
+    rows_ax.set(title="Rows per shard", xlabel="rows")
+    rows_ax.invert_yaxis()
+    left = np.zeros(len(shards))
+    colours = plt.get_cmap("tab20")
+    for index, label in enumerate(labels):
+        shares = np.array([s["label_histogram"].get(label, 0) / max(s["rows"], 1) for s in shards])
+        mix_ax.barh(names, shares, left=left, color=colours(index % 20), label=label)
+        left += shares
+    mix_ax.set(title="Label mix per shard", xlabel="share of the shard's rows", xlim=(0, 1))
+    mix_ax.invert_yaxis()
+    if labels:
+        mix_ax.legend(fontsize="x-small", ncol=min(len(labels), 10), loc="upper center", bbox_to_anchor=(0.5, -0.25))
     return _save(fig, path)

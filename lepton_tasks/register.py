@@ -128,6 +128,11 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -
         client.log_batch(run_id, metrics=batch[start:start + 500])
 
 
+STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM", "fedadam": "FedAdam",
+                  "scaffold": "SCAFFOLD", "median": "Coordinate-wise median", "trimmed_mean": "Trimmed mean",
+                  "greedy_soup": "Greedy soup"}
+
+
 def summary_metrics(record: RunRecord) -> dict[str, float]:
     """The parent run's headline figures."""
     metrics = {
@@ -138,6 +143,9 @@ def summary_metrics(record: RunRecord) -> dict[str, float]:
         "eval_rows": record.merge["eval_rows"],
         **{f"eval_{name}": value for name, value in record.merge["merged_metrics"].items()},
     }
+    spent = [c["epsilon"] for c in record.train["rounds"][-1] if c.get("epsilon") is not None]
+    if spent:
+        metrics["dp_epsilon_max"] = max(spent)  # the weakest privacy any shard got
     for variant in [record.compress["reference"], *record.compress["variants"]]:
         metrics.update({f"{variant['name']}_{name}": value for name, value in variant["metrics"].items()})
         for key in ("bytes", "latency_p50_ms", "latency_p99_ms", "batch_latency_p50_ms"):
@@ -157,11 +165,16 @@ def _log_shard_runs(client, experiment_id: str, parent: str, record: RunRecord) 
             for epoch in ckpt["epochs"]:
                 step = (ckpt["round"] - 1) * epochs_per_round + epoch["epoch"]
                 log_metrics(client, run_id, {"loss": epoch["loss"]}, step)
+    spent = {c["shard"]: c["epsilon"] for c in record.train["rounds"][-1] if c.get("epsilon") is not None}
     for shard, info in by_shard.items():
         run_id = _find_run(client, experiment_id, {TAG_RUN: record.run_id, TAG_DAG: record.dag_id, TAG_SHARD: shard})
         client.log_param(run_id, "rows", info["rows"])
+        if info.get("keys"):
+            client.log_param(run_id, "shard_by_values", ",".join(info["keys"])[:6000])  # MLflow's param limit
         client.log_dict(run_id, info["label_histogram"], "label_histogram.json")
         log_metrics(client, run_id, {f"eval_{k}": v for k, v in record.merge["shard_metrics"][shard].items()})
+        if shard in spent:
+            log_metrics(client, run_id, {"dp_epsilon": spent[shard]})
         client.set_terminated(run_id, "FINISHED")
 
 
@@ -235,7 +248,9 @@ def _register_version(client, model_name: str, model_uri: str, run_id: str, reco
     version = mlflow.register_model(model_uri, model_name, tags=tags)
     client.update_model_version(
         model_name, version.version,
-        description=(f"FedAvg of {len(record.shards['shards'])} shards over {record.merge['rounds']} round(s); "
+        description=(f"{STRATEGY_NAMES[record.merge.get('strategy', 'fedavg')]} of {len(record.shards['shards'])} "
+                     f"shards over {record.merge['rounds']} round(s)"
+                     + (f" (soup of {', '.join(record.merge['soup'])})" if record.merge.get("soup") else "") + "; "
                      f"held-out {metric} {score:.4f} on {record.merge['eval_rows']} rows. "
                      f"Spec {Path(record.spec_path).name} (sha256 {record.spec_sha256[:12]}), data "
                      f"{record.ingest['source_uri']} (sha256 {record.ingest['source_sha256'][:12]}). "

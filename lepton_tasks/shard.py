@@ -1,9 +1,12 @@
-"""Shard: split the validated stage on a Dask cluster into N stratified Parquet shards plus a held-out split.
+"""Shard: split the validated stage on a Dask cluster into N Parquet shards plus a held-out split.
 
 Deterministic given the seed and the data, whatever the partitioning:
 - a row is held out when a seeded hash of its global row number falls under `eval_fraction`;
-- the remaining rows of each label are dealt round-robin to the shards, so every shard gets the same label mix
-  (a regression target has one stratum: rows are dealt in order).
+- by default the remaining rows of each label are dealt round-robin to the shards, so every shard gets the same
+  label mix (a regression target has one stratum: rows are dealt in order);
+- with `shard_by` (a column), data that lives apart stays apart: one shard per value of the column (the values in
+  sorted order), or, with more values than `num_shards`, each value hashed into one of `num_shards` shards;
+  shards keep their natural sizes and label mixes.
 Two passes over the data, one partition in memory per worker at a time: count (rows and labels per partition,
 and the training rows' statistics that fit the feature encoder), then write (each partition writes its slice of
 every shard).
@@ -11,6 +14,7 @@ every shard).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from lepton_tasks.specs import PipelineSpec
 from lepton_tasks.storage import atomic_dir, sha256_files
 
 EVAL_NAME = "eval"
+NULL_KEY = "__null__"  # the shard_by key of rows where that column is missing
 
 
 @dataclass
@@ -36,6 +41,7 @@ class ShardInfo:
     rows: int
     label_histogram: dict[str, int]
     sha256: str
+    keys: list[str] | None = None  # with shard_by: the column's values this shard holds
 
 
 @dataclass
@@ -51,6 +57,7 @@ class ShardManifest:
     eval: ShardInfo
     encoder: dict  # features.Encoder, fitted on the training rows (or the champion's, on a warm start)
     warm_start: dict | None = None  # {"version", "weights"} of the champion round 1 starts from; None: scratch
+    shard_by: str | None = None  # the column shards follow; None: stratified by label
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,28 +90,51 @@ def _strata(frame, spec: PipelineSpec) -> tuple[np.ndarray, list]:
     return key_index[codes], keys
 
 
-def _count_partition(frame, spec: PipelineSpec, seed: int, eval_fraction: float, start: int) -> tuple[dict, dict]:
-    """Per-stratum counts and encoder statistics of one partition's training rows (the first pass)."""
+def _key_codes(values) -> tuple[np.ndarray, list[str]]:
+    """Each row's shard_by value as an index into the returned keys (text, as labels compare: `label_key`;
+    missing values are the key NULL_KEY)."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    raw_keys = [NULL_KEY if pd.isna(value) else label_key(value) for value in uniques]
+    keys = sorted(set(raw_keys))
+    return np.array([keys.index(k) for k in raw_keys], dtype=np.int64)[codes], keys
+
+
+def _count_partition(frame, spec: PipelineSpec, seed: int, eval_fraction: float, start: int,
+                     shard_by: str | None = None) -> tuple[dict, dict, dict]:
+    """Per-stratum counts, encoder statistics and (with `shard_by`) per-key counts of one partition's training
+    rows (the first pass)."""
     rows = np.arange(start, start + len(frame))
     training = ~held_out_mask(rows, seed, eval_fraction)
     codes, keys = _strata(frame, spec)
     counts = np.bincount(codes[training], minlength=len(keys))
+    key_counts = {}
+    if shard_by is not None:
+        key_codes, key_names = _key_codes(frame[shard_by])
+        per_key = np.bincount(key_codes[training], minlength=len(key_names))
+        key_counts = {key: int(n) for key, n in zip(key_names, per_key, strict=True) if n}
     return ({key: int(n) for key, n in zip(keys, counts, strict=True) if n},
-            partition_stats(frame[training], spec))
+            partition_stats(frame[training], spec), key_counts)
 
 
 def _write_partition(frame, index: int, start: int, offsets: dict, out_dir: str, num_shards: int,
-                     spec: PipelineSpec, seed: int, eval_fraction: float) -> list[tuple[str, str, dict]]:
+                     spec: PipelineSpec, seed: int, eval_fraction: float,
+                     layout: KeyLayout | None = None) -> list[tuple[str, str, dict]]:
     """Write one partition's slice of every shard and of the held-out split (the second pass)."""
     rows = np.arange(start, start + len(frame))
     held_out = held_out_mask(rows, seed, eval_fraction)
     codes, keys = _strata(frame, spec)
     shard_of = np.full(len(frame), -1)
     train_index = np.flatnonzero(~held_out)
-    train_codes = codes[train_index]
-    for code, key in enumerate(keys):
-        members = train_index[train_codes == code]
-        shard_of[members] = (offsets.get(key, 0) + np.arange(len(members))) % num_shards
+    if layout is not None:
+        key_codes, key_names = _key_codes(frame[layout.column])
+        shard_of[train_index] = np.array([layout.shard_of[k] for k in key_names], dtype=np.int64)[
+            key_codes[train_index]]
+        frame = frame.drop(columns=[layout.column]) if layout.drop_column else frame
+    else:
+        train_codes = codes[train_index]
+        for code, key in enumerate(keys):
+            members = train_index[train_codes == code]
+            shard_of[members] = (offsets.get(key, 0) + np.arange(len(members))) % num_shards
     written = []
     table = pa.Table.from_pandas(frame, preserve_index=False)  # converted once, sliced per shard
     for name, mask in [(EVAL_NAME, held_out)] + [(f"shard-{i:03d}", shard_of == i) for i in range(num_shards)]:
@@ -129,35 +159,93 @@ def _label_offsets(counts: list[dict]) -> list[dict]:
     return offsets
 
 
+@dataclass(frozen=True)
+class KeyLayout:
+    """Which shard each value of the `shard_by` column goes to."""
+
+    column: str
+    shard_of: dict[str, int]
+    drop_column: bool  # the column is not a feature or the label: the shards need not carry it
+
+    @property
+    def num_shards(self) -> int:
+        return max(self.shard_of.values()) + 1
+
+    def keys_of(self, shard: int) -> list[str]:
+        return [key for key, index in self.shard_of.items() if index == shard]
+
+
+def stable_bucket(key: str, buckets: int) -> int:
+    """The same bucket for the same key in every process and run (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % buckets
+
+
+def key_layout(column: str, key_counts: list[dict], num_shards: int, spec: PipelineSpec) -> KeyLayout:
+    """One shard per value of `column` (sorted) where they are at most `num_shards`, else values hashed into
+    `num_shards` shards; a ShardError where a hashed shard would be empty."""
+    keys = sorted({key for counts in key_counts for key in counts})
+    if not keys:
+        raise ShardError(f"param 'shard_by' column '{column}' has no training rows")
+    if len(keys) <= num_shards:
+        shard_of = {key: index for index, key in enumerate(keys)}
+    else:
+        shard_of = {key: stable_bucket(key, num_shards) for key in keys}
+        empty = sorted(set(range(num_shards)) - set(shard_of.values()))
+        if empty:
+            raise ShardError(f"param 'shard_by' column '{column}': its {len(keys)} values hashed into 'num_shards'="
+                             f"{num_shards} shards leave shard(s) {empty} empty; lower 'num_shards'")
+    keep = column in spec.features or column == spec.target.column
+    return KeyLayout(column, shard_of, drop_column=not keep)
+
+
+def _check_shard_by(parts: list[str], column: str) -> None:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(parts[0]).names
+    if column not in names:
+        raise ShardError(f"param 'shard_by' names column '{column}', which the validated data '{parts[0]}' does "
+                         f"not have (columns: {', '.join(names)})")
+
+
 def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: float, seed: int,
-          spec: PipelineSpec, client, encoder: dict | None = None) -> ShardManifest:
+          spec: PipelineSpec, client, encoder: dict | None = None, shard_by: str | None = None) -> ShardManifest:
     """Split the Parquet `parts` into shards on the Dask `client`; write them under `stage_dir`. The rows are
-    encoded with `encoder` where given (a warm start keeps the champion's), else with one fitted here."""
+    encoded with `encoder` where given (a warm start keeps the champion's), else with one fitted here. With
+    `shard_by`, shards follow that column's values (see the module docstring)."""
     import dask
     import dask.dataframe as dd
 
     label, features = spec.target.column, spec.feature_columns
-    frame = dd.read_parquet(parts, columns=[*features, label])
+    columns = [*features, label]
+    if shard_by is not None:
+        _check_shard_by(parts, shard_by)
+        columns += [] if shard_by in columns else [shard_by]
+    frame = dd.read_parquet(parts, columns=columns)
     partitions = frame.to_delayed()
     sizes = client.gather(client.compute([dask.delayed(len)(p) for p in partitions]))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
-    count_tasks = [dask.delayed(_count_partition)(p, spec, seed, eval_fraction, s)
+    count_tasks = [dask.delayed(_count_partition)(p, spec, seed, eval_fraction, s, shard_by)
                    for p, s in zip(partitions, starts, strict=True)]
     counted = client.gather(client.compute(count_tasks))
-    counts = [c for c, _ in counted]
-    _check_enough_rows(counts, num_shards)
-    fitted = encoder or fit(spec, merge_stats([stats for _, stats in counted])).to_dict()
+    counts = [c for c, _, _ in counted]
+    layout = key_layout(shard_by, [k for _, _, k in counted], num_shards, spec) if shard_by else None
+    shards_made = layout.num_shards if layout else num_shards
+    _check_enough_rows(counts, shards_made)
+    fitted = encoder or fit(spec, merge_stats([stats for _, stats, _ in counted])).to_dict()
     offsets = _label_offsets(counts)
     with atomic_dir(stage_dir) as tmp:
         write_tasks = [
-            dask.delayed(_write_partition)(p, i, s, o, str(tmp), num_shards, spec, seed, eval_fraction)
+            dask.delayed(_write_partition)(p, i, s, o, str(tmp), shards_made, spec, seed, eval_fraction, layout)
             for i, (p, s, o) in enumerate(zip(partitions, starts, offsets, strict=True))
         ]
         written = [item for part in client.gather(client.compute(write_tasks)) for item in part]
-    infos = _summarise(written, Path(tmp), Path(stage_dir), num_shards)
+    infos = _summarise(written, Path(tmp), Path(stage_dir), shards_made)
+    if layout is not None:
+        for index, info in enumerate(infos[1:]):
+            info.keys = layout.keys_of(index)
     return ShardManifest(
         stage_dir=str(stage_dir), seed=seed, eval_fraction=eval_fraction, label_column=label,
-        feature_columns=list(features), shards=infos[1:], eval=infos[0], encoder=fitted,
+        feature_columns=list(features), shards=infos[1:], eval=infos[0], encoder=fitted, shard_by=shard_by,
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,6 @@ from lepton_tasks.cluster import recovering
 from lepton_tasks.config import stable_json
 from lepton_tasks.errors import TrainingError
 from lepton_tasks.features import Encoder
-from lepton_tasks.merge import fedavg_files
 from lepton_tasks.models import (
     ModelShape,
     build_model,
@@ -38,22 +38,47 @@ from lepton_tasks.models import (
     save_checkpoint,
 )
 from lepton_tasks.storage import sha256_file
+from lepton_tasks.strategies import Server, fedavg
 
 log = logging.getLogger(__name__)
 
 PROGRESS_TOPIC = "lepton-progress"
 
 
-def load_xy(files: list[str], encoder: Encoder | dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded features (float32) and targets (class index or value) of Parquet files, only the needed columns."""
+def load_xy(files: list[str], encoder: Encoder | dict,
+            max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded features (float32) and targets (class index or value) of Parquet files, only the needed columns;
+    with `max_rows`, only the first rows of the first files are read."""
     import pandas as pd
 
     if isinstance(encoder, dict):
         encoder = Encoder.from_dict(encoder)
-    frame = pd.concat([pd.read_parquet(f, columns=[*encoder.source_columns, encoder.target]) for f in files],
-                      ignore_index=True)
+    columns = [*encoder.source_columns, encoder.target]
+    if max_rows is None:
+        frame = pd.concat([pd.read_parquet(f, columns=columns) for f in files], ignore_index=True)
+    else:
+        frame = _head(files, columns, max_rows)
     return (torch.from_numpy(encoder.encode_features(frame)),
             torch.from_numpy(encoder.encode_target(frame[encoder.target])))
+
+
+def _head(files: list[str], columns: list[str], rows: int):
+    """The first `rows` rows of `files` in order, read batch by batch (a large file is not read whole)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def batches():
+        for path in files:
+            yield from pq.ParquetFile(path).iter_batches(batch_size=min(rows, 65536), columns=columns)
+
+    taken, left = [], rows
+    for batch in batches():
+        if not left:
+            break
+        taken.append(batch.slice(0, left))
+        left -= len(taken[-1])
+    return pa.Table.from_batches(taken).to_pandas() if taken else pd.DataFrame({c: [] for c in columns})
 
 
 def model_shape(encoder: Encoder | dict, kind: str, hidden: int) -> ModelShape:
@@ -84,13 +109,20 @@ class ShardJob:
     params_digest: str
     data_sha256: str  # the shard's Parquet files, from the shard manifest
     threads: int = 1  # torch threads: the determinism policy holds for a fixed count
+    prox_mu: float = 0.0  # FedProx: weight of the proximal term; 0: off
+    control: dict | None = None  # SCAFFOLD: {"server", "own"} ({"path", "sha256"} or None: zeros) from the last round
+    control_out: str | None = None  # SCAFFOLD: where this shard's control variate for the next round goes
+    privacy: dict | None = None  # DP-SGD (see `privacy`): noise_multiplier, max_grad_norm, sample_rate, ...
 
     def metadata(self) -> dict[str, str]:
         """What the checkpoint was made from; a checkpoint is reused only when all of it matches."""
-        return {"shard": self.shard, "round": str(self.round), "rows": str(self.rows),
+        meta = {"shard": self.shard, "round": str(self.round), "rows": str(self.rows),
                 "start_sha256": self.start["sha256"], "params_digest": self.params_digest,
                 "data_sha256": self.data_sha256, "encoder_sha256": encoder_digest(self.encoder),
                 "threads": str(self.threads)}
+        if self.control is not None:
+            meta["control_sha256"] = ":".join((c or {}).get("sha256", "") for c in self.control.values())
+        return meta
 
 
 def encoder_digest(encoder: dict) -> str:
@@ -109,25 +141,94 @@ def _report_progress(message: dict) -> None:
         log.info("progress %s", message)
 
 
+def _start_model(job: ShardJob, device) -> torch.nn.Module:
+    state = load_checkpoint(Path(job.start["path"]), job.start["sha256"])[0]
+    return load_model(job.shape, state).to(device).train()
+
+
+def _epoch_record(job: ShardJob, epoch: int, loss: float, started: float, batch_size: int) -> dict:
+    record = {"shard": job.shard, "round": job.round, "epoch": epoch, "loss": loss,
+              "seconds": time.perf_counter() - started, "batch_size": batch_size}
+    _report_progress(record)
+    return record
+
+
+def _controls(job: ShardJob, device) -> tuple[dict, dict] | None:
+    """SCAFFOLD's (c, c_i) for this round: the server's and this shard's control variates (zeros in round 1)."""
+    if job.control is None:
+        return None
+    loaded = [load_checkpoint(Path(c["path"]), c["sha256"])[0] if c else None
+              for c in (job.control["server"], job.control["own"])]
+    if loaded[0] is None:
+        return None  # round 1: c = c_i = 0, no correction
+    own = loaded[1] or {k: torch.zeros_like(v) for k, v in loaded[0].items()}
+    return ({k: v.to(device) for k, v in loaded[0].items()}, {k: v.to(device) for k, v in own.items()})
+
+
 def _fit(job: ShardJob, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> tuple[dict, list[dict]]:
-    """Train from `job.start` for `job.epochs`; returns the final state and per-epoch records."""
-    model = load_model(job.shape, load_checkpoint(Path(job.start["path"]), job.start["sha256"])[0]).to(device).train()
+    """Train from `job.start` for `job.epochs` (with FedProx's proximal term and SCAFFOLD's correction where the
+    job has them); returns the final state and per-epoch records (the data loss)."""
+    from lepton_tasks.strategies import proximal_term, scaffold_correction
+
+    model = _start_model(job, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=job.learning_rate)
     generator = torch.Generator().manual_seed(job.seed)
+    start = [p.detach().clone() for p in model.parameters()] if job.prox_mu else None
+    controls = _controls(job, device)
     epochs = []
     for epoch in range(1, job.epochs + 1):
         started, total_loss = time.perf_counter(), torch.zeros((), device=device)
         for idx in torch.randperm(len(y), generator=generator).to(device).split(batch_size):
             loss = loss_fn(job.shape, model(x[idx]), y[idx])
+            objective = loss + proximal_term(model, start, job.prox_mu) if start is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            if controls is not None:
+                scaffold_correction(model, *controls)
+            optimizer.step()
+            total_loss += loss.detach() * len(idx)  # summed on the device: no host sync per batch
+        epochs.append(_epoch_record(job, epoch, total_loss.item() / len(y), started, batch_size))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, epochs
+
+
+def _fit_private(job: ShardJob, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 device) -> tuple[dict, list[dict]]:
+    """DP-SGD through Opacus: Poisson-sampled batches of expected size `batch_size`, each sample's gradient
+    clipped to `max_grad_norm`, Gaussian noise of `noise_multiplier` times that norm (seeded: the determinism
+    policy holds; for a production privacy claim Opacus' secure_mode would draw from the OS instead)."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = _start_model(job, device)
+    generator = torch.Generator().manual_seed(job.seed)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=generator)
+    private, optimizer, private_loader = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=torch.optim.Adam(model.parameters(), lr=job.learning_rate), data_loader=loader,
+        noise_multiplier=job.privacy["noise_multiplier"], max_grad_norm=job.privacy["max_grad_norm"],
+        noise_generator=generator)
+    epochs = []
+    for epoch in range(1, job.epochs + 1):
+        started, total_loss, seen = time.perf_counter(), 0.0, 0
+        for xb, yb in private_loader:
+            if not len(yb):
+                continue  # Poisson sampling can draw an empty batch
+            loss = loss_fn(job.shape, private(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.detach() * len(idx)  # summed on the device: no host sync per batch
-        record = {"shard": job.shard, "round": job.round, "epoch": epoch, "loss": total_loss.item() / len(y),
-                  "seconds": time.perf_counter() - started, "batch_size": batch_size}
-        epochs.append(record)
-        _report_progress(record)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, epochs
+            total_loss, seen = total_loss + loss.item() * len(yb), seen + len(yb)
+        epochs.append(_epoch_record(job, epoch, total_loss / max(seen, 1), started, batch_size))
+    return {k: v.detach().cpu() for k, v in private._module.state_dict().items()}, epochs
+
+
+def _write_control(job: ShardJob, x: torch.Tensor, y: torch.Tensor, device) -> str:
+    """SCAFFOLD: this shard's control variate for the next round (its full gradient at the start weights)."""
+    from lepton_tasks.strategies import control_variate
+
+    model = _start_model(job, device)
+    batches = zip(x.split(4096), y.split(4096), strict=True)
+    state = control_variate(model, batches, lambda out, target: loss_fn(job.shape, out, target))
+    return save_checkpoint(Path(job.control_out), {k: v.cpu() for k, v in state.items()}, job.metadata())
 
 
 def _deterministic(device: torch.device, threads: int) -> None:
@@ -152,10 +253,12 @@ def train_shard(job: ShardJob) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _deterministic(device, job.threads)
     x, y = (t.to(device) for t in load_xy(job.files, job.encoder))  # the shard stays on the device
+    control_sha = _write_control(job, x, y, device) if job.control_out else None
+    fit = _fit_private if job.privacy else _fit
     batch_size = job.batch_size
     while True:
         try:
-            state, epochs = _fit(job, x, y, batch_size, device)
+            state, epochs = fit(job, x, y, batch_size, device)
             break
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
@@ -169,10 +272,20 @@ def train_shard(job: ShardJob) -> dict:
     # the file is a function of the job alone (no wall times): a stale attempt that finishes after a retry
     # wrote the same checkpoint writes the same bytes, so the checksum in the manifest still holds
     curve = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in epochs]
+    extra = {"control_out_sha256": control_sha} if control_sha else {}
     sha = save_checkpoint(Path(job.out_path), state,
-                          {**job.metadata(), "epochs": json.dumps(curve), "device": str(device)})
+                          {**job.metadata(), "epochs": json.dumps(curve), "device": str(device), **extra})
+    return {**_result(job, sha, epochs, False, str(device)), **_control_result(job, control_sha)}
+
+
+def _result(job: ShardJob, sha: str, epochs: list[dict], resumed: bool, device: str) -> dict:
     return {"shard": job.shard, "round": job.round, "path": job.out_path, "sha256": sha, "rows": job.rows,
-            "epochs": epochs, "resumed": False, "device": str(device)}
+            "epochs": epochs, "resumed": resumed, "device": device,
+            "epsilon": privacy_spent(job.privacy, job.round) if job.privacy else None}
+
+
+def _control_result(job: ShardJob, control_sha: str | None) -> dict:
+    return {"control": {"path": job.control_out, "sha256": control_sha}} if control_sha else {}
 
 
 def finished_checkpoint(job: ShardJob) -> dict | None:
@@ -186,9 +299,38 @@ def finished_checkpoint(job: ShardJob) -> dict | None:
         return None
     if any(meta.get(k) != v for k, v in job.metadata().items()):
         return None
-    return {"shard": job.shard, "round": job.round, "path": str(path), "sha256": sha256_file(path),
-            "rows": job.rows, "epochs": json.loads(meta.get("epochs", "[]")), "resumed": True,
-            "device": meta.get("device", "unknown")}
+    control_sha = meta.get("control_out_sha256")
+    if job.control_out and not (control_sha and Path(job.control_out).exists()
+                                and sha256_file(Path(job.control_out)) == control_sha):
+        return None  # its control variate is missing or torn: train again (it is written first)
+    return {**_result(job, sha256_file(path), json.loads(meta.get("epochs", "[]")), True,
+                      meta.get("device", "unknown")), **_control_result(job, control_sha)}
+
+
+def privacy(params, rows: int, rounds: int) -> dict:
+    """DP-SGD settings for a shard of `rows`: delta = 1/rows, Poisson sampling at batch_size/rows (as Opacus
+    samples), and the noise multiplier that spends `params.dp_epsilon` over all `rounds` x local epochs (RDP
+    accountant)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    steps_per_epoch = math.ceil(rows / params.batch_size)
+    sample_rate = 1 / steps_per_epoch
+    steps = rounds * params.local_epochs * steps_per_epoch
+    sigma = get_noise_multiplier(target_epsilon=params.dp_epsilon, target_delta=1 / rows, sample_rate=sample_rate,
+                                 steps=steps, accountant="rdp")
+    return {"noise_multiplier": sigma, "max_grad_norm": params.dp_max_grad_norm, "delta": 1 / rows,
+            "sample_rate": sample_rate, "steps_per_round": params.local_epochs * steps_per_epoch,
+            "target_epsilon": params.dp_epsilon}
+
+
+def privacy_spent(settings: dict, rounds_done: int) -> float:
+    """Epsilon a shard has spent after `rounds_done` rounds (RDP accountant, at its delta)."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(settings["noise_multiplier"], settings["sample_rate"],
+                           settings["steps_per_round"] * rounds_done)]
+    return float(accountant.get_epsilon(settings["delta"]))
 
 
 @dataclass
@@ -200,6 +342,8 @@ class TrainManifest:
     init: dict
     rounds: list[list[dict]] = field(default_factory=list)
     dashboard_link: str | None = None  # the Dask dashboard of the cluster that trained it
+    strategy: str = "fedavg"
+    merged: list[dict] = field(default_factory=list)  # {"path", "sha256"}: the global model after each round
 
     @property
     def final_round(self) -> list[dict]:
@@ -317,20 +461,46 @@ def train(shards: list[dict], encoder: dict, shape: ModelShape, params, stage_di
     else:
         state, origin = init_weights(shape, params.seed), {"seed": str(params.seed)}
     init_sha = save_checkpoint(init_path, state, origin)
-    manifest = TrainManifest(str(stage_dir), shape, {"path": str(init_path), "sha256": init_sha})
-    start = manifest.init
+    manifest = TrainManifest(str(stage_dir), shape, {"path": str(init_path), "sha256": init_sha},
+                             strategy=params.merge_strategy)
+    server = Server(params.merge_strategy, params.server_learning_rate, params.server_momentum, params.trim_fraction)
+    private = {s["name"]: privacy(params, s["rows"], params.merge_rounds) for s in shards} if params.dp_epsilon \
+        else {}
+    start, controls = manifest.init, None
     client.subscribe_topic(PROGRESS_TOPIC, _log_progress)
     try:
         for rnd in range(1, params.merge_rounds + 1):
-            jobs = [_job(s, rnd, encoder, shape, start, stage_dir, params, threads) for s in shards]
+            jobs = [_job(s, rnd, encoder, shape, start, stage_dir, params, threads, controls, private.get(s["name"]))
+                    for s in shards]
             manifest.rounds.append(_run_round(jobs, client))
-            if rnd < params.merge_rounds:
-                merged = stage_dir / f"round-{rnd:02d}" / "merged.safetensors"
-                start = {"path": str(merged),
-                         "sha256": fedavg_files(manifest.rounds[-1], merged, {"round": str(rnd)})}
+            state, start = _merge_round(server, state, manifest.rounds[-1], stage_dir / f"round-{rnd:02d}", rnd)
+            manifest.merged.append(start)
+            if params.merge_strategy == "scaffold":
+                controls = _server_control(manifest.rounds[-1], stage_dir / f"round-{rnd:02d}", rnd)
     finally:
         _unsubscribe_quietly(client)
     return manifest
+
+
+def _merge_round(server: Server, current: dict, results: list[dict], round_dir: Path,
+                 rnd: int) -> tuple[dict, dict]:
+    """The strategy's next global model from this round's checkpoints, written as `merged.safetensors`; a replayed
+    round (a retried task) writes the same bytes."""
+    states = [load_checkpoint(Path(c["path"]), c["sha256"])[0] for c in results]
+    merged = server.aggregate(current, states, [c["rows"] for c in results])
+    path = round_dir / "merged.safetensors"
+    sha = save_checkpoint(path, merged, {"round": str(rnd), "strategy": server.strategy})
+    return merged, {"path": str(path), "sha256": sha}
+
+
+def _server_control(results: list[dict], round_dir: Path, rnd: int) -> dict:
+    """SCAFFOLD: c = the sample-weighted mean of the shards' control variates (the full data's gradient at the
+    round's global weights), and each shard's own, for the next round's jobs."""
+    own = {c["shard"]: c["control"] for c in results}
+    states = [load_checkpoint(Path(c["control"]["path"]), c["control"]["sha256"])[0] for c in results]
+    path = round_dir / "control.safetensors"
+    sha = save_checkpoint(path, fedavg(states, [c["rows"] for c in results]), {"round": str(rnd)})
+    return {"server": {"path": str(path), "sha256": sha}, "own": own}
 
 
 def starting_weights(path: Path, shape: ModelShape) -> dict[str, torch.Tensor]:
@@ -353,13 +523,21 @@ def _unsubscribe_quietly(client) -> None:
         log.debug("could not unsubscribe from %s: %s", PROGRESS_TOPIC, err)
 
 
-def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, params, threads: int = 1) -> ShardJob:
+def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, params, threads: int = 1,
+         controls: dict | None = None, private: dict | None = None) -> ShardJob:
     index = int(shard["name"].rsplit("-", 1)[-1])
+    round_dir = stage_dir / f"round-{rnd:02d}"
+    scaffold = params.merge_strategy == "scaffold"
     return ShardJob(
         shard=shard["name"], round=rnd, files=shard["files"], rows=shard["rows"], encoder=encoder,
         shape=shape, start=start,
-        out_path=str(stage_dir / f"round-{rnd:02d}" / f"{shard['name']}.safetensors"),
+        out_path=str(round_dir / f"{shard['name']}.safetensors"),
         epochs=params.local_epochs, learning_rate=params.learning_rate, batch_size=params.batch_size,
         seed=params.seed * 1_000_003 + rnd * 1_009 + index, params_digest=params.digest(),
         data_sha256=shard["sha256"], threads=threads,
+        prox_mu=params.fedprox_mu if params.merge_strategy == "fedprox" else 0.0,
+        control={"server": (controls or {}).get("server"), "own": (controls or {}).get("own", {}).get(shard["name"])}
+        if scaffold else None,
+        control_out=str(round_dir / f"{shard['name']}.control.safetensors") if scaffold else None,
+        privacy=private,
     )

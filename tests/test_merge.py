@@ -1,44 +1,36 @@
-import pytest
 import torch
 
-from lepton_tasks.merge import fedavg, fedavg_files
-from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, save_checkpoint
+from lepton_tasks.merge import merge
+from lepton_tasks.models import ModelShape, evaluate, init_weights, load_checkpoint, load_model, save_checkpoint
+from lepton_tasks.strategies import fedavg
+
+SHAPE = ModelShape("mlp", 40, 10, 8)
 
 
-def test_fedavg_is_exactly_the_sample_weighted_mean():
+def _record(path, state, **extra):
+    return {"path": str(path), "sha256": save_checkpoint(path, state, {}), **extra}
+
+
+def test_greedy_soup_merge_starts_from_the_best_model_and_never_scores_below_it(tmp_path):
     torch.manual_seed(0)
-    states = [{"w": torch.randn(3, 4), "b": torch.randn(4)} for _ in range(3)]
-    rows = [100, 300, 600]
-    merged = fedavg(states, rows)
-    for key in ("w", "b"):
-        expected = (states[0][key] * 0.1 + states[1][key] * 0.3 + states[2][key] * 0.6)
-        torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6)
+    features, targets = torch.randn(300, 40), torch.randint(0, 10, (300,))
+    states = [init_weights(SHAPE, seed) for seed in range(3)]
+    final_round = [_record(tmp_path / f"shard-{i:03d}.safetensors", s, shard=f"shard-{i:03d}", rows=100, epochs=[],
+                           round=1) for i, s in enumerate(states)]
+    merged_rounds = [_record(tmp_path / "merged.safetensors", fedavg(states, [100] * 3))]
+    shards = [{"name": f"shard-{i:03d}", "rows": 100, "label_histogram": {"0": 60, "1": 40}} for i in range(3)]
+    manifest = merge([final_round], merged_rounds, SHAPE, (features, targets), tmp_path / "merge", "accuracy", 1,
+                     [str(c) for c in range(10)], shards, "greedy_soup")
 
+    def score(state):
+        return evaluate(load_model(SHAPE, state), SHAPE, features, targets)["accuracy"]
 
-def test_fedavg_of_identical_models_is_that_model_and_equal_weights_is_the_mean():
-    state = init_weights(ModelShape("mlp", 40, 10, 16), seed=1)
-    merged = fedavg([state, state], [5, 7])
-    assert all(torch.equal(merged[k], state[k]) for k in state)
-    a, b = {"w": torch.zeros(2)}, {"w": torch.ones(2) * 4}
-    assert torch.equal(fedavg([a, b], [1, 1])["w"], torch.full((2,), 2.0))
-
-
-def test_fedavg_refuses_mismatched_models_and_bad_weights():
-    with pytest.raises(ValueError, match="other tensors"):
-        fedavg([{"w": torch.zeros(1)}, {"v": torch.zeros(1)}], [1, 1])
-    with pytest.raises(ValueError, match="positive sum"):
-        fedavg([{"w": torch.zeros(1)}], [0])
-
-
-def test_fedavg_files_reads_checked_checkpoints_and_is_deterministic(tmp_path):
-    shape = ModelShape("cnn", 40, 10, 8)
-    records = []
-    for i in range(2):
-        path = tmp_path / f"s{i}.safetensors"
-        records.append({"path": str(path), "sha256": save_checkpoint(path, init_weights(shape, i), {}),
-                        "rows": 10 * (i + 1)})
-    sha_a = fedavg_files(records, tmp_path / "a.safetensors", {"round": "1"})
-    sha_b = fedavg_files(records, tmp_path / "b.safetensors", {"round": "1"})
-    assert sha_a == sha_b
-    merged, meta = load_checkpoint(tmp_path / "a.safetensors", sha_a)
-    assert meta == {"round": "1"} and set(merged) == set(init_weights(shape, 0))
+    candidates = {"merged": load_checkpoint(tmp_path / "merged.safetensors")[0],
+                  **{c["shard"]: s for c, s in zip(final_round, states, strict=True)}}
+    best = max(candidates, key=lambda name: (score(candidates[name]), -list(candidates).index(name)))
+    assert manifest.strategy == "greedy_soup" and manifest.soup[0] == best
+    assert manifest.merged_score >= score(candidates[best])
+    _, meta = load_checkpoint(manifest.merged_path, manifest.merged_sha256)
+    assert meta["strategy"] == "greedy_soup" and len(manifest.round_scores) == 1
+    assert {p.rsplit("/", 1)[-1] for p in manifest.plots} == {"training_curves.png", "shard_mix.png",
+                                                              "confusion_matrix.png"}

@@ -60,3 +60,55 @@ def test_more_shards_than_rows_is_a_clear_error(tmp_path, dask_client):
     with pytest.raises(ShardError, match="num_shards"):
         _shard([str(path)], tmp_path / "shard", dask_client, n=50)
     assert not (tmp_path / "shard").exists()
+
+
+def _sited(tmp_path, sites) -> list[str]:
+    """900 MNIST-1D rows in two files with a `site` column (not a feature) chosen by `sites(frame)`."""
+    from tests.conftest import mnist_frame
+
+    frame = mnist_frame(900)
+    frame["site"] = sites(frame)
+    paths = []
+    for i, chunk in enumerate([frame.iloc[:500], frame.iloc[500:]]):
+        path = tmp_path / f"sited-{i}.parquet"
+        chunk.to_parquet(path, index=False)
+        paths.append(str(path))
+    return paths
+
+
+def test_shard_by_gives_one_shard_per_value_with_natural_sizes_and_label_mix(tmp_path, dask_client):
+    import numpy as np
+
+    def by_label(frame):  # label-skewed sites, and some rows with no site
+        site = np.where(frame["label"] < 3, "north", np.where(frame["label"] < 7, "south", "west")).astype(object)
+        site[::50] = None
+        return site
+
+    parts = _sited(tmp_path, by_label)
+    manifest = shard(parts, tmp_path / "shard", 8, 0.2, 1, MNIST_SPEC.spec, dask_client, shard_by="site")
+    assert [s.keys for s in manifest.shards] == [["__null__"], ["north"], ["south"], ["west"]]
+    assert manifest.shard_by == "site" and manifest.eval.keys is None
+    north, south, west = ({int(k) for k in s.label_histogram} for s in manifest.shards[1:])
+    assert north <= {0, 1, 2} and south <= {3, 4, 5, 6} and west <= {7, 8, 9}  # no stratification
+    assert sum(s.rows for s in manifest.shards) + manifest.eval.rows == 900
+    assert len({s.rows for s in manifest.shards}) == 4  # natural sizes
+    written = pd.read_parquet(manifest.shards[1].files[0])
+    assert "site" not in written.columns  # not a feature: the shards do not carry it
+    again = shard(parts, tmp_path / "again", 8, 0.2, 1, MNIST_SPEC.spec, dask_client, shard_by="site")
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
+
+
+def test_shard_by_hashes_many_values_into_num_shards_and_names_a_missing_column(tmp_path, dask_client):
+    import numpy as np
+
+    from lepton_tasks.shard import stable_bucket
+
+    parts = _sited(tmp_path, lambda frame: np.array([f"site-{i % 20:02d}" for i in range(len(frame))]))
+    manifest = shard(parts, tmp_path / "shard", 3, 0.2, 1, MNIST_SPEC.spec, dask_client, shard_by="site")
+    assert len(manifest.shards) == 3
+    for index, info in enumerate(manifest.shards):
+        assert info.keys and all(stable_bucket(key, 3) == index for key in info.keys)
+    assert sorted(k for s in manifest.shards for k in s.keys) == [f"site-{i:02d}" for i in range(20)]
+    with pytest.raises(ShardError, match="'shard_by' names column 'region'"):
+        shard(parts, tmp_path / "missing", 3, 0.2, 1, MNIST_SPEC.spec, dask_client, shard_by="region")
+    assert not (tmp_path / "missing").exists()

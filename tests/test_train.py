@@ -91,3 +91,53 @@ def test_rounds_on_the_cluster_are_bit_equal_and_resume(tmp_path, shard_files, d
     assert [c["sha256"] for c in resumed.final_round] == [c["sha256"] for c in first.final_round]
     state, _ = load_checkpoint(tmp_path / "a" / "round-01" / "merged.safetensors")
     assert not torch.equal(state["net.0.weight"], init_weights(shape, params.seed)["net.0.weight"])
+
+
+def _distance(state, start):
+    return sum(float(((state[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
+
+
+def test_fedprox_keeps_shard_models_near_the_global_model(tmp_path, shard_files, dask_client):
+    shape = ModelShape("mlp", 40, 10, 16)
+    base = {"source_uri": "x", "local_epochs": 2, "merge_rounds": 1, "model_kind": "mlp", "hidden_size": 16}
+    plain = train(shard_files, ENCODER, shape, RunParams(**base), tmp_path / "plain", dask_client)
+    prox = train(shard_files, ENCODER, shape, RunParams(**base, merge_strategy="fedprox", fedprox_mu=10.0),
+                 tmp_path / "prox", dask_client)
+    start = init_weights(shape, 42)
+    for plain_ckpt, prox_ckpt in zip(plain.final_round, prox.final_round, strict=True):
+        assert (_distance(load_checkpoint(prox_ckpt["path"])[0], start)
+                < 0.5 * _distance(load_checkpoint(plain_ckpt["path"])[0], start))
+
+
+def test_scaffold_writes_control_variates_corrects_round_two_and_resumes(tmp_path, shard_files, dask_client):
+    shape = ModelShape("mlp", 40, 10, 16)
+    base = {"source_uri": "x", "local_epochs": 1, "merge_rounds": 2, "model_kind": "mlp", "hidden_size": 16}
+    scaffold = train(shard_files, ENCODER, shape, RunParams(**base, merge_strategy="scaffold"), tmp_path / "s",
+                     dask_client)
+    fedavg = train(shard_files, ENCODER, shape, RunParams(**base), tmp_path / "f", dask_client)
+    assert (tmp_path / "s" / "round-01" / "control.safetensors").exists()
+    assert all(c["control"]["sha256"] for r in scaffold.rounds for c in r)
+    # round 1 has no correction yet (c = c_i = 0): the same weights as FedAvg; round 2 is corrected
+    assert _weights(scaffold.rounds[0]) == _weights(fedavg.rounds[0])
+    assert _weights(scaffold.rounds[1]) != _weights(fedavg.rounds[1])
+    _, meta = load_checkpoint(scaffold.final_round[0]["path"])
+    assert meta["control_sha256"].count(":") == 1 and meta["control_out_sha256"]
+    (tmp_path / "s" / "round-02" / "shard-001.control.safetensors").unlink()  # a torn attempt's leftovers
+    again = train(shard_files, ENCODER, shape, RunParams(**base, merge_strategy="scaffold"), tmp_path / "s",
+                  dask_client)
+    assert [c["resumed"] for c in again.final_round] == [True, False]
+    assert [c["sha256"] for c in again.final_round] == [c["sha256"] for c in scaffold.final_round]
+    assert again.merged == scaffold.merged
+
+
+def test_dp_sgd_spends_the_epsilon_budget_over_all_rounds(tmp_path, shard_files, dask_client):
+    shape = ModelShape("mlp", 40, 10, 16)
+    params = RunParams(source_uri="x", local_epochs=1, merge_rounds=2, model_kind="mlp", hidden_size=16,
+                       batch_size=50, dp_epsilon=3.0, dp_max_grad_norm=1.0)
+    trained = train(shard_files, ENCODER, shape, params, tmp_path / "dp", dask_client)
+    first, last = ([c["epsilon"] for c in r] for r in trained.rounds)
+    assert all(2.9 < e <= 3.05 for e in last) and all(e < 2.9 for e in first)  # delta = 1/200 per shard
+    state = load_checkpoint(trained.merged[-1]["path"])[0]
+    assert all(torch.isfinite(t).all() for t in state.values())
+    again = train(shard_files, ENCODER, shape, params, tmp_path / "dp-again", dask_client)
+    assert _weights(again.final_round) == _weights(trained.final_round)  # seeded noise: bit-equal reruns

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 WORSE_DATE = "2026-03-02T02:00:00+00:00"
 BAD_DATE = "2026-03-03T02:00:00+00:00"
-WORSE_CONF = {**SMALL_CONF, "model_kind": "mlp", "merge_rounds": 1, "local_epochs": 1, "learning_rate": 0.0005}
+WORSE_CONF = {**SMALL_CONF, "model_kind": "mlp", "merge_rounds": 1, "local_epochs": 1, "learning_rate": 0.0005,
+              "merge_strategy": "median"}  # a strategy picked in the form reaches the merge and the registry
 
 
 def _tree_digest(root: Path) -> str:
@@ -56,7 +57,8 @@ def _check_good_run(env: AirflowEnv, run_dir: Path) -> dict:
     artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
     assert {"validation", "shards", "checkpoints", "merged", "onnx", "spec", "model", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(info["run_id"], "plots")}
-    assert plots == {"plots/training_curves.png", "plots/confusion_matrix.png", "plots/compression_tradeoff.png"}
+    assert plots == {"plots/training_curves.png", "plots/confusion_matrix.png", "plots/compression_tradeoff.png",
+                     "plots/shard_mix.png"}
     by_round = client.get_metric_history(info["run_id"], "merged_eval_accuracy_by_round")
     assert [m.step for m in by_round] == list(range(1, report["params"]["merge_rounds"] + 1))
     assert any(a.path.endswith("docs") for a in client.list_artifacts(info["run_id"], "validation"))
@@ -85,6 +87,8 @@ def _check_worse_run_keeps_champion(env: AirflowEnv, good_dir: Path) -> None:
     client = _mlflow(env)
     assert str(client.get_model_version_by_alias("lepton-mnist1d", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("lepton-mnist1d", "candidate").version) == "2"
+    assert client.get_model_version("lepton-mnist1d", "2").description.startswith("Coordinate-wise median of 2")
+    assert report["stages"]["merge"]["strategy"] == "median"
 
 
 def _check_failed_run_registers_nothing(env: AirflowEnv, good_dir: Path) -> None:

@@ -1,0 +1,305 @@
+"""Merging where it is hard: shards that differ, a shard that misbehaves, privacy (issue 13).
+
+Every figure comes from the pipeline's own stages (ingest, validate, drift, shard with `shard_by`, train, merge;
+`pipeline.run_in_process`) on MNIST-1D rows whose `site` column splits them label-skewed: per label, Dirichlet
+(alpha 0.3) shares over 8 sites, the usual non-IID benchmark split (NIID-Bench). Scored on freshly generated
+samples, never on training rows. Central training of the same training rows is the reference.
+
+- `non_iid`: central vs fedavg, fedprox, fedadam, scaffold;
+- `poisoned`: one site's labels shuffled: fedavg vs median vs trimmed_mean;
+- `privacy`: fedavg under DP-SGD at epsilon 1, 3, 8 and off;
+- `flower_side_by_side`: the same shards, model, initial weights, rounds, local epochs, seeds and strategy
+  (FedAvg, FedProx) run by Flower (`bench/flower_app.py`, its simulation engine, in `.venv-flower`): Lepton's train
+  and merge stages' seconds over Flower's `run_simulation` wall, 3 interleaved repeats; both accuracies.
+
+The stage runs share one 2-worker Dask cluster (an external scheduler, as `make up` gives the DAGs), so no run pays
+a cluster start.
+
+Each scenario runs for every seed in SEEDS (a new split and initialisation each); the results give every seed's
+accuracy and the median. Where a strategy does not help, the table says so: nothing here is tuned per strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from functools import partial
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from bench.common import interleaved, record
+from bench.quality import FRESH_ROWS, _train, fresh_samples
+from lepton_tasks.config import EXPECTATIONS_DIR, PIPELINES_DIR, REPO_ROOT
+from lepton_tasks.models import evaluate, init_weights, load_checkpoint, load_model
+
+ROWS, SITES, ALPHA = 6000, 8, 0.3
+SEEDS = (42, 43, 44)
+POISONED_SITE = "site-0"
+BASE_CONF = {"model_kind": "mlp", "hidden_size": 64, "num_shards": SITES, "shard_by": "site", "merge_rounds": 5,
+             "local_epochs": 2, "batch_size": 64, "learning_rate": 0.01}
+SCENARIOS = {
+    "non_iid": {"fedavg": {}, "fedprox": {"merge_strategy": "fedprox", "fedprox_mu": 0.01},
+                "fedadam": {"merge_strategy": "fedadam"}, "scaffold": {"merge_strategy": "scaffold"}},
+    "poisoned": {"fedavg": {}, "median": {"merge_strategy": "median"},
+                 "trimmed_mean": {"merge_strategy": "trimmed_mean", "trim_fraction": 0.2}},
+    "privacy": {"epsilon 1": {"dp_epsilon": 1.0}, "epsilon 3": {"dp_epsilon": 3.0}, "epsilon 8": {"dp_epsilon": 8.0},
+                "off": {}},
+}
+SPEC_NAME = "lepton_mnist1d_sites"
+FLOWER_PYTHON = REPO_ROOT / ".venv-flower" / "bin" / "python"
+FLOWER_STRATEGIES = {"fedavg": {}, "fedprox": {"merge_strategy": "fedprox", "fedprox_mu": 0.01}}
+
+
+def dirichlet_sites(labels: np.ndarray, sites: int, alpha: float, seed: int) -> np.ndarray:
+    """Each row's site: per label, shares drawn from Dirichlet(alpha) over the sites, its rows dealt by them."""
+    rng = np.random.default_rng(seed)
+    site = np.empty(len(labels), dtype=object)
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * sites)) * len(rows)).astype(int)[:-1]
+        for index, chunk in enumerate(np.split(rows, cuts)):
+            site[chunk] = f"site-{index}"
+    return site
+
+
+def sites_frame(rows: int, seed: int, poisoned: bool = False):
+    """MNIST-1D rows with a label-skewed `site` column; `poisoned`: POISONED_SITE's labels shuffled."""
+    from lepton_tasks.demo_data import mnist1d_frame
+
+    frame = mnist1d_frame(rows, seed)
+    frame["site"] = dirichlet_sites(frame["label"].to_numpy(), SITES, ALPHA, seed)
+    if poisoned:
+        mine = np.flatnonzero(frame["site"].to_numpy() == POISONED_SITE)
+        frame.loc[mine, "label"] = np.random.default_rng(seed).permutation(frame.loc[mine, "label"].to_numpy())
+    return frame
+
+
+def write_sites_spec(folder: Path) -> tuple[Path, Path]:
+    """The bundled MNIST-1D pipeline as a new pipeline would be added: a spec file and a suite (the bundled one,
+    with the `site` column), nothing else."""
+    spec = yaml.safe_load((PIPELINES_DIR / "lepton_mnist1d.yaml").read_text())
+    spec.update(name=SPEC_NAME, expectations="mnist1d_sites.json", schedule=None, score=None)
+    spec["source"]["uri"] = "landing/sites/"
+    suite = json.loads((EXPECTATIONS_DIR / "mnist1d.json").read_text())
+    suite["name"] = "mnist1d_sites"
+    for expectation in suite["expectations"]:
+        if expectation["type"] == "expect_table_columns_to_match_ordered_list":
+            expectation["kwargs"]["column_list"].append("site")
+    pipelines, expectations = folder / "pipelines", folder / "expectations"
+    pipelines.mkdir(parents=True, exist_ok=True)
+    expectations.mkdir(exist_ok=True)
+    (pipelines / f"{SPEC_NAME}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (expectations / "mnist1d_sites.json").write_text(json.dumps(suite))
+    return pipelines, expectations
+
+
+def stage_run(work: Path, loaded, frame, conf: dict, name: str, export: Path | None = None) -> dict:
+    """The pipeline's stages up to merge on `frame`: the merged model's accuracy on fresh samples, the train and
+    merge stages' seconds, each shard's rows, and the epsilon each shard spent. `export`: also write what Flower
+    needs to train the same thing there (`_export`)."""
+    from lepton_tasks import pipeline
+
+    data_root = work / name
+    landing = data_root / "landing" / "sites"
+    landing.mkdir(parents=True)
+    frame.to_parquet(landing / "sites.parquet", index=False)
+    os.environ["LEPTON_DATA_ROOT"] = str(data_root)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{data_root}/mlflow.db"
+    ctx = pipeline.context(loaded, name, conf)
+    started = time.perf_counter()
+    manifests, seconds = pipeline.run_in_process(ctx, last="merge")
+    wall = time.perf_counter() - started
+    shards, merged = manifests["shard"], manifests["merge"]
+    shape = pipeline._shape(ctx, shards)
+    state, _ = load_checkpoint(Path(merged["merged_path"]), merged["merged_sha256"])
+    xt, yt = fresh_samples(shards["encoder"])
+    result = {"accuracy": evaluate(load_model(shape, state), shape, xt, yt)["accuracy"],
+              "train_merge_s": seconds["train"] + seconds["merge"], "wall_s": wall,
+              "shard_rows": {s["name"]: s["rows"] for s in shards["shards"]},
+              "epsilon": {c["shard"]: c["epsilon"] for c in manifests["train"]["rounds"][-1] if c.get("epsilon")},
+              "soup": merged.get("soup")}
+    if export is not None:
+        _export(manifests, shape, export)
+    shutil.rmtree(data_root, ignore_errors=True)
+    return result
+
+
+def _export(manifests: dict, shape, out: Path) -> None:
+    """The run's shards, encoded as it trained on them, its initial weights and model shape, for Flower."""
+    from safetensors.torch import save_file
+
+    from lepton_tasks.train import load_xy
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards = manifests["shard"]
+    paths = []
+    for info in shards["shards"]:
+        x, y = load_xy(info["files"], shards["encoder"])
+        paths.append(str(out / f"{info['name']}.safetensors"))
+        save_file({"x": x, "y": y}, paths[-1])
+    shutil.copy(manifests["train"]["init"]["path"], out / "init.safetensors")
+    (out / "run.json").write_text(json.dumps({"shards": paths, "init": str(out / "init.safetensors"),
+                                              "shape": asdict(shape), "encoder": shards["encoder"]}))
+
+
+def central(loaded, frame, conf: dict, seed: int) -> float:
+    """Central training of every non-held-out row (as the shard stage holds out) from the same initialisation for
+    rounds x local epochs, scored on the same fresh samples."""
+    from lepton_tasks.config import parse_params
+    from lepton_tasks.features import fit, partition_stats
+    from lepton_tasks.shard import held_out_mask
+    from lepton_tasks.train import model_shape
+
+    params = parse_params({**conf, "seed": seed}, loaded.spec.run_defaults())
+    training = frame[~held_out_mask(np.arange(len(frame)), seed, params.eval_fraction)]
+    encoder = fit(loaded.spec, partition_stats(training, loaded.spec))
+    x = torch.from_numpy(encoder.encode_features(training))
+    y = torch.from_numpy(encoder.encode_target(training[encoder.target]))
+    shape = model_shape(encoder, params.model_kind, params.hidden_size)
+    torch.set_num_threads(1)
+    state = _train(shape, init_weights(shape, seed), x, y, params.merge_rounds * params.local_epochs, params, seed)
+    xt, yt = fresh_samples(encoder)
+    return evaluate(load_model(shape, state), shape, xt, yt)["accuracy"]
+
+
+@contextmanager
+def sites_pipeline(work: Path):
+    """The sites spec loaded, and one 2-worker Dask cluster (Lepton's worker settings) every stage run uses."""
+    import dask
+    from distributed import LocalCluster
+
+    from lepton_tasks.cluster import WORKER_DASK_CONFIG
+    from lepton_tasks.specs import find_spec
+    from tests.conftest import _dotted
+
+    pipelines, expectations = write_sites_spec(work / "spec")
+    os.environ.update(LEPTON_PIPELINES_DIR=str(pipelines), LEPTON_EXPECTATIONS_DIR=str(expectations))
+    with dask.config.set(_dotted(WORKER_DASK_CONFIG)), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        os.environ["LEPTON_DASK_ADDRESS"] = cluster.scheduler_address
+        try:
+            yield find_spec(SPEC_NAME)
+        finally:
+            del os.environ["LEPTON_DASK_ADDRESS"]
+
+
+def federated_bench(work: Path, seeds=SEEDS) -> dict:
+    """Every scenario for every seed; returns the detail (written to bench/results/federated.json)."""
+    with sites_pipeline(work) as loaded:
+        return _scenarios(work, loaded, seeds)
+
+
+def _scenarios(work: Path, loaded, seeds) -> dict:
+    runs: dict[str, dict[str, list]] = {scenario: {name: [] for name in variants}
+                                        for scenario, variants in SCENARIOS.items()}
+    runs["non_iid"]["central"] = []
+    for seed in seeds:
+        clean, poisoned = sites_frame(ROWS, seed), sites_frame(ROWS, seed, poisoned=True)
+        runs["non_iid"]["central"].append({"accuracy": central(loaded, clean, BASE_CONF, seed), "seed": seed})
+        for scenario, variants in SCENARIOS.items():
+            for name, conf in variants.items():
+                if scenario == "privacy" and name == "off":
+                    runs[scenario][name].append(runs["non_iid"]["fedavg"][-1])  # the same run
+                    continue
+                frame = poisoned if scenario == "poisoned" else clean
+                result = stage_run(work, loaded, frame, {**BASE_CONF, **conf, "seed": seed},
+                                   f"{scenario}-{name.replace(' ', '-')}-{seed}")
+                runs[scenario][name].append({**result, "seed": seed})
+                print(f"{scenario} {name} seed {seed}: accuracy {result['accuracy']:.3f}, train+merge "
+                      f"{result['train_merge_s']:.1f}s", flush=True)
+    medians = {scenario: {name: statistics.median(r["accuracy"] for r in results)
+                          for name, results in variants.items()} for scenario, variants in runs.items()}
+    return {"rows": ROWS, "sites": SITES, "dirichlet_alpha": ALPHA, "seeds": list(seeds), "fresh_rows": FRESH_ROWS,
+            "poisoned_site": POISONED_SITE, "conf": BASE_CONF, "scenarios": SCENARIOS,
+            "median_accuracy": medians, "runs": runs}
+
+
+def plot(detail: dict, path: Path) -> Path:
+    """Median fresh-sample accuracy per strategy, one panel per scenario, every seed as a dot."""
+    from lepton_tasks.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(detail["runs"]), figsize=(13, 4))
+    for ax, (scenario, variants) in zip(axes, detail["runs"].items(), strict=True):
+        names = list(variants)
+        ax.bar(names, [detail["median_accuracy"][scenario][n] for n in names], color="lightsteelblue")
+        for index, name in enumerate(names):
+            ax.scatter([index] * len(variants[name]), [r["accuracy"] for r in variants[name]], color="black", s=10)
+        ax.set(title=scenario.replace("_", " "), ylabel="accuracy (fresh samples)", ylim=(0, 1))
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.suptitle(f"MNIST-1D, {detail['sites']} label-skewed sites (Dirichlet {detail['dirichlet_alpha']}), "
+                 f"medians of {len(detail['seeds'])} seeds")
+    return _save(fig, path)
+
+
+def _flower(work: Path, run: Path, conf: dict, strategy: str, repeat: int) -> tuple[float, dict]:
+    """Flower trains what the Lepton run exported to `run`; its seconds and the accuracy of its final model."""
+    exported = json.loads((run / "run.json").read_text())
+    out = work / f"flower-{strategy}-{repeat}.safetensors"
+    job = {**exported, "out": str(out), "strategy": strategy, "rounds": conf["merge_rounds"],
+           "local_epochs": conf["local_epochs"], "batch_size": conf["batch_size"],
+           "learning_rate": conf["learning_rate"], "seed": conf["seed"], "fedprox_mu": conf.get("fedprox_mu", 0.0),
+           "cpus": os.cpu_count()}
+    job_path = work / f"flower-{strategy}-{repeat}.json"
+    job_path.write_text(json.dumps(job))
+    started = time.perf_counter()
+    done = subprocess.run([str(FLOWER_PYTHON), str(REPO_ROOT / "bench" / "flower_app.py"), str(job_path)],
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_DEDUP_LOGS": "0"},
+                          capture_output=True, text=True, timeout=1800, cwd=work)
+    if done.returncode != 0:
+        raise RuntimeError(f"the Flower run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    from lepton_tasks.train import model_shape
+
+    encoder = exported["encoder"]
+    shape = model_shape(encoder, exported["shape"]["kind"], exported["shape"]["hidden"])
+    xt, yt = fresh_samples(encoder)
+    state, _ = load_checkpoint(out)
+    accuracy = evaluate(load_model(shape, state), shape, xt, yt)["accuracy"]
+    return seconds, {"accuracy": accuracy, "process_wall_s": time.perf_counter() - started}
+
+
+def _lepton_side(work: Path, loaded, frame, conf: dict, strategy: str) -> tuple[float, dict]:
+    result = stage_run(work, loaded, frame, conf, f"side-{strategy}-{time.monotonic_ns()}")
+    return result["train_merge_s"], result
+
+
+def _flower_side(work: Path, run: Path, conf: dict, strategy: str, repeats: Iterator[int]) -> tuple[float, dict]:
+    return _flower(work, run, conf, strategy, next(repeats))
+
+
+def flower_side_by_side(work: Path, seed: int = SEEDS[0]) -> tuple[dict, dict]:
+    """FedAvg and FedProx, Lepton's stages vs Flower on the same non-IID shards: {name: summary}, detail."""
+    frame = sites_frame(ROWS, seed)
+    summaries, detail = {}, {}
+    with sites_pipeline(work) as loaded:
+        for strategy, extra in FLOWER_STRATEGIES.items():
+            conf = {**BASE_CONF, **extra, "seed": seed}
+            run = work / f"export-{strategy}"
+            stage_run(work, loaded, frame, conf, f"flower-export-{strategy}", export=run)  # what Flower trains on
+            measured = interleaved(partial(_lepton_side, work, loaded, frame, conf, strategy),
+                                   partial(_flower_side, work, run, conf, strategy, count(1)),
+                                   label=f"Lepton vs Flower, {strategy}")
+            lepton_accuracy = statistics.median(d["value"]["accuracy"] for d in measured.details)
+            flower_accuracy = statistics.median(d["baseline"]["accuracy"] for d in measured.details)
+            name = "flower_side_by_side" + ("" if strategy == "fedavg" else f"_{strategy}")
+            summaries[name] = record(
+                measured, f"{strategy}: Lepton's train+merge at most Flower's wall, accuracy at least Flower's "
+                "minus 0.5 points", "s", False,
+                lambda r, la=lepton_accuracy, fa=flower_accuracy: r <= 1.0 and la >= fa - 0.005,
+                lepton_accuracy=lepton_accuracy, flower_accuracy=flower_accuracy, rows=ROWS, sites=SITES,
+                conf=conf, flower="flwr 1.42 simulation engine (Ray), one CPU per client")
+            detail[strategy] = {"lepton": [d["value"] for d in measured.details],
+                                "flower": [d["baseline"] for d in measured.details]}
+    return summaries, detail

@@ -1,0 +1,77 @@
+"""The Flower side of `flower_side_by_side`, run as `python bench/flower_app.py JOB.json` in Flower's own virtual
+environment (`make bench` builds it: flwr[simulation] pins FastAPI, Starlette and protobuf versions that
+Airflow's api-server cannot share).
+
+It trains what the Lepton run trained: the same encoded shards (written by `bench.federated`), the same model
+from the same initial weights, the same local loop (Adam, the same seeded shuffles, FedProx's proximal term), the
+same rounds; Flower's own FedAvg or FedProx strategy aggregates, in Flower's simulation engine (Ray, one CPU per
+client). Prints {"seconds"}: the wall time of `run_simulation`, Ray's start included; writes the final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.simulation import run_simulation
+from safetensors.torch import load_file
+
+from lepton_tasks.models import ModelShape, build_model, load_checkpoint, loss_fn, save_checkpoint
+
+JOB = json.loads(Path(sys.argv[1]).read_text()) if __name__ == "__main__" else {}
+client = ClientApp()
+server = ServerApp()
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    """One shard's local epochs, as Lepton's `train._fit` runs them (the same seed for the same shard and round)."""
+    torch.set_num_threads(1)
+    index = int(context.node_config["partition-id"])
+    config = msg.content["config"]
+    shard = load_file(JOB["shards"][index])
+    x, y = shard["x"], shard["y"]
+    shape = ModelShape(**JOB["shape"])
+    model = build_model(shape)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.train()
+    mu = float(config.get("proximal-mu", 0.0))
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=JOB["learning_rate"])
+    generator = torch.Generator().manual_seed(JOB["seed"] * 1_000_003 + int(config["server-round"]) * 1_009 + index)
+    for _ in range(JOB["local_epochs"]):
+        for idx in torch.randperm(len(y), generator=generator).split(JOB["batch_size"]):
+            loss = loss_fn(shape, model(x[idx]), y[idx])
+            if mu:
+                loss = loss + mu / 2 * sum(((p - s) ** 2).sum() for p, s in zip(model.parameters(), start, strict=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(y)})})
+    return Message(content=content, reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    shards = len(JOB["shards"])
+    nodes = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": shards,
+             "min_available_nodes": shards}
+    strategy = FedProx(proximal_mu=JOB["fedprox_mu"], **nodes) if JOB["strategy"] == "fedprox" else FedAvg(**nodes)
+    initial = ArrayRecord(load_checkpoint(Path(JOB["init"]))[0])
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=JOB["rounds"], train_config=ConfigRecord())
+    save_checkpoint(Path(JOB["out"]), result.arrays.to_torch_state_dict(), {"strategy": JOB["strategy"]})
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    run_simulation(server_app=server, client_app=client, num_supernodes=len(JOB["shards"]),
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": JOB["cpus"], "include_dashboard": False}})
+    print(json.dumps({"seconds": time.perf_counter() - started}))
