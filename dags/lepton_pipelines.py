@@ -6,9 +6,10 @@ trigger form whose defaults are the spec's values. Every task is one call into `
 output lands under `{LEPTON_DATA_ROOT}/{dag_id}/{run_id}/{stage}/` and `report.json` sums it up.
 
 wait (deferred until the run's window of data has landed) → ingest → validate (Great Expectations) → drift
-(against the champion's data) → shard (Dask) → train (one model per shard on Dask workers, R rounds, from scratch
-or the champion) → merge (FedAvg) → compress (pruning, ONNX, int8) → register (MLflow; `champion` moves only
-on a better model) → publish_champion (the Asset `NAME.champion`, only when `champion` moved) → report.
+(against the champion's data) → shard (Dask) → train (one model per shard on Dask workers, R rounds of the run's
+merge strategy, from scratch or the champion) → merge → compress (pruning, ONNX, int8) → register (MLflow;
+`champion` moves only on a better model) → publish_champion (the Asset `NAME.champion`, only when `champion`
+moved) → report.
 Beside ingest, the setup task dask_cluster starts the run's Dask cluster, used by validate (when partitioned),
 shard and train; the teardown stop_dask_cluster stops it after train, whatever happened.
 The spec's `notify:` notifiers hear of failures, champion changes and drift.
@@ -111,7 +112,7 @@ def build(loaded: LoadedSpec) -> DAG:
 
         @task(**MANIFEST)
         def merge(shards: dict, trained: dict, **context) -> dict:
-            """FedAvg the last round's shard checkpoints; score merged and shard models on the held-out split."""
+            """The last round's global model (or a greedy soup); score it and the shard models on held-out rows."""
             return pipeline.merge(pipeline.from_airflow(context, loaded), shards, trained)
 
         @task(**MANIFEST)

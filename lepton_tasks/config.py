@@ -61,7 +61,7 @@ class RunParams(BaseModel):
     local_epochs: int = Field(5, ge=1, le=500, title="Local epochs", description="Epochs each shard trains per round.")
     merge_rounds: int = Field(
         8, ge=1, le=50, title="Merge rounds",
-        description="FedAvg rounds; each round restarts every shard from the merge.",
+        description="Merge rounds; each round restarts every shard from the merged model.",
     )
     shard_by: str | None = Field(
         None, min_length=1, title="Shard by column",

@@ -1,8 +1,10 @@
-"""Train: one PyTorch model per shard, each on a Dask worker, for R rounds of FedAvg.
+"""Train: one PyTorch model per shard, each on a Dask worker, for R rounds of the run's merge strategy.
 
-Round r starts every shard from the same weights (the seeded init, then the previous round's merge), trains
-`local_epochs` on the shard the worker reads itself, and writes a safetensors checkpoint whose metadata records
-what it was made from: the start weights, the params, and the checksums of the shard's data and of the encoder.
+Round r starts every shard from the same weights (the seeded init, then the previous round's merged model), trains
+`local_epochs` on the shard the worker reads itself (with FedProx's proximal term, SCAFFOLD's correction or DP-SGD
+where the params ask for them), and writes a safetensors checkpoint whose metadata records what it was made from:
+the start weights, the params, the control variates, and the checksums of the shard's data and of the encoder.
+After each round the strategy (`strategies.Server`) merges the round's checkpoints into the next global model.
 A retried task, or Dask recomputing a result lost with its worker, finds those checkpoints and trains only what
 is missing; a checkpoint made from other data is never reused.
 
