@@ -278,6 +278,7 @@ def _train_in_thread(shards: list[dict], stage: Path, params: RunParams, client)
 def test_scheduler_restarted_mid_training_then_gone_for_good(tmp_path, shards, supervised_cluster, monkeypatch,
                                                               caplog):
     supervisors, client = supervised_cluster
+    address = client.scheduler.address  # a client that gave up on a long outage forgets its scheduler
     caplog.set_level(logging.INFO, logger="lepton_tasks")
     # rounds long enough (~1 s on a laptop core) that the kill lands inside round 2, not after the last round
     params = PARAMS.model_copy(update={"local_epochs": 80, "merge_rounds": 3})
@@ -304,7 +305,7 @@ def test_scheduler_restarted_mid_training_then_gone_for_good(tmp_path, shards, s
 
     supervisors["dask-scheduler"] = subprocess.Popen(supervisors["dask-scheduler"].args, start_new_session=True,
                                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with Client(client.scheduler.address, timeout="60s") as retry_client:  # what Airflow's retry does
+    with Client(address, timeout="60s") as retry_client:  # what Airflow's retry does
         retry_client.wait_for_workers(1, timeout=120)
         resumed = train(shards, ENCODER, SHAPE, params, tmp_path / "outage", retry_client)
     assert all(c["resumed"] for c in resumed.rounds[0])
