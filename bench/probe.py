@@ -74,6 +74,8 @@ def _mnist_setup(files: list[str], epochs: int):
 
 def train_stage(out_dir: Path, epochs: int, files: list[str]) -> dict:
     """The train stage over `files` (one shard each) on a fresh 2-worker cluster."""
+    import pyarrow.parquet as pq
+
     from lepton_tasks.cluster import dask_client
     from lepton_tasks.config import Settings
     from lepton_tasks.storage import sha256_files
@@ -81,8 +83,8 @@ def train_stage(out_dir: Path, epochs: int, files: list[str]) -> dict:
 
     encoder, params = _mnist_setup(files, epochs)
     shape = model_shape(encoder, params.model_kind, params.hidden_size)
-    infos = [{"name": f"shard-{i:03d}", "files": [f], "rows": 0, "sha256": sha256_files([f])}
-             for i, f in enumerate(files)]
+    infos = [{"name": f"shard-{i:03d}", "files": [f], "rows": pq.ParquetFile(f).metadata.num_rows,
+              "sha256": sha256_files([f])} for i, f in enumerate(files)]
     with dask_client(Settings(out_dir, None, None, 2), len(files)) as client:
         started = time.perf_counter()
         manifest = train(infos, encoder.to_dict(), shape, params, out_dir, client)
