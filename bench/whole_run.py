@@ -19,6 +19,9 @@ from tests.integration.airflow_env import AirflowEnv, unscheduled_specs
 
 DEMO_ROWS = 5000
 DAG_ID = "lepton_mnist1d"
+# the 1M/10M runs: the same pipeline under its own name and registered model, so that the champion each run
+# re-scores on its held-out rows (register) is one of these runs', not the demo-size CNN of the orchestration runs
+SCALE_DAG_ID = "lepton_mnist1d_scale"
 RUN_TIMEOUT_S = 1800
 _runs = count()
 
@@ -69,20 +72,32 @@ class Deployment:
     def __init__(self, work: Path):
         self.env = AirflowEnv.sqlite(work)
         self.pipelines = unscheduled_specs(work / "pipelines")
+        _write_scale_spec(self.pipelines / f"{DAG_ID}.yaml")
 
-    def trigger(self, extra: dict, conf: dict | None = None) -> str:
+    def trigger(self, extra: dict, conf: dict | None = None, dag_id: str = DAG_ID) -> str:
         run_id = f"bench-{next(_runs)}"
-        self.env.airflow("dags", "trigger", DAG_ID, "--run-id", run_id, "-c", json.dumps(conf or {}), **extra)
-        self.env.airflow("dags", "unpause", DAG_ID, **extra)
-        state = self.env.finished_state(run_id, RUN_TIMEOUT_S)
+        self.env.airflow("dags", "trigger", dag_id, "--run-id", run_id, "-c", json.dumps(conf or {}), **extra)
+        self.env.airflow("dags", "unpause", dag_id, **extra)
+        state = self.env.finished_state(run_id, RUN_TIMEOUT_S, dag_id)
         assert state == "success", f"{run_id} ended {state}:\n{self.env.component_logs()}"
         return run_id
 
-    def run(self, extra: dict, conf: dict | None = None) -> dict:
-        run_id = self.trigger(extra, conf)
-        stage_s = _stage_seconds(self.env.data_root / DAG_ID / run_id)
+    def run(self, extra: dict, conf: dict | None = None, dag_id: str = DAG_ID) -> dict:
+        run_id = self.trigger(extra, conf, dag_id)
+        stage_s = _stage_seconds(self.env.data_root / dag_id / run_id)
         return {"run_id": run_id, **_airflow_times(self.env, run_id, stage_s), "stages_s": stage_s,
                 "stages_total_s": sum(stage_s.values())}
+
+
+def _write_scale_spec(demo_spec: Path) -> None:
+    """SCALE_DAG_ID's spec beside the demo's: the same pipeline, its own experiment and registered model."""
+    import yaml
+
+    spec = yaml.safe_load(demo_spec.read_text())
+    spec = {**spec, "name": SCALE_DAG_ID, "mlflow": {"experiment": SCALE_DAG_ID,
+                                                     "registered_model": SCALE_DAG_ID.replace("_", "-")}}
+    spec.pop("score", None)
+    (demo_spec.parent / f"{SCALE_DAG_ID}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 def _component_pids() -> list[int]:
@@ -135,7 +150,7 @@ def _memory(deployment: Deployment, extra: dict, memory: TreeMemory, sizes=SCALE
 
     def at(rows: int) -> tuple[float, dict]:
         memory.reset()
-        run = deployment.run(extra, {**SCALE_CONF, "source_uri": f"landing/rows-{rows}/"})
+        run = deployment.run(extra, {**SCALE_CONF, "source_uri": f"landing/rows-{rows}/"}, SCALE_DAG_ID)
         rates = {stage: rows / s for stage, s in run["stages_s"].items() if s}
         print(f"whole run {rows:,} rows: {run['wall_s']:.0f}s, peak {memory.peak / 2**30:.2f} GiB", flush=True)
         return memory.peak, {"rows": rows, "wall_s": run["wall_s"], "stages_s": run["stages_s"],
