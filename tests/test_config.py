@@ -20,6 +20,10 @@ def test_defaults_are_valid_and_digest_is_stable():
     ({"local_epochs": "many"}, "local_epochs"),
     ({"eval_fraction": 1.0}, "eval_fraction"),
     ({"no_such_param": 1}, "no_such_param"),
+    ({"merge_strategy": "krum"}, "merge_strategy"),
+    ({"trim_fraction": 0.5}, "trim_fraction"),
+    ({"server_momentum": 1.0}, "server_momentum"),
+    ({"dp_epsilon": 0}, "dp_epsilon"),
 ])
 def test_bad_params_are_named(raw, param):
     with pytest.raises(BadParam, match=f"param '{param}'"):
@@ -33,3 +37,18 @@ def test_airflow_param_specs_are_typed_bounded_and_described():
     assert specs["model_kind"]["enum"] == ["mlp", "cnn"]
     assert all(spec["description"] and spec["title"] for spec in specs.values())
     assert {name: spec["default"] for name, spec in specs.items()} == DEFAULTS.model_dump()
+
+
+def test_dp_sgd_with_a_local_correction_is_refused_naming_both_params():
+    for strategy in ("fedprox", "scaffold"):
+        with pytest.raises(BadParam, match=f"'dp_epsilon' with 'merge_strategy' '{strategy}'"):
+            parse_params({"dp_epsilon": 3.0, "merge_strategy": strategy}, DEFAULTS)
+    assert parse_params({"dp_epsilon": 3.0, "merge_strategy": "median"}, DEFAULTS).dp_epsilon == 3.0
+
+
+def test_optional_params_are_nullable_in_the_form_and_strategies_a_dropdown():
+    specs = airflow_param_specs(DEFAULTS)
+    assert specs["dp_epsilon"]["type"] == ["number", "null"] and specs["dp_epsilon"]["default"] is None
+    assert specs["server_learning_rate"]["type"] == ["number", "null"]
+    assert set(specs["merge_strategy"]["enum"]) == {"fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "median",
+                                                    "trimmed_mean", "greedy_soup"}
