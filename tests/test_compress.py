@@ -36,3 +36,22 @@ def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(t
     assert (tmp_path / "c" / "model.onnx").exists()
     table = tradeoff_table(manifest.to_dict())
     assert table["name"][0] == "pytorch_fp32" and len(table["verdict"]) == len(manifest.variants) + 1
+
+
+def test_scoring_a_large_split_runs_in_bounded_calls_with_the_same_outputs(tmp_path, monkeypatch):
+    import numpy as np
+    import onnxruntime as ort
+
+    from lepton_tasks import compress as stage
+
+    shape = ModelShape("mlp", 40, 10, 64)
+    path = stage.export_onnx(build_model(shape), 40, tmp_path / "fp32.onnx")
+    rows = np.random.default_rng(0).standard_normal((2 * stage.SCORING_ROWS + 5, 40), dtype=np.float32)
+    whole = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"features": rows})[0]
+    calls = []
+    original = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run",
+                        lambda self, out, feeds: calls.append(len(feeds["features"])) or original(self, out, feeds))
+    chunked = stage._onnx_session(path)(rows)
+    assert calls == [stage.SCORING_ROWS, stage.SCORING_ROWS, 5]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
