@@ -300,7 +300,7 @@ def flower_side_by_side(work: Path, seed: int = SEEDS[0]) -> tuple[dict, dict]:
                                    partial(_flower_side, work, run, conf, strategy, count(1)),
                                    label=f"Lepton vs Flower, {strategy}")
             lepton_accuracy = statistics.median(d["value"]["accuracy"] for d in measured.details)
-            warm = [d["value"]["train_merge_s"] for d in measured.details]
+            without_start = [d["value"]["train_merge_s"] for d in measured.details]
             flower_accuracy = statistics.median(d["baseline"]["accuracy"] for d in measured.details)
             name = "flower_side_by_side" + ("" if strategy == "fedavg" else f"_{strategy}")
             summaries[name] = record(
@@ -308,11 +308,10 @@ def flower_side_by_side(work: Path, seed: int = SEEDS[0]) -> tuple[dict, dict]:
                 "(Ray's start included), accuracy at least Flower's minus 0.5 points", "s", False,
                 lambda r, la=lepton_accuracy, fa=flower_accuracy: r <= 1.0 and la >= fa - 0.005,
                 lepton_accuracy=lepton_accuracy, flower_accuracy=flower_accuracy,
-                lepton_without_cluster_start_s=statistics.median(warm),
-                ratio_without_cluster_start=statistics.median(w / b for w, b in zip(warm, measured.baselines,
-                                                                                       strict=True)),
-                rows=ROWS, sites=SITES,
-                conf=conf, flower="flwr 1.42 simulation engine (Ray), one CPU per client")
+                lepton_without_cluster_start_s=statistics.median(without_start),
+                ratio_without_cluster_start=statistics.median(
+                    w / b for w, b in zip(without_start, measured.baselines, strict=True)),
+                rows=ROWS, sites=SITES, conf=conf, flower="flwr 1.42 simulation engine (Ray), one CPU per client")
             detail[strategy] = {"lepton": [d["value"] for d in measured.details],
                                 "flower": [d["baseline"] for d in measured.details]}
     return summaries, detail
