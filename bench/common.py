@@ -91,6 +91,7 @@ class TreeMemory:
 
     def __init__(self, roots: list[int], clusters: bool = True):
         self.roots, self.clusters, self.peak, self._done = roots, clusters, 0, threading.Event()
+        self.samples: list[tuple[float, int]] = []  # (epoch seconds, summed RSS) since the last reset
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> TreeMemory:
@@ -102,7 +103,11 @@ class TreeMemory:
         self._thread.join()
 
     def reset(self) -> None:
-        self.peak = 0
+        self.peak, self.samples = 0, []
+
+    def peak_between(self, start: float, end: float) -> int:
+        """The highest sample from `start` to `end` (epoch seconds); 0 where none fell in that window."""
+        return max((rss for at, rss in self.samples if start <= at <= end), default=0)
 
     def _sample(self) -> None:
         import psutil
@@ -115,7 +120,9 @@ class TreeMemory:
                 for root in [psutil.Process(pid) for pid in self.roots] + clusters:
                     for process in [root, *root.children(recursive=True)]:
                         tree[process.pid] = process
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree.values() if p.is_running()))
+                total = sum(p.memory_info().rss for p in tree.values() if p.is_running())
+                self.samples.append((time.time(), total))
+                self.peak = max(self.peak, total)
             except psutil.Error:
                 pass
             time.sleep(0.05)

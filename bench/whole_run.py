@@ -55,7 +55,8 @@ def _airflow_times(env: AirflowEnv, run_id: str, stage_s: dict) -> dict:
         rows = db.execute("SELECT task_id, queued_dttm, start_date, end_date FROM task_instance WHERE run_id = ? "
                           "ORDER BY start_date", (run_id,)).fetchall()
     tasks = {task: {"queued_s": _seconds(queued, t_start), "run_s": _seconds(t_start, t_end),
-                    "outside_stage_s": (_seconds(t_start, t_end) or 0) - stage_s.get(task, 0.0)}
+                    "outside_stage_s": (_seconds(t_start, t_end) or 0) - stage_s.get(task, 0.0),
+                    "start": t_start, "end": t_end}
              for task, queued, t_start, t_end in rows}
     return {"wall_s": _seconds(start, end), "tasks": tasks}
 
@@ -87,6 +88,19 @@ class Deployment:
         stage_s = _stage_seconds(self.env.data_root / dag_id / run_id)
         return {"run_id": run_id, **_airflow_times(self.env, run_id, stage_s), "stages_s": stage_s,
                 "stages_total_s": sum(stage_s.values())}
+
+
+def _peak_by_task(memory: TreeMemory, tasks: dict) -> dict[str, int]:
+    """The whole tree's peak RSS while each task ran (tasks that overlap, such as the cluster's setup beside ingest
+    or its teardown beside merge, share their windows): where a run's peak comes from."""
+    from datetime import UTC, datetime
+
+    def epoch(text: str) -> float:  # Airflow keeps UTC; SQLite hands it back without a zone
+        moment = datetime.fromisoformat(text)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+    return {task: memory.peak_between(epoch(times["start"]), epoch(times["end"]))
+            for task, times in tasks.items() if times["start"] and times["end"]}
 
 
 def _write_scale_spec(demo_spec: Path) -> None:
@@ -152,9 +166,11 @@ def _memory(deployment: Deployment, extra: dict, memory: TreeMemory, sizes=SCALE
         memory.reset()
         run = deployment.run(extra, {**SCALE_CONF, "source_uri": f"landing/rows-{rows}/"}, SCALE_DAG_ID)
         rates = {stage: rows / s for stage, s in run["stages_s"].items() if s}
-        print(f"whole run {rows:,} rows: {run['wall_s']:.0f}s, peak {memory.peak / 2**30:.2f} GiB", flush=True)
+        by_task = _peak_by_task(memory, run["tasks"])
+        print(f"whole run {rows:,} rows: {run['wall_s']:.0f}s, peak {memory.peak / 2**30:.2f} GiB, by task (GiB): "
+              + ", ".join(f"{task} {rss / 2**30:.2f}" for task, rss in by_task.items()), flush=True)
         return memory.peak, {"rows": rows, "wall_s": run["wall_s"], "stages_s": run["stages_s"],
-                             "rows_per_s": rates, "peak_rss": memory.peak}
+                             "rows_per_s": rates, "peak_rss": memory.peak, "peak_rss_by_task": by_task}
 
     measured = interleaved(lambda: at(large), lambda: at(small), label="whole run 10M vs 1M peak RSS")
     summary = record(measured, f"peak RSS of the whole process tree at {large:,} rows <= 1.5x that at {small:,}",
