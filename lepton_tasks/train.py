@@ -61,13 +61,13 @@ def load_xy(files: list[str], encoder: Encoder | dict,
 
     if isinstance(encoder, dict):
         encoder = Encoder.from_dict(encoder)
+    if not files:
+        raise TrainingError("no Parquet files to load")
     columns = [*encoder.source_columns, encoder.target]
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     total = total if max_rows is None else min(total, max_rows)
     if total == 0:  # nothing to stream: the (empty) frame still gives the encodings their dtypes
-        frame = pq.read_table(files[0], columns=columns).to_pandas() if files else None
-        if frame is None:
-            raise TrainingError("no Parquet files to load")
+        frame = pq.read_table(files[0], columns=columns).to_pandas()
         return (torch.from_numpy(encoder.encode_features(frame)),
                 torch.from_numpy(encoder.encode_target(frame[encoder.target])))
     features, targets, at = np.empty((total, encoder.width), dtype=np.float32), [], 0
