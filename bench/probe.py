@@ -6,7 +6,7 @@
 - `train-stage OUT_DIR EPOCHS SHARD_FILE...`: the train stage on a fresh 2-worker cluster (started beforehand:
   the run's cluster is up before train, its start is counted in shard);
 - `train-script OUT_DIR EPOCHS SHARD_FILE...`: a plain PyTorch script doing the same work, from `import torch`;
-- `plain-run DATA_ROOT ROWS CONF_JSON`: the whole pipeline as a plain script.
+- `plain-run DATA_ROOT SPEC_NAME CONF_JSON`: the whole pipeline as a plain script.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,8 @@ def shard_baseline(parts_dir: Path, out_dir: Path, shards: int) -> dict:
     """The hand-written version: pyarrow reads everything, numpy deals a seeded stratified split, pyarrow writes."""
     import pyarrow.parquet as pq
 
+    from lepton_tasks.storage import parquet_dictionary_columns
+
     started = time.perf_counter()
     table = pq.read_table(sorted(str(p) for p in parts_dir.glob("*.parquet")))
     labels = table.column("label").to_numpy()
@@ -52,9 +55,10 @@ def shard_baseline(parts_dir: Path, out_dir: Path, shards: int) -> dict:
     sorted_labels = labels[order]
     rank = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
     out_dir.mkdir(parents=True, exist_ok=True)
+    write = partial(pq.write_table, use_dictionary=parquet_dictionary_columns(table.schema))  # as the stage writes
     for index in range(shards):
-        pq.write_table(table.take(np.sort(order[rank % shards == index])), out_dir / f"shard-{index:03d}.parquet")
-    pq.write_table(table.take(np.flatnonzero(held_out)), out_dir / "eval.parquet")
+        write(table.take(np.sort(order[rank % shards == index])), out_dir / f"shard-{index:03d}.parquet")
+    write(table.take(np.flatnonzero(held_out)), out_dir / "eval.parquet")
     return {"seconds": time.perf_counter() - started, "rows": len(labels)}
 
 
@@ -124,27 +128,22 @@ def train_script(out_dir: Path, epochs: int, files: list[str]) -> dict:
     return {"seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
 
 
-def plain_run(data_root: Path, rows: int, conf: dict) -> dict:
+def plain_run(data_root: Path, spec_name: str, conf: dict) -> dict:
     """The whole pipeline as a plain script: the same `lepton_tasks.pipeline` functions the DAG's tasks call, one
-    after the other in one process, one Dask cluster for the run; seconds per stage. LEPTON_DATA_ROOT and
-    MLFLOW_TRACKING_URI come from the environment."""
-    from bench.common import mnist_frame
+    after the other in one process, one Dask cluster for the run; seconds per stage. LEPTON_DATA_ROOT,
+    LEPTON_PIPELINES_DIR and MLFLOW_TRACKING_URI come from the environment; `conf` names the source."""
     from lepton_tasks import pipeline
     from lepton_tasks.specs import find_spec
 
-    landing = data_root / "landing" / "mnist1d" / "mnist1d.parquet"
-    if not landing.exists():
-        landing.parent.mkdir(parents=True, exist_ok=True)
-        mnist_frame(rows).to_parquet(landing, index=False)
-    ctx = pipeline.context(find_spec("lepton_mnist1d"), f"plain_{rows}_{time.time_ns()}", conf)
+    ctx = pipeline.context(find_spec(spec_name), f"plain_{time.time_ns()}", conf)
     _, seconds = pipeline.run_in_process(ctx)
-    return {"stages": seconds, "total": sum(seconds.values()), "rows": rows}
+    return {"stages": seconds, "total": sum(seconds.values())}
 
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "plain-run":
-        result = plain_run(Path(args[0]), int(args[1]), json.loads(args[2]))
+        result = plain_run(Path(args[0]), args[1], json.loads(args[2]))
     elif command in ("train-stage", "train-script"):
         run = train_stage if command == "train-stage" else train_script
         result = run(Path(args[0]), int(args[1]), args[2:])

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from lepton_tasks import window
 from lepton_tasks.errors import BadSource
-from lepton_tasks.storage import atomic_dir, sha256_files
+from lepton_tasks.storage import atomic_dir, parquet_dictionary_columns, sha256_files
 from lepton_tasks.window import DaySource
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ def _copy_file(fs, path: str, target: Path, schema: pa.Schema | None) -> tuple[i
                 raise BadSource(f"source file '{path}' has schema {_schema_text(batch.schema)}, "
                                 f"unlike the first file's {_schema_text(schema)}")
             schema = batch.schema
-            writer = writer or pq.ParquetWriter(target, batch.schema)
+            writer = writer or pq.ParquetWriter(target, batch.schema,
+                                                use_dictionary=parquet_dictionary_columns(batch.schema))
             writer.write_batch(batch)
             rows += batch.num_rows
     finally:

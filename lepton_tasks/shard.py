@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from lepton_tasks.errors import ShardError
 from lepton_tasks.features import fit, label_key, merge_stats, partition_stats
 from lepton_tasks.specs import PipelineSpec
-from lepton_tasks.storage import atomic_dir, sha256_files
+from lepton_tasks.storage import atomic_dir, parquet_dictionary_columns, sha256_files
 
 EVAL_NAME = "eval"
 NULL_KEY = "__null__"  # the shard_by key of rows where that column is missing
@@ -137,11 +137,12 @@ def _write_partition(frame, index: int, start: int, offsets: dict, out_dir: str,
             shard_of[members] = (offsets.get(key, 0) + np.arange(len(members))) % num_shards
     written = []
     table = pa.Table.from_pandas(frame, preserve_index=False)  # converted once, sliced per shard
+    dictionary_columns = parquet_dictionary_columns(table.schema)
     for name, mask in [(EVAL_NAME, held_out)] + [(f"shard-{i:03d}", shard_of == i) for i in range(num_shards)]:
         if mask.any():
             path = Path(out_dir) / name / f"part-{index:05d}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table.filter(mask), path)
+            pq.write_table(table.filter(mask), path, use_dictionary=dictionary_columns)
             counts = np.bincount(codes[mask], minlength=len(keys))
             hist = {} if spec.target.task == "regression" else {
                 str(key): int(n) for key, n in zip(keys, counts, strict=True) if n}
