@@ -10,8 +10,9 @@ wait (deferred until the run's window of data has landed) → ingest → validat
 merge strategy, from scratch or the champion) → merge → compress (pruning, ONNX, int8) → register (MLflow;
 `champion` moves only on a better model) → publish_champion (the Asset `NAME.champion`, only when `champion`
 moved) → report.
-Beside ingest, the setup task dask_cluster starts the run's Dask cluster, used by validate (when partitioned),
-shard and train; the teardown stop_dask_cluster stops it after train, whatever happened.
+Beside ingest and validate, the setup task dask_cluster starts the run's Dask cluster, used by shard, train and
+validate (which waits for it only when it partitions); the teardown stop_dask_cluster stops it after train,
+whatever happened.
 The spec's `notify:` notifiers hear of failures, champion changes and drift.
 
 A spec that does not validate becomes an import error naming its file and fields; the others still load.
@@ -84,10 +85,12 @@ def build(loaded: LoadedSpec) -> DAG:
             pipeline.stop_cluster(run_cluster)
 
         @task(outlets=[validated_data], **MANIFEST)
-        def validate(ingested: dict, run_cluster: dict, **context) -> dict:
+        def validate(ingested: dict, **context) -> dict:
             """Run the pipeline's Great Expectations suite; result JSON and HTML data docs in the run folder (extra
-            link *Data docs*). A failed expectation stops the run, naming it and its column."""
-            validated = pipeline.validate(pipeline.from_airflow(context, loaded), ingested, run_cluster)
+            link *Data docs*). A failed expectation stops the run, naming it and its column. A stage too large for
+            memory is validated on the run's cluster, waited for only then."""
+            ctx = pipeline.from_airflow(context, loaded)
+            validated = pipeline.validate(ctx, ingested, lambda: pipeline.await_cluster(ctx))
             context["outlet_events"][validated_data].extra = pipeline.validated_event(validated)
             return validated
 
@@ -140,7 +143,7 @@ def build(loaded: LoadedSpec) -> DAG:
         ingested = ingest()
         run_cluster = dask_cluster()
         wait >> [ingested, run_cluster]
-        validated = validate(ingested, run_cluster)
+        validated = validate(ingested)  # beside the cluster's start, which it waits for only to partition
         drifted = drift(validated)
         shards = shard(validated, drifted, run_cluster)  # the validated rows (their clean part after a quarantine)
         trained = train(shards, run_cluster)

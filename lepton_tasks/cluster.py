@@ -45,6 +45,7 @@ START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 30
 CONNECT_TIMEOUT_S = 10  # the run's cluster is on this machine: it answers at once or it is gone
 RUN_CLUSTER_IDLE_S = 1800  # a run's cluster with no client and no task this long stops itself (a lost teardown)
+RUN_CLUSTER_WAIT_S = 120  # how long a task beside the setup task waits for the run's cluster to answer
 T = TypeVar("T")
 
 # Worker settings for training speed, measured with bench/stages.py's train benchmark on this CPU:
@@ -220,6 +221,41 @@ def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | No
     write_json(scheduler_file, info)
     _log_cluster(info, "for the run")
     return info
+
+
+def await_run_cluster(settings: Settings, folder: Path, timeout_s: float = RUN_CLUSTER_WAIT_S) -> dict | None:
+    """The run's cluster as `start_run_cluster` (the setup task, beside ingest) leaves it in `folder`, waiting up to
+    `timeout_s` for it to answer: for a task that needs the cluster only sometimes, so it is not wired after the
+    setup task and does not wait for the start when it does not need it. None when no cluster came (the task
+    then starts one of its own, as for a cluster that is gone)."""
+    import json
+
+    address = external_scheduler_address(settings)
+    if address:
+        return {"address": address, "kind": "external", "n_workers": None, "pid": None, "host": None}
+    scheduler_file, deadline = folder / "scheduler.json", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            info = read_json(scheduler_file)
+            if "pid" in info and _alive(info):  # start_run_cluster's, once it answered (Dask's own file has no
+                return info                     # pid); a dead one is an earlier try's, which the setup replaces
+        except (OSError, json.JSONDecodeError):  # not there yet, or Dask still writing it
+            pass
+        time.sleep(0.5)
+    log.warning("the run's Dask cluster did not come up in %.0f s (see the dask_cluster task)", timeout_s)
+    return None
+
+
+def _alive(run_cluster: dict) -> bool:
+    """Whether the cluster process is still the one recorded (always so for one on another host: not checkable)."""
+    import psutil
+
+    if run_cluster.get("host") != socket.gethostname():
+        return True
+    try:
+        return psutil.Process(run_cluster["pid"]).create_time() == run_cluster.get("pid_started")
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stop_run_cluster(run_cluster: dict) -> None:

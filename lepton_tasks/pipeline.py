@@ -212,6 +212,14 @@ def start_cluster(ctx: RunContext) -> dict:
     return start_run_cluster(ctx.settings, ctx.paths.root / "cluster", ctx.params.num_shards)
 
 
+def await_cluster(ctx: RunContext) -> dict | None:
+    """The run's cluster once its setup task has it up (validate, which runs beside that task, needs it only when
+    it partitions); None when it never came."""
+    from lepton_tasks.cluster import await_run_cluster
+
+    return await_run_cluster(ctx.settings, ctx.paths.root / "cluster")
+
+
 def stop_cluster(run_cluster: dict) -> None:
     """Stop the run's Dask cluster (the DAG's teardown task, which runs whether the run failed or not)."""
     from lepton_tasks.cluster import stop_run_cluster
@@ -219,9 +227,10 @@ def stop_cluster(run_cluster: dict) -> None:
     stop_run_cluster(run_cluster)
 
 
-def validate(ctx: RunContext, ingested: dict, run_cluster: dict | Callable[[], dict] | None = None) -> dict:
+def validate(ctx: RunContext, ingested: dict,
+             run_cluster: dict | Callable[[], dict | None] | None = None) -> dict:
     """Validate in memory up to LEPTON_VALIDATE_MEMORY_BYTES, else partition by partition on the run's cluster
-    (`run_cluster`, or a callable that starts it when needed)."""
+    (`run_cluster`, or a callable that starts or awaits it when needed)."""
     from lepton_tasks import validate as stage
     from lepton_tasks.cluster import dask_client, recovering
     from lepton_tasks.storage import decoded_bytes
@@ -383,12 +392,14 @@ def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
     return _run_stage(ctx, "register", body, lambda m: {"mlflow": m})
 
 
-def run_in_process(ctx: RunContext, last: str = "register") -> tuple[dict[str, dict], dict[str, float]]:
+def run_in_process(ctx: RunContext, last: str = "register", done: dict[str, dict] | None = None
+                   ) -> tuple[dict[str, dict], dict[str, float]]:
     """Every stage up to `last`, one after another in this process, wired as the DAG wires them (one Dask cluster
     for the run, started before shard, or by validate when it partitions): the manifests and each stage's wall
-    seconds (`cluster`: its start before shard, which the DAG's setup task pays). For plain scripts, benchmarks
-    and tests (the DAG runs each in a task)."""
-    manifests, seconds, cluster = {}, {}, {}
+    seconds (`cluster`: its start before shard or train, which the DAG's setup task pays). `done`: manifests of
+    the first stages, from a run over the same data and stage params (benchmarks comparing merge strategies): the
+    run goes on after them. For plain scripts, benchmarks and tests (the DAG runs each in a task)."""
+    manifests, seconds, cluster = dict(done or {}), {}, {}
 
     def timed(name: str, step: Callable[[], dict]) -> dict:
         started = time.perf_counter()
@@ -413,8 +424,8 @@ def run_in_process(ctx: RunContext, last: str = "register") -> tuple[dict[str, d
         "register": lambda: register(ctx, manifests),
     }
     try:
-        for stage in STAGES[:STAGES.index(last) + 1]:
-            if stage == "shard" and not cluster:
+        for stage in [s for s in STAGES[:STAGES.index(last) + 1] if s not in manifests]:
+            if stage in ("shard", "train") and not cluster:
                 timed("cluster", run_cluster)  # apart from the stage, as the DAG's setup task
             manifests[stage] = timed(stage, steps[stage])
     finally:

@@ -59,10 +59,15 @@ def _logged(caplog, capsys) -> str:
 
 
 def test_the_run_cluster_is_shared_kept_by_a_retry_stopped_by_teardown(tmp_path, caplog, capsys):
-    from lepton_tasks.cluster import start_run_cluster, stop_run_cluster
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lepton_tasks.cluster import await_run_cluster, start_run_cluster, stop_run_cluster
 
     settings = Settings(tmp_path, None, None, None)
-    run_cluster = start_run_cluster(settings, tmp_path / "cluster", 2)
+    with ThreadPoolExecutor(1) as beside:  # a task beside the setup task (validate) waits for the cluster to answer
+        awaited = beside.submit(await_run_cluster, settings, tmp_path / "cluster", 120)
+        run_cluster = start_run_cluster(settings, tmp_path / "cluster", 2)
+        assert awaited.result() == run_cluster
     try:
         assert run_cluster["n_workers"] == min(2, os.cpu_count()) and _answers(run_cluster["address"])
         for _ in range(2):  # two tasks, one cluster: no start-up of their own
@@ -77,6 +82,8 @@ def test_the_run_cluster_is_shared_kept_by_a_retry_stopped_by_teardown(tmp_path,
         stop_run_cluster(run_cluster)
     assert not _answers(run_cluster["address"])
     stop_run_cluster(run_cluster)  # a teardown that runs twice is harmless
+    assert await_run_cluster(settings, tmp_path / "cluster", 1) is None  # a stopped one is not awaited
+    assert await_run_cluster(settings, tmp_path / "none", 1) is None  # nor one never started
 
 
 def test_a_task_whose_run_cluster_was_killed_starts_its_own(tmp_path, caplog, capsys):

@@ -76,8 +76,9 @@ def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_noth
     env = AirflowEnv.sqlite(tmp_path)
     write_demo(env.data_root, 1500)
     env.migrate()
-    # a cluster that is gone for good fails train after 10 s (not 180); retried 3 s later
-    with env.serving(LEPTON_DASK_RECOVERY_S="10") as extra:
+    # a cluster that is gone for good fails train after 10 s (not 180); retried 3 s later. Validation partitions
+    # (a tiny memory budget): it waits for the run's cluster, which starts beside it
+    with env.serving(LEPTON_DASK_RECOVERY_S="10", LEPTON_VALIDATE_MEMORY_BYTES="1000") as extra:
         env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", RUN_ID, "--logical-date", LOGICAL_DATE,
                     "-c", json.dumps(SMALL_CONF), **extra)
         env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
@@ -98,6 +99,8 @@ def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_noth
     assert _merged_and_registry(env) == first  # same model, still one MLflow run and one version
     report = read_report(env.data_root / "lepton_mnist1d" / RUN_ID)
     assert report["stages"]["train"]["resumed"] > 0  # the rerun reused the finished checkpoints
+    validate_logs = "\n".join(p.read_text() for p in (env.home / "logs").rglob("*.log") if "task_id=validate" in str(p))
+    assert "partition by partition" in validate_logs and "(the run's cluster)" in validate_logs
     task_logs = "\n".join(p.read_text() for p in (env.home / "logs").rglob("*.log") if "task_id=train" in str(p))
     assert "LocalCluster" in task_logs and "epoch" in task_logs  # the cluster choice and per-epoch progress
     assert "does not answer" in task_logs and "for this task" in task_logs  # the retry after the cluster kill
