@@ -4,12 +4,14 @@ test data."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +130,25 @@ class TreeMemory:
             time.sleep(0.05)
 
 
+@contextmanager
+def shared_cluster() -> Iterator[str]:
+    """One 2-worker Dask cluster (Lepton's worker settings) as the external scheduler (LEPTON_DASK_ADDRESS) of every
+    stage run in the block, as `make up` gives the DAGs: runs compared on their results pay no cluster start."""
+    import dask
+    from distributed import LocalCluster
+
+    from lepton_tasks.cluster import WORKER_DASK_CONFIG
+    from tests.conftest import _dotted
+
+    with dask.config.set(_dotted(WORKER_DASK_CONFIG)), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        os.environ["LEPTON_DASK_ADDRESS"] = cluster.scheduler_address
+        try:
+            yield cluster.scheduler_address
+        finally:
+            del os.environ["LEPTON_DASK_ADDRESS"]
+
+
 def write_classification_parts(out_dir: Path, rows: int, parts: int, features: int = 8, seed: int = 0) -> list[str]:
     """`rows` rows of `features` float32 columns and a 10-class label, as `parts` Parquet files."""
     import pyarrow as pa
@@ -158,23 +179,36 @@ def mnist_frame(rows: int, seed: int = 42):
     near-copies of each other: fine for speed and memory, never for quality (see bench.quality.fresh_samples)."""
     from lepton_tasks.demo_data import mnist1d_frame
 
-    demo = mnist1d_frame(min(rows, 5000), seed)
-    frame = demo.iloc[np.arange(rows) % len(demo)].reset_index(drop=True)
-    features = [c for c in frame.columns if c != "label"]
-    noise = np.random.default_rng(seed).normal(0, 0.01, (rows, len(features))).astype(np.float32)
-    frame[features] += noise * (np.arange(rows) >= len(demo))[:, None]  # the first 5000 rows stay as generated
-    return frame
+    return _tiled(mnist1d_frame(min(rows, 5000), seed), rows, seed, keep=5000)
+
+
+def _tiled(demo, rows: int, seed: int, keep: int):
+    """`demo` repeated up to `rows` rows, every row after the first `keep` moved by N(0, 0.01) noise (in numpy: a
+    10 M-row set is 20 of these)."""
+    import pandas as pd
+
+    features = [c for c in demo.columns if c != "label"]
+    index = np.arange(rows) % len(demo)
+    noise = np.random.default_rng(seed).standard_normal((rows, len(features)), dtype=np.float32) * np.float32(0.01)
+    noise[:keep] = 0
+    frame = pd.DataFrame(demo[features].to_numpy(np.float32)[index] + noise, columns=features)
+    frame["label"] = demo["label"].to_numpy()[index]
+    return frame[list(demo.columns)]
 
 
 def write_mnist_parts(folder: Path, rows: int, rows_per_part: int = 500_000) -> list[str]:
     """`rows` MNIST-1D rows as Parquet parts of at most `rows_per_part` rows (at least two), made part by part so
-    that 10 M rows never sit in memory at once."""
+    that 10 M rows never sit in memory at once: one generated set of 5000 rows, tiled with fresh noise per part
+    (generating MNIST-1D takes seconds a set; the data is for speed and memory, as `mnist_frame` says)."""
+    from lepton_tasks.demo_data import mnist1d_frame
+
     folder.mkdir(parents=True, exist_ok=True)
+    demo = mnist1d_frame(5000, 42)
     sizes = np.diff(np.linspace(0, rows, max(2, -(-rows // rows_per_part)) + 1).astype(int))
     paths = []
     for index, size in enumerate(sizes):
         paths.append(str(folder / f"part-{index:05d}.parquet"))
-        mnist_frame(int(size), seed=42 + index).to_parquet(paths[-1], index=False)
+        _tiled(demo, int(size), seed=42 + index, keep=5000 if index == 0 else 0).to_parquet(paths[-1], index=False)
     return paths
 
 

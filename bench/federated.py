@@ -1,7 +1,8 @@
 """Merging where it is hard: shards that differ, a shard that misbehaves, privacy (issue 13).
 
 Every figure comes from the pipeline's own stages (ingest, validate, drift, shard with `shard_by`, train, merge;
-`pipeline.run_in_process`) on MNIST-1D rows whose `site` column splits them label-skewed: per label, Dirichlet
+`pipeline.run_in_process`; the stages before train run once per seed and data set, every strategy trains and
+merges on the same shards) on MNIST-1D rows whose `site` column splits them label-skewed: per label, Dirichlet
 (alpha 0.3) shares over 8 sites, the usual non-IID benchmark split (NIID-Bench). Scored on freshly generated
 samples, never on training rows. Central training of the same training rows is the reference.
 
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import yaml
 
-from bench.common import interleaved, record
+from bench.common import interleaved, record, shared_cluster
 from bench.quality import FRESH_ROWS, _train, fresh_samples
 from lepton_tasks.config import EXPECTATIONS_DIR, PIPELINES_DIR, REPO_ROOT
 from lepton_tasks.models import evaluate, init_weights, load_checkpoint, load_model
@@ -105,21 +106,43 @@ def write_sites_spec(folder: Path) -> tuple[Path, Path]:
     return pipelines, expectations
 
 
-def stage_run(work: Path, loaded, frame, conf: dict, name: str, export: Path | None = None) -> dict:
-    """The pipeline's stages up to merge on `frame`: the merged model's accuracy on fresh samples, the train and
-    merge stages' seconds, each shard's rows, and the epsilon each shard spent. `export`: also write what Flower
-    needs to train the same thing there (`_export`)."""
-    from lepton_tasks import pipeline
-
+def _use_data_root(work: Path, name: str, frame=None) -> Path:
+    """`work/name` as the data root (and its MLflow store) of the stage runs that follow; `frame` landed there."""
     data_root = work / name
-    landing = data_root / "landing" / "sites"
-    landing.mkdir(parents=True)
-    frame.to_parquet(landing / "sites.parquet", index=False)
+    if frame is not None:
+        landing = data_root / "landing" / "sites"
+        landing.mkdir(parents=True)
+        frame.to_parquet(landing / "sites.parquet", index=False)
     os.environ["LEPTON_DATA_ROOT"] = str(data_root)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{data_root}/mlflow.db"
+    return data_root
+
+
+@contextmanager
+def prepared(work: Path, loaded, frame, conf: dict, name: str) -> Iterator[dict]:
+    """The stages before train (ingest, validate, drift, shard) run once on `frame`: their manifests, for the runs
+    of every strategy over the same shards (`stage_run(done=...)`); removed afterwards."""
+    from lepton_tasks import pipeline
+
+    data_root = _use_data_root(work, name, frame)
+    try:
+        manifests, _ = pipeline.run_in_process(pipeline.context(loaded, name, conf), last="shard")
+        yield manifests
+    finally:
+        shutil.rmtree(data_root, ignore_errors=True)
+
+
+def stage_run(work: Path, loaded, frame, conf: dict, name: str, export: Path | None = None,
+              done: dict | None = None) -> dict:
+    """The pipeline's stages up to merge on `frame` (or train and merge on the shards of `done`, from `prepared`):
+    the merged model's accuracy on fresh samples, the train and merge stages' seconds, each shard's rows, and the
+    epsilon each shard spent. `export`: also write what Flower needs to train the same thing there (`_export`)."""
+    from lepton_tasks import pipeline
+
+    data_root = _use_data_root(work, name, None if done else frame)
     ctx = pipeline.context(loaded, name, conf)
     started = time.perf_counter()
-    manifests, seconds = pipeline.run_in_process(ctx, last="merge")
+    manifests, seconds = pipeline.run_in_process(ctx, last="merge", done=done)
     wall = time.perf_counter() - started
     shards, merged = manifests["shard"], manifests["merge"]
     shape = pipeline._shape(ctx, shards)
@@ -178,22 +201,12 @@ def central(loaded, frame, conf: dict, seed: int) -> float:
 @contextmanager
 def sites_pipeline(work: Path):
     """The sites spec loaded, and one 2-worker Dask cluster (Lepton's worker settings) every stage run uses."""
-    import dask
-    from distributed import LocalCluster
-
-    from lepton_tasks.cluster import WORKER_DASK_CONFIG
     from lepton_tasks.specs import find_spec
-    from tests.conftest import _dotted
 
     pipelines, expectations = write_sites_spec(work / "spec")
     os.environ.update(LEPTON_PIPELINES_DIR=str(pipelines), LEPTON_EXPECTATIONS_DIR=str(expectations))
-    with dask.config.set(_dotted(WORKER_DASK_CONFIG)), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        os.environ["LEPTON_DASK_ADDRESS"] = cluster.scheduler_address
-        try:
-            yield find_spec(SPEC_NAME)
-        finally:
-            del os.environ["LEPTON_DASK_ADDRESS"]
+    with shared_cluster():
+        yield find_spec(SPEC_NAME)
 
 
 def federated_bench(work: Path, seeds=SEEDS) -> dict:
@@ -209,17 +222,19 @@ def _scenarios(work: Path, loaded, seeds) -> dict:
     for seed in seeds:
         clean, poisoned = sites_frame(ROWS, seed), sites_frame(ROWS, seed, poisoned=True)
         runs["non_iid"]["central"].append({"accuracy": central(loaded, clean, BASE_CONF, seed), "seed": seed})
-        for scenario, variants in SCENARIOS.items():
-            for name, conf in variants.items():
-                if scenario == "privacy" and name == "off":
-                    runs[scenario][name].append(runs["non_iid"]["fedavg"][-1])  # the same run
-                    continue
-                frame = poisoned if scenario == "poisoned" else clean
-                result = stage_run(work, loaded, frame, {**BASE_CONF, **conf, "seed": seed},
-                                   f"{scenario}-{name.replace(' ', '-')}-{seed}")
-                runs[scenario][name].append({**result, "seed": seed})
-                print(f"{scenario} {name} seed {seed}: accuracy {result['accuracy']:.3f}, train+merge "
-                      f"{result['train_merge_s']:.1f}s", flush=True)
+        base = {**BASE_CONF, "seed": seed}  # what every strategy's run shares up to its shards
+        with prepared(work, loaded, clean, base, f"clean-{seed}") as clean_shards, \
+                prepared(work, loaded, poisoned, base, f"poisoned-{seed}") as poisoned_shards:
+            for scenario, variants in SCENARIOS.items():
+                for name, conf in variants.items():
+                    if scenario == "privacy" and name == "off":
+                        runs[scenario][name].append(runs["non_iid"]["fedavg"][-1])  # the same run
+                        continue
+                    result = stage_run(work, loaded, None, {**base, **conf}, f"{scenario}-{name.replace(' ', '-')}-"
+                                       f"{seed}", done=poisoned_shards if scenario == "poisoned" else clean_shards)
+                    runs[scenario][name].append({**result, "seed": seed})
+                    print(f"{scenario} {name} seed {seed}: accuracy {result['accuracy']:.3f}, train+merge "
+                          f"{result['train_merge_s']:.1f}s", flush=True)
     medians = {scenario: {name: statistics.median(r["accuracy"] for r in results)
                           for name, results in variants.items()} for scenario, variants in runs.items()}
     return {"rows": ROWS, "sites": SITES, "dirichlet_alpha": ALPHA, "seeds": list(seeds), "fresh_rows": FRESH_ROWS,
@@ -272,12 +287,12 @@ def _flower(work: Path, run: Path, conf: dict, strategy: str, repeat: int) -> tu
     return seconds, {"accuracy": accuracy, "process_wall_s": time.perf_counter() - started}
 
 
-def _lepton_side(work: Path, loaded, frame, conf: dict, strategy: str) -> tuple[float, dict]:
-    """Lepton's train and merge stages on a Dask cluster started for the run, its start counted: Flower's wall
-    counts Ray's start, so neither side gets warm workers the other lacks."""
+def _lepton_side(work: Path, loaded, shards: dict, conf: dict, strategy: str) -> tuple[float, dict]:
+    """Lepton's train and merge stages on the `prepared` shards and a Dask cluster started for the run, its start
+    counted: Flower's wall counts Ray's start, so neither side gets warm workers the other lacks."""
     shared = os.environ.pop("LEPTON_DASK_ADDRESS")
     try:
-        result = stage_run(work, loaded, frame, conf, f"side-{strategy}-{time.monotonic_ns()}")
+        result = stage_run(work, loaded, None, conf, f"side-{strategy}-{time.monotonic_ns()}", done=shards)
     finally:
         os.environ["LEPTON_DASK_ADDRESS"] = shared
     return result["cluster_s"] + result["train_merge_s"], result
@@ -291,12 +306,13 @@ def flower_side_by_side(work: Path, seed: int = SEEDS[0]) -> tuple[dict, dict]:
     """FedAvg and FedProx, Lepton's stages vs Flower on the same non-IID shards: {name: summary}, detail."""
     frame = sites_frame(ROWS, seed)
     summaries, detail = {}, {}
-    with sites_pipeline(work) as loaded:
+    with sites_pipeline(work) as loaded, \
+            prepared(work, loaded, frame, {**BASE_CONF, "seed": seed}, "flower-shards") as shards:
         for strategy, extra in FLOWER_STRATEGIES.items():
             conf = {**BASE_CONF, **extra, "seed": seed}
             run = work / f"export-{strategy}"
-            stage_run(work, loaded, frame, conf, f"flower-export-{strategy}", export=run)  # what Flower trains on
-            measured = interleaved(partial(_lepton_side, work, loaded, frame, conf, strategy),
+            stage_run(work, loaded, None, conf, f"flower-export-{strategy}", export=run, done=shards)  # for Flower
+            measured = interleaved(partial(_lepton_side, work, loaded, shards, conf, strategy),
                                    partial(_flower_side, work, run, conf, strategy, count(1)),
                                    label=f"Lepton vs Flower, {strategy}")
             lepton_accuracy = statistics.median(d["value"]["accuracy"] for d in measured.details)

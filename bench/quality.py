@@ -53,7 +53,7 @@ def train_central(loaded, frame, params, epochs: int):
 
 
 def merge_vs_central(work: Path, loaded, seed: int) -> dict:
-    """One run of the pipeline's stages up to merge (in process, on the run's Dask cluster) over 4000 generated
+    """One run of the pipeline's stages up to merge (in process, on the Dask cluster it is given) over 4000 generated
     MNIST-1D rows with the spec's defaults and `seed`, vs central training of the same training rows (the shards'
     union) from the same initialisation for the same epochs (rounds x local epochs); both scored on fresh samples."""
     from lepton_tasks import pipeline

@@ -26,7 +26,7 @@ import time
 import torch
 
 from bench import federated, profiling, stages, whole_run
-from bench.common import REPEATS, RESULTS, Repeats, record, write_json
+from bench.common import REPEATS, RESULTS, Repeats, record, shared_cluster, write_json
 from bench.quality import merge_vs_central
 
 
@@ -43,7 +43,8 @@ def bench_merge(work) -> dict:
     from lepton_tasks.specs import find_spec
 
     loaded = find_spec("lepton_mnist1d")
-    runs = [merge_vs_central(work, loaded, seed) for seed in range(42, 42 + REPEATS)]
+    with shared_cluster():  # the seeds' runs are compared on accuracy, not time: one cluster start for all
+        runs = [merge_vs_central(work, loaded, seed) for seed in range(42, 42 + REPEATS)]
     for run in runs:
         print(f"merge vs central, seed {run['seed']}: merged {run['merged']:.3f}, central {run['central']:.3f}",
               flush=True)

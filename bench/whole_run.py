@@ -1,7 +1,9 @@
-"""The whole DAG under Airflow's real scheduler: its overhead at the demo size, and its memory from 1 M to 10 M rows.
+"""The whole DAG under Airflow's real scheduler at 1 M and 10 M rows: its memory from one size to the other, and
+what orchestration adds at 1 M (over the run's own stage seconds, and over the same stages as a plain script).
 
-Runs are triggered on one Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor) started once
-for both, after a first "cold" run that pays the components' start-up and is reported, not counted.
+Runs are triggered on one Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor) started once,
+after a first "cold" 1 M run that pays the components' start-up and is reported, not counted. One size fewer than
+before (the orchestration figures had their own demo-size runs) keeps `make bench` within its time.
 """
 
 from __future__ import annotations
@@ -14,24 +16,22 @@ import time
 from itertools import count
 from pathlib import Path
 
-from bench.common import PROBE, Repeats, TreeMemory, interleaved, mnist_frame, record, write_mnist_parts
+from bench.common import PROBE, REPEATS, Repeats, TreeMemory, record, write_mnist_parts
 from tests.integration.airflow_env import AirflowEnv, unscheduled_specs
 
-DEMO_ROWS = 5000
 DAG_ID = "lepton_mnist1d"
-# the 1M/10M runs: the same pipeline under its own name and registered model, so that the champion each run
-# re-scores on its held-out rows (register) is one of these runs', not the demo-size CNN of the orchestration runs
+# the 1M/10M runs: the same pipeline under its own name, experiment and registered model (no scoring DAG)
 SCALE_DAG_ID = "lepton_mnist1d_scale"
 RUN_TIMEOUT_S = 1800
 _runs = count()
 
 
-def _plain(data_root: Path, rows: int, conf: dict) -> dict:
+def _plain(data_root: Path, spec_name: str, conf: dict, pipelines: Path) -> dict:
     """The plain-script run in its own process: its stage seconds, and the process's wall (imports included)."""
     env = {**os.environ, "LEPTON_DATA_ROOT": str(data_root), "MLFLOW_TRACKING_URI": f"sqlite:///{data_root}/mlflow.db",
-           "GX_ANALYTICS_ENABLED": "false"}
+           "GX_ANALYTICS_ENABLED": "false", "LEPTON_PIPELINES_DIR": str(pipelines)}
     started = time.perf_counter()
-    done = subprocess.run([*PROBE, "plain-run", str(data_root), str(rows), json.dumps(conf)], env=env,
+    done = subprocess.run([*PROBE, "plain-run", str(data_root), spec_name, json.dumps(conf)], env=env,
                           capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"plain run failed:\n{done.stderr[-3000:]}")
@@ -75,7 +75,7 @@ class Deployment:
         self.pipelines = unscheduled_specs(work / "pipelines")
         _write_scale_spec(self.pipelines / f"{DAG_ID}.yaml")
 
-    def trigger(self, extra: dict, conf: dict | None = None, dag_id: str = DAG_ID) -> str:
+    def trigger(self, extra: dict, conf: dict | None = None, dag_id: str = SCALE_DAG_ID) -> str:
         run_id = f"bench-{next(_runs)}"
         self.env.airflow("dags", "trigger", dag_id, "--run-id", run_id, "-c", json.dumps(conf or {}), **extra)
         self.env.airflow("dags", "unpause", dag_id, **extra)
@@ -83,7 +83,7 @@ class Deployment:
         assert state == "success", f"{run_id} ended {state}:\n{self.env.component_logs()}"
         return run_id
 
-    def run(self, extra: dict, conf: dict | None = None, dag_id: str = DAG_ID) -> dict:
+    def run(self, extra: dict, conf: dict | None = None, dag_id: str = SCALE_DAG_ID) -> dict:
         run_id = self.trigger(extra, conf, dag_id)
         stage_s = _stage_seconds(self.env.data_root / dag_id / run_id)
         return {"run_id": run_id, **_airflow_times(self.env, run_id, stage_s), "stages_s": stage_s,
@@ -121,83 +121,96 @@ def _component_pids() -> list[int]:
     return [p.pid for p in psutil.Process().children() if "airflow" in " ".join(p.cmdline())]
 
 
-def _orchestration(deployment: Deployment, extra: dict, work: Path) -> tuple[dict, dict, dict]:
-    """The nightly DAG at the demo size and defaults under the scheduler, interleaved with the same stage
-    functions run one after another as a plain script in its own process.
-    `orchestration_overhead`: each DAG run's wall over the sum of its own stages' seconds (what Airflow adds:
-    task processes, scheduling, XCom, the cluster's setup task). `orchestration_vs_script`: the DAG run's wall
-    over the script process's wall (its imports included)."""
-    plain_dirs = count()
-
-    def dag_run() -> tuple[float, dict]:
-        run = deployment.run(extra)
-        return run["wall_s"], run
-
-    def script() -> tuple[float, dict]:
-        plain = _plain(work / f"plain-{next(plain_dirs)}", DEMO_ROWS, {})
-        return plain["process_wall_s"], plain
-
-    vs_script = interleaved(dag_run, script, label="DAG run vs plain script")
-    runs = [d["value"] for d in vs_script.details]
-    own = Repeats([r["wall_s"] for r in runs], [r["stages_total_s"] for r in runs])
-    where = {"stages_under_scheduler_s": [r["stages_s"] for r in runs],
-             "stages_in_script_s": [d["baseline"]["stages"] for d in vs_script.details],
-             "queue_wait_s": [sum(t["queued_s"] or 0 for t in r["tasks"].values()) for r in runs],
-             "outside_stages_s": [{k: round(t["outside_stage_s"], 3) for k, t in r["tasks"].items()} for r in runs]}
-    overhead = record(own, "DAG run wall within 15% of the same run's stage seconds (demo size)", "s", False,
-                      lambda r: r <= 1.15, rows=DEMO_ROWS, run="warm runs under the scheduler, after a cold one")
-    script_ratio = record(vs_script, "DAG run wall within 15% of the plain script's process wall (demo size)", "s",
-                          False, lambda r: r <= 1.15, rows=DEMO_ROWS)
-    return overhead, script_ratio, {**where, "scheduler_tasks": [r["tasks"] for r in runs], "rows": DEMO_ROWS}
-
-
 SCALE_ROWS = (1_000_000, 10_000_000)
 SCALE_CONF = {"model_kind": "mlp", "hidden_size": 64, "num_shards": 2, "merge_rounds": 1, "local_epochs": 1,
               "batch_size": 1024}
 
 
-def _memory(deployment: Deployment, extra: dict, memory: TreeMemory, sizes=SCALE_ROWS) -> tuple[dict, dict]:
-    """The full DAG on 1 M and 10 M MNIST-1D-shaped rows (20 Parquet files at 10 M), interleaved: peak RSS of the
-    whole deployment's process tree during each run (Airflow's components, the task processes, the run's Dask
-    cluster and workers), and each stage's seconds and rows/s."""
-    small, large = sizes
+def _source(deployment: Deployment, rows: int) -> dict:
+    return {**SCALE_CONF, "source_uri": str(deployment.env.data_root / "landing" / f"rows-{rows}")}
 
-    def at(rows: int) -> tuple[float, dict]:
+
+def _rounds(deployment: Deployment, extra: dict, memory: TreeMemory, work: Path) -> list[dict]:
+    """REPEATS rounds of: the full DAG at 10 M rows, the full DAG at 1 M rows, and the same stage functions as a
+    plain script at 1 M rows, in reverse order every other round (so that drift over the bench weighs on all
+    alike). Each DAG run: its wall and stage seconds, rows/s, and the peak RSS of the whole deployment's process
+    tree (Airflow's components, the task processes, the run's Dask cluster and workers), overall and per task."""
+    small, large = SCALE_ROWS
+    plain_dirs = count()
+
+    def dag(rows: int) -> dict:
         memory.reset()
-        run = deployment.run(extra, {**SCALE_CONF, "source_uri": f"landing/rows-{rows}/"}, SCALE_DAG_ID)
-        rates = {stage: rows / s for stage, s in run["stages_s"].items() if s}
+        run = deployment.run(extra, _source(deployment, rows))
         by_task = _peak_by_task(memory, run["tasks"])
-        print(f"whole run {rows:,} rows: {run['wall_s']:.0f}s, peak {memory.peak / 2**30:.2f} GiB, by task (GiB): "
+        print(f"whole run {rows:,} rows: {run['wall_s']:.0f}s ({run['stages_total_s']:.0f}s in stages), peak "
+              f"{memory.peak / 2**30:.2f} GiB, by task (GiB): "
               + ", ".join(f"{task} {rss / 2**30:.2f}" for task, rss in by_task.items()), flush=True)
-        return memory.peak, {"rows": rows, "wall_s": run["wall_s"], "stages_s": run["stages_s"],
-                             "rows_per_s": rates, "peak_rss": memory.peak, "peak_rss_by_task": by_task}
+        return {**run, "rows": rows, "rows_per_s": {stage: rows / s for stage, s in run["stages_s"].items() if s},
+                "peak_rss": memory.peak, "peak_rss_by_task": by_task}
 
-    measured = interleaved(lambda: at(large), lambda: at(small), label="whole run 10M vs 1M peak RSS")
+    def script() -> dict:
+        plain = _plain(work / f"plain-{next(plain_dirs)}", SCALE_DAG_ID, _source(deployment, small),
+                       deployment.pipelines)
+        print(f"plain script {small:,} rows: {plain['process_wall_s']:.0f}s", flush=True)
+        return plain
+
+    measures = {"dag_large": lambda: dag(large), "dag_small": lambda: dag(small), "script_small": script}
+    rounds = []
+    for index in range(REPEATS):
+        order = list(measures) if index % 2 == 0 else list(measures)[::-1]
+        rounds.append({name: measures[name]() for name in order})
+    return rounds
+
+
+def _orchestration(rounds: list[dict]) -> tuple[dict, dict, dict]:
+    """`orchestration_overhead`: each 1 M DAG run's wall over the sum of its own stages' seconds (what Airflow adds:
+    task processes, scheduling, XCom, the cluster's setup task). `orchestration_vs_script`: the same DAG run's wall
+    over the plain script's process wall (its imports included) in the same round."""
+    runs, scripts = [r["dag_small"] for r in rounds], [r["script_small"] for r in rounds]
+    rows = SCALE_ROWS[0]
+    own = Repeats([r["wall_s"] for r in runs], [r["stages_total_s"] for r in runs])
+    vs_script = Repeats([r["wall_s"] for r in runs], [s["process_wall_s"] for s in scripts])
+    where = {"stages_under_scheduler_s": [r["stages_s"] for r in runs],
+             "stages_in_script_s": [s["stages"] for s in scripts],
+             "queue_wait_s": [sum(t["queued_s"] or 0 for t in r["tasks"].values()) for r in runs],
+             "outside_stages_s": [{k: round(t["outside_stage_s"], 3) for k, t in r["tasks"].items()} for r in runs]}
+    overhead = record(own, f"DAG run wall within 15% of the same run's stage seconds ({rows:,} rows)", "s", False,
+                      lambda r: r <= 1.15, rows=rows, conf=SCALE_CONF,
+                      run="warm runs under the scheduler, after a cold one")
+    script_ratio = record(vs_script, f"DAG run wall within 15% of the plain script's process wall ({rows:,} rows)",
+                          "s", False, lambda r: r <= 1.15, rows=rows, conf=SCALE_CONF)
+    return overhead, script_ratio, {**where, "scheduler_tasks": [r["tasks"] for r in runs], "rows": rows}
+
+
+def _memory(rounds: list[dict]) -> tuple[dict, dict]:
+    """`whole_run_10m_memory`: each round's peak RSS at 10 M rows over that at 1 M, with each stage's seconds and
+    rows/s at both sizes."""
+    small, large = SCALE_ROWS
+    keep = ("rows", "wall_s", "stages_s", "rows_per_s", "peak_rss", "peak_rss_by_task")
+    runs = [{size: {k: r[f"dag_{size}"][k] for k in keep} for size in ("large", "small")} for r in rounds]
+    measured = Repeats([r["large"]["peak_rss"] for r in runs], [r["small"]["peak_rss"] for r in runs])
     summary = record(measured, f"peak RSS of the whole process tree at {large:,} rows <= 1.5x that at {small:,}",
                      "bytes", False, lambda r: r <= 1.5, conf=SCALE_CONF,
-                     wall_s={str(large): [d["value"]["wall_s"] for d in measured.details],
-                             str(small): [d["baseline"]["wall_s"] for d in measured.details]})
-    return summary, {"runs": measured.details, "conf": SCALE_CONF}
+                     wall_s={str(large): [r["large"]["wall_s"] for r in runs],
+                             str(small): [r["small"]["wall_s"] for r in runs]})
+    return summary, {"runs": [{"value": r["large"], "baseline": r["small"]} for r in runs], "conf": SCALE_CONF}
 
 
 def scheduler_bench(work: Path) -> dict[str, tuple[dict, dict]]:
     """Everything measured under one Airflow deployment (started once; its first, cold run is reported, not
-    counted): the orchestration figures at the demo size, then the whole DAG's memory from 1 M to 10 M rows.
-    Returns {group: (summaries by benchmark name, detail)}."""
+    counted). Returns {group: (summaries by benchmark name, detail)}."""
     deployment = Deployment(work / "scheduler")
-    landing = deployment.env.data_root / "landing"
-    (landing / "mnist1d").mkdir(parents=True)
-    mnist_frame(DEMO_ROWS).to_parquet(landing / "mnist1d" / "mnist1d.parquet", index=False)
     for rows in SCALE_ROWS:
-        write_mnist_parts(landing / f"rows-{rows}", rows)
+        write_mnist_parts(deployment.env.data_root / "landing" / f"rows-{rows}", rows)
     deployment.env.migrate()
     with deployment.env.serving(LEPTON_PIPELINES_DIR=str(deployment.pipelines)) as extra, \
             TreeMemory(_component_pids()) as memory:
         time.sleep(5)
         idle = memory.peak  # the deployment before any run
-        cold = deployment.run(extra)
-        overhead, vs_script, orchestration = _orchestration(deployment, extra, work)
-        memory_summary, memory_detail = _memory(deployment, extra, memory)
+        cold = deployment.run(extra, _source(deployment, SCALE_ROWS[0]))
+        rounds = _rounds(deployment, extra, memory, work)
+    overhead, vs_script, orchestration = _orchestration(rounds)
+    memory_summary, memory_detail = _memory(rounds)
     orchestration.update(cold_run_wall_s=cold["wall_s"], cold_run_stages_total_s=cold["stages_total_s"])
     memory_summary["idle_deployment_rss"] = memory_detail["idle_deployment_rss"] = idle
     return {"orchestration": ({"orchestration_overhead": overhead, "orchestration_vs_script": vs_script},

@@ -141,3 +141,24 @@ def test_dp_sgd_spends_the_epsilon_budget_over_all_rounds(tmp_path, shard_files,
     assert all(torch.isfinite(t).all() for t in state.values())
     again = train(shard_files, ENCODER, shape, params, tmp_path / "dp-again", dask_client)
     assert _weights(again.final_round) == _weights(trained.final_round)  # seeded noise: bit-equal reruns
+
+
+def test_a_run_goes_on_from_another_runs_shards_without_running_the_stages_before_again(data_root, dask_client,
+                                                                                        monkeypatch):
+    """`run_in_process(done=...)`, as the federated benchmark compares strategies: a second run trains and merges
+    with its own strategy on the first run's shards; ingest to shard run once."""
+    from lepton_tasks import pipeline
+    from tests.conftest import MNIST_SPEC
+
+    monkeypatch.setenv("LEPTON_DASK_ADDRESS", dask_client.scheduler.address)
+    landing = data_root / "landing" / "m"
+    landing.mkdir(parents=True)
+    mnist_frame(300).to_parquet(landing / "m.parquet", index=False)
+    conf = {"source_uri": "landing/m/", "num_shards": 2, "merge_rounds": 1, "local_epochs": 1, "model_kind": "mlp",
+            "hidden_size": 8}
+    shards, _ = pipeline.run_in_process(pipeline.context(MNIST_SPEC, "first", conf), last="shard")
+    median = pipeline.context(MNIST_SPEC, "median", {**conf, "merge_strategy": "median"})
+    manifests, seconds = pipeline.run_in_process(median, last="merge", done=shards)
+    assert set(seconds) == {"cluster", "train", "merge"} and manifests["shard"] == shards["shard"]
+    assert not median.stage_dir("ingest").exists() and median.stage_dir("merge").exists()
+    assert manifests["merge"]["strategy"] == "median"
