@@ -85,7 +85,7 @@ class AirflowEnv:
                 stack.callback(process.wait, 30)
                 stack.callback(process.terminate)
             wait_for(lambda: self.airflow("dags", "details", dag_id, check=False, **served).returncode == 0,
-                     120, f"the dag-processor to serialise {dag_id}")
+                     120, f"the dag-processor to serialise {dag_id}", every=3)
             yield served
 
     def component_logs(self) -> str:
@@ -180,13 +180,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    """Poll `predicate` every 3 s until it holds; fail naming `what` after `timeout` seconds."""
+def wait_for(predicate, timeout: float, what: str, every: float = 1.0) -> None:
+    """Poll `predicate` every `every` seconds until it holds; fail naming `what` after `timeout` seconds. A
+    predicate that starts an `airflow` process (seconds of CPU) polls every 3 s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(3)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 

@@ -120,7 +120,7 @@ def nightly(tmp_path_factory):
         with env.serving(DAG, **extra) as served:
             both = {**extra, **served}
             wait_for(lambda: env.airflow("dags", "details", SCORE_DAG, check=False, **both).returncode == 0, 120,
-                     f"{SCORE_DAG} to be parsed")
+                     f"{SCORE_DAG} to be parsed", every=3)
             env.airflow("dags", "unpause", SCORE_DAG, **both)  # it runs on each new champion from now on
             yield env, both, inbox
 
