@@ -204,9 +204,15 @@ def sites_pipeline(work: Path):
     from lepton_tasks.specs import find_spec
 
     pipelines, expectations = write_sites_spec(work / "spec")
-    os.environ.update(LEPTON_PIPELINES_DIR=str(pipelines), LEPTON_EXPECTATIONS_DIR=str(expectations))
-    with shared_cluster():
-        yield find_spec(SPEC_NAME)
+    folders = {"LEPTON_PIPELINES_DIR": str(pipelines), "LEPTON_EXPECTATIONS_DIR": str(expectations)}
+    before = {name: os.environ.get(name) for name in folders}
+    os.environ.update(folders)
+    try:
+        with shared_cluster():
+            yield find_spec(SPEC_NAME)
+    finally:  # the benchmarks after this one read the bundled specs
+        for name, value in before.items():
+            os.environ.pop(name) if value is None else os.environ.update({name: value})
 
 
 def federated_bench(work: Path, seeds=SEEDS) -> dict:
