@@ -61,6 +61,25 @@ WORKER_DASK_CONFIG = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TR
                                       "worker": {"profile": {"enabled": False}}}}
 
 
+def worker_config():
+    """Lepton's worker settings (WORKER_DASK_CONFIG) for the clusters made inside the block: a `dask.config.set`
+    context, for a cluster started in this process (tests, benchmarks)."""
+    import dask
+
+    return dask.config.set(_dotted(WORKER_DASK_CONFIG))
+
+
+def _dotted(config: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} as {"a.b": 1}: dask.config.set replaces nested dicts whole."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def gpu_count() -> int:
     """CUDA devices torch itself can use: 0 with a CPU build of torch, without a driver or without a device."""
     try:
@@ -191,14 +210,20 @@ def _run_cluster_client(run_cluster: dict):
     return client
 
 
+def _external_cluster(settings: Settings) -> dict | None:
+    """The external scheduler as a run cluster record (nothing to start or stop), or None without one."""
+    address = external_scheduler_address(settings)
+    return {"address": address, "kind": "external", "n_workers": None, "pid": None, "host": None} if address else None
+
+
 def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | None) -> dict:
     """Start the run's cluster: `python -m lepton_tasks.cluster` in its own session, outliving this task, its
     scheduler file and log in `folder`. Returns what tasks connect with (and `stop_run_cluster` stops): address,
     kind, workers, dashboard, pid, host. With an external scheduler, that scheduler (nothing is started).
     A retry finds the cluster it started still answering and keeps it."""
-    address = external_scheduler_address(settings)
-    if address:
-        return {"address": address, "kind": "external", "n_workers": None, "pid": None, "host": None}
+    external = _external_cluster(settings)
+    if external:
+        return external
     scheduler_file = folder / "scheduler.json"
     if scheduler_file.exists():
         earlier = read_json(scheduler_file)
@@ -230,9 +255,9 @@ def await_run_cluster(settings: Settings, folder: Path, timeout_s: float = RUN_C
     then starts one of its own, as for a cluster that is gone)."""
     import json
 
-    address = external_scheduler_address(settings)
-    if address:
-        return {"address": address, "kind": "external", "n_workers": None, "pid": None, "host": None}
+    external = _external_cluster(settings)
+    if external:
+        return external
     scheduler_file, deadline = folder / "scheduler.json", time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -246,33 +271,37 @@ def await_run_cluster(settings: Settings, folder: Path, timeout_s: float = RUN_C
     return None
 
 
-def _alive(run_cluster: dict) -> bool:
-    """Whether the cluster process is still the one recorded (always so for one on another host: not checkable)."""
+def _process_of(run_cluster: dict):
+    """The recorded cluster process on this host if it is still the one started (a reused pid is not ours: the
+    command line is no proof, Dask retitles its scheduler), else None."""
     import psutil
 
-    if run_cluster.get("host") != socket.gethostname():
-        return True
+    if not run_cluster.get("pid") or run_cluster.get("host") != socket.gethostname():
+        return None
     try:
-        return psutil.Process(run_cluster["pid"]).create_time() == run_cluster.get("pid_started")
+        process = psutil.Process(run_cluster["pid"])
+        return process if process.create_time() == run_cluster.get("pid_started") else None
     except psutil.NoSuchProcess:
-        return False
+        return None
+
+
+def _alive(run_cluster: dict) -> bool:
+    """Whether the cluster process is still the one recorded (always so for one on another host: not checkable)."""
+    return run_cluster.get("host") != socket.gethostname() or _process_of(run_cluster) is not None
 
 
 def stop_run_cluster(run_cluster: dict) -> None:
     """Stop the run's cluster (its process and workers); nothing for an external scheduler or one already gone."""
     import psutil
 
-    pid = run_cluster.get("pid")
-    if not pid or run_cluster.get("host") != socket.gethostname():
+    process = _process_of(run_cluster)
+    if process is None:
         return
     try:
-        process = psutil.Process(pid)
-        if process.create_time() != run_cluster.get("pid_started"):
-            return  # the pid was reused: not ours (the command line is no proof: Dask retitles its scheduler)
         _terminate(process)
     except psutil.NoSuchProcess:
         return
-    log.info("stopped the run's Dask cluster at %s (pid %d)", run_cluster["address"], pid)
+    log.info("stopped the run's Dask cluster at %s (pid %d)", run_cluster["address"], process.pid)
 
 
 MAX_RECOVERIES = 5  # per stage body: a cluster that keeps failing under it is left to Airflow's retry

@@ -209,7 +209,7 @@ def start_cluster(ctx: RunContext) -> dict:
     """The run's Dask cluster (the DAG's setup task), shared by partitioned validation, shard and train."""
     from lepton_tasks.cluster import start_run_cluster
 
-    return start_run_cluster(ctx.settings, ctx.paths.root / "cluster", ctx.params.num_shards)
+    return start_run_cluster(ctx.settings, _cluster_dir(ctx), ctx.params.num_shards)
 
 
 def await_cluster(ctx: RunContext) -> dict | None:
@@ -217,7 +217,12 @@ def await_cluster(ctx: RunContext) -> dict | None:
     it partitions); None when it never came."""
     from lepton_tasks.cluster import await_run_cluster
 
-    return await_run_cluster(ctx.settings, ctx.paths.root / "cluster")
+    return await_run_cluster(ctx.settings, _cluster_dir(ctx))
+
+
+def _cluster_dir(ctx: RunContext) -> Path:
+    """Where the run's cluster keeps its scheduler file and log."""
+    return ctx.paths.root / "cluster"
 
 
 def stop_cluster(run_cluster: dict) -> None:

@@ -64,26 +64,14 @@ def mnist_parquet(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def dask_client():
     """A real two-worker Dask cluster of worker processes under nannies, configured as Lepton's own clusters."""
-    import dask
     from distributed import Client, LocalCluster
 
-    from lepton_tasks.cluster import WORKER_DASK_CONFIG
+    from lepton_tasks.cluster import worker_config
 
-    with dask.config.set(_dotted(WORKER_DASK_CONFIG)), \
+    with worker_config(), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             yield client
-
-
-def _dotted(config: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} as {"a.b": 1}: dask.config.set replaces nested dicts whole."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def has_gpu() -> bool:
