@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,6 +22,7 @@ RESULTS = Path(__file__).parent / "results"
 PROBE = [sys.executable, "-m", "bench.probe"]
 
 
+T = TypeVar("T")
 REPEATS = 3  # every benchmark: at least three repeats, value and baseline interleaved
 
 
@@ -40,19 +42,27 @@ class Repeats:
 Measurement = Callable[[], "float | tuple[float, dict]"]
 
 
-def interleaved(value: Measurement, baseline: Measurement, repeats: int = REPEATS, label: str = "") -> Repeats:
-    """Measure value and baseline `repeats` times, alternating which goes first, so that a machine growing slower
-    or faster over the run (caches, thermal state, a neighbour) weighs on both alike. Each measurement returns
-    its figure, or (figure, detail)."""
-    out = Repeats()
+def alternating(measures: dict[str, Callable[[], T]], repeats: int = REPEATS) -> Iterator[dict[str, T]]:
+    """Each round's results of every measure, their order reversed every other round, so that a machine growing
+    slower or faster over the run (caches, thermal state, a neighbour) weighs on all of them alike."""
+    names = list(measures)
     for index in range(repeats):
-        measured = {}
-        for name, measure in ((("value", value), ("baseline", baseline))[::1 if index % 2 == 0 else -1]):
-            result = measure()
-            measured[name] = result if isinstance(result, tuple) else (result, {})
-        out.values.append(measured["value"][0])
-        out.baselines.append(measured["baseline"][0])
-        out.details.append({"value": measured["value"][1], "baseline": measured["baseline"][1]})
+        yield {name: measures[name]() for name in (names if index % 2 == 0 else names[::-1])}
+
+
+def _with_detail(result) -> tuple[float, dict]:
+    return result if isinstance(result, tuple) else (result, {})
+
+
+def interleaved(value: Measurement, baseline: Measurement, repeats: int = REPEATS, label: str = "") -> Repeats:
+    """Measure value and baseline `repeats` times, alternating which goes first. Each measurement returns its
+    figure, or (figure, detail)."""
+    out = Repeats()
+    for index, measured in enumerate(alternating({"value": value, "baseline": baseline}, repeats)):
+        (figure, detail), (base, base_detail) = _with_detail(measured["value"]), _with_detail(measured["baseline"])
+        out.values.append(figure)
+        out.baselines.append(base)
+        out.details.append({"value": detail, "baseline": base_detail})
         print(f"{label} repeat {index + 1}/{repeats}: value {out.values[-1]:.4g}, baseline {out.baselines[-1]:.4g}, "
               f"ratio {out.ratios[-1]:.3f}", flush=True)
     return out
@@ -131,22 +141,30 @@ class TreeMemory:
 
 
 @contextmanager
+def environ(**values: str | None) -> Iterator[None]:
+    """Environment variables set (None: unset) for the block, and put back as they were after it."""
+    before = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            os.environ.pop(name, None) if value is None else os.environ.update({name: value})
+        yield
+    finally:
+        for name, value in before.items():
+            os.environ.pop(name, None) if value is None else os.environ.update({name: value})
+
+
+@contextmanager
 def shared_cluster() -> Iterator[str]:
     """One 2-worker Dask cluster (Lepton's worker settings) as the external scheduler (LEPTON_DASK_ADDRESS) of every
     stage run in the block, as `make up` gives the DAGs: runs compared on their results pay no cluster start."""
-    import dask
     from distributed import LocalCluster
 
-    from lepton_tasks.cluster import WORKER_DASK_CONFIG
-    from tests.conftest import _dotted
+    from lepton_tasks.cluster import worker_config
 
-    with dask.config.set(_dotted(WORKER_DASK_CONFIG)), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        os.environ["LEPTON_DASK_ADDRESS"] = cluster.scheduler_address
-        try:
-            yield cluster.scheduler_address
-        finally:
-            del os.environ["LEPTON_DASK_ADDRESS"]
+    with worker_config(), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            environ(LEPTON_DASK_ADDRESS=cluster.scheduler_address):
+        yield cluster.scheduler_address
 
 
 def write_classification_parts(out_dir: Path, rows: int, parts: int, features: int = 8, seed: int = 0) -> list[str]:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import yaml
 
-from bench.common import interleaved, record, shared_cluster
+from bench.common import environ, interleaved, record, shared_cluster
 from bench.quality import FRESH_ROWS, _train, fresh_samples
 from lepton_tasks.config import EXPECTATIONS_DIR, PIPELINES_DIR, REPO_ROOT
 from lepton_tasks.models import evaluate, init_weights, load_checkpoint, load_model
@@ -204,15 +204,9 @@ def sites_pipeline(work: Path):
     from lepton_tasks.specs import find_spec
 
     pipelines, expectations = write_sites_spec(work / "spec")
-    folders = {"LEPTON_PIPELINES_DIR": str(pipelines), "LEPTON_EXPECTATIONS_DIR": str(expectations)}
-    before = {name: os.environ.get(name) for name in folders}
-    os.environ.update(folders)
-    try:
-        with shared_cluster():
-            yield find_spec(SPEC_NAME)
-    finally:  # the benchmarks after this one read the bundled specs
-        for name, value in before.items():
-            os.environ.pop(name) if value is None else os.environ.update({name: value})
+    # put back afterwards: the benchmarks after this one read the bundled specs
+    with environ(LEPTON_PIPELINES_DIR=str(pipelines), LEPTON_EXPECTATIONS_DIR=str(expectations)), shared_cluster():
+        yield find_spec(SPEC_NAME)
 
 
 def federated_bench(work: Path, seeds=SEEDS) -> dict:
@@ -296,11 +290,8 @@ def _flower(work: Path, run: Path, conf: dict, strategy: str, repeat: int) -> tu
 def _lepton_side(work: Path, loaded, shards: dict, conf: dict, strategy: str) -> tuple[float, dict]:
     """Lepton's train and merge stages on the `prepared` shards and a Dask cluster started for the run, its start
     counted: Flower's wall counts Ray's start, so neither side gets warm workers the other lacks."""
-    shared = os.environ.pop("LEPTON_DASK_ADDRESS")
-    try:
+    with environ(LEPTON_DASK_ADDRESS=None):
         result = stage_run(work, loaded, None, conf, f"side-{strategy}-{time.monotonic_ns()}", done=shards)
-    finally:
-        os.environ["LEPTON_DASK_ADDRESS"] = shared
     return result["cluster_s"] + result["train_merge_s"], result
 
 

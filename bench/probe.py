@@ -6,7 +6,7 @@
 - `train-stage OUT_DIR EPOCHS SHARD_FILE...`: the train stage on a fresh 2-worker cluster (started beforehand:
   the run's cluster is up before train, its start is counted in shard);
 - `train-script OUT_DIR EPOCHS SHARD_FILE...`: a plain PyTorch script doing the same work, from `import torch`;
-- `plain-run DATA_ROOT SPEC_NAME CONF_JSON`: the whole pipeline as a plain script.
+- `plain-run SPEC_NAME CONF_JSON`: the whole pipeline as a plain script (its data root from the environment).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def train_script(out_dir: Path, epochs: int, files: list[str]) -> dict:
     return {"seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
 
 
-def plain_run(data_root: Path, spec_name: str, conf: dict) -> dict:
+def plain_run(spec_name: str, conf: dict) -> dict:
     """The whole pipeline as a plain script: the same `lepton_tasks.pipeline` functions the DAG's tasks call, one
     after the other in one process, one Dask cluster for the run; seconds per stage. LEPTON_DATA_ROOT,
     LEPTON_PIPELINES_DIR and MLFLOW_TRACKING_URI come from the environment; `conf` names the source."""
@@ -143,7 +143,7 @@ def plain_run(data_root: Path, spec_name: str, conf: dict) -> dict:
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "plain-run":
-        result = plain_run(Path(args[0]), args[1], json.loads(args[2]))
+        result = plain_run(args[0], json.loads(args[1]))
     elif command in ("train-stage", "train-script"):
         run = train_stage if command == "train-stage" else train_script
         result = run(Path(args[0]), int(args[1]), args[2:])

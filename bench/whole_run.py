@@ -16,7 +16,7 @@ import time
 from itertools import count
 from pathlib import Path
 
-from bench.common import PROBE, REPEATS, Repeats, TreeMemory, record, write_mnist_parts
+from bench.common import PROBE, Repeats, TreeMemory, alternating, record, write_mnist_parts
 from tests.integration.airflow_env import AirflowEnv, unscheduled_specs
 
 DAG_ID = "lepton_mnist1d"
@@ -31,7 +31,7 @@ def _plain(data_root: Path, spec_name: str, conf: dict, pipelines: Path) -> dict
     env = {**os.environ, "LEPTON_DATA_ROOT": str(data_root), "MLFLOW_TRACKING_URI": f"sqlite:///{data_root}/mlflow.db",
            "GX_ANALYTICS_ENABLED": "false", "LEPTON_PIPELINES_DIR": str(pipelines)}
     started = time.perf_counter()
-    done = subprocess.run([*PROBE, "plain-run", str(data_root), spec_name, json.dumps(conf)], env=env,
+    done = subprocess.run([*PROBE, "plain-run", spec_name, json.dumps(conf)], env=env,
                           capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"plain run failed:\n{done.stderr[-3000:]}")
@@ -154,12 +154,8 @@ def _rounds(deployment: Deployment, extra: dict, memory: TreeMemory, work: Path)
         print(f"plain script {small:,} rows: {plain['process_wall_s']:.0f}s", flush=True)
         return plain
 
-    measures = {"dag_large": lambda: dag(large), "dag_small": lambda: dag(small), "script_small": script}
-    rounds = []
-    for index in range(REPEATS):
-        order = list(measures) if index % 2 == 0 else list(measures)[::-1]
-        rounds.append({name: measures[name]() for name in order})
-    return rounds
+    return list(alternating({"dag_large": lambda: dag(large), "dag_small": lambda: dag(small),
+                             "script_small": script}))
 
 
 def _orchestration(rounds: list[dict]) -> tuple[dict, dict, dict]:
