@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
 DEMO_SAMPLES ?= 5000
-PYTEST_ARGS ?= -n 2 --dist loadfile  # two test files at a time: most of an integration test is Airflow waiting
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=30  # two test files at a time: most of an integration test is Airflow waiting
 TORCH_VERSION := 2.13.0
 # cuda where an NVIDIA driver is present, else cpu; `make setup TORCH_BUILD=cpu` forces the CPU wheel
 TORCH_BUILD ?= $(shell { test -e /proc/driver/nvidia/version || nvidia-smi -L; } >/dev/null 2>&1 && echo cuda || echo cpu)

@@ -136,10 +136,10 @@ def summary_table(summary: dict, width: int = 72) -> str:
     return "\n".join([rule, *(f"| {k:<{key_width}} | {v:<{width}} |" for k, v in rows), rule])
 
 
-def _eval_tensors(shards: dict):
+def _eval_tensors(shards: dict, max_rows: int | None = None):
     from lepton_tasks.train import load_xy
 
-    return load_xy(shards["eval"]["files"], shards["encoder"])
+    return load_xy(shards["eval"]["files"], shards["encoder"], max_rows=max_rows)
 
 
 CALIBRATION_ROWS = 1024
@@ -392,7 +392,7 @@ def register(ctx: RunContext, manifests: dict[str, dict]) -> dict:
                                  manifests.get("drift"))
         return stage.register(record, mlflow_tracking_uri(ctx.settings), ctx.spec.experiment_name,
                               ctx.spec.registered_model_name, _artifact_root(ctx.settings),
-                              _eval_tensors(manifests["shard"])[0])
+                              _eval_tensors(manifests["shard"], max_rows=stage.EXAMPLE_ROWS)[0])
 
     return _run_stage(ctx, "register", body, lambda m: {"mlflow": m})
 

@@ -214,7 +214,10 @@ def _log_dataset(run_id: str, record: RunRecord) -> None:
         mlflow.log_input(staged, context="training")
 
 
-def _log_model(run_id: str, record: RunRecord, eval_features) -> str:
+EXAMPLE_ROWS = 2  # the model's input example: pt2 export needs a batch of at least 2
+
+
+def _log_model(run_id: str, record: RunRecord, example_features) -> str:
     """Log the merged model (pt2, with signature and a 2-row input example); returns its model URI."""
     import mlflow
     import torch
@@ -222,7 +225,7 @@ def _log_model(run_id: str, record: RunRecord, eval_features) -> str:
 
     shape = ModelShape(**record.train["shape"])
     model = load_model(shape, load_checkpoint(Path(record.merge["merged_path"]), record.merge["merged_sha256"])[0])
-    example = eval_features[:2].numpy()  # pt2 export needs a batch of at least 2
+    example = example_features[:EXAMPLE_ROWS].numpy()
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     with mlflow.start_run(run_id=run_id):
@@ -369,7 +372,7 @@ def _reopen(client, run_id: str, created: bool) -> None:
 
 
 def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_name: str,
-             artifact_root: str | None, eval_features) -> RegisterManifest:
+             artifact_root: str | None, example_features) -> RegisterManifest:
     """Log the whole run to MLflow (idempotently) and register its merged model.
 
     Any MLflow failure (a server down, a refused write) becomes a RegistryError, which Airflow retries; the run
@@ -392,7 +395,7 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
         raise RegistryError(f"MLflow at {where} cannot be reached or refused the run: {type(err).__name__}: "
                             f"{err}") from err
     try:
-        version = _log_and_register(client, experiment_id, run_id, record, model_name, eval_features)
+        version = _log_and_register(client, experiment_id, run_id, record, model_name, example_features)
         if rerun:  # the same DAG run again (a rerun night): its version stays, and so do the aliases
             aliases, promotion = _aliases_as_they_are(client, model_name, version)
         else:
@@ -410,7 +413,7 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
                             promotion["champion_version"], promotion)
 
 
-def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord, model_name: str, eval_features):
+def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord, model_name: str, example_features):
     """Everything about the run, then the model version (found again by its DAG-run tag on a retry)."""
     for key, value in _lineage(record).items():
         client.set_tag(run_id, key, value)
@@ -428,5 +431,5 @@ def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord
     _log_dataset(run_id, record)
     version = _existing_version(client, model_name, record)
     if version is None:
-        version = _register_version(client, model_name, _log_model(run_id, record, eval_features), run_id, record)
+        version = _register_version(client, model_name, _log_model(run_id, record, example_features), run_id, record)
     return version

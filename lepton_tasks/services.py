@@ -141,6 +141,11 @@ def dask_config_dir(profile: Profile) -> Path:
     return folder
 
 
+# MLflow's job runner (huey consumers for its GenAI jobs) starts beside the server by default: Lepton submits no
+# such jobs, and its idle consumers took more CPU than the server itself
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def service_env(profile: Profile) -> dict[str, str]:
     """The environment every service (and so every task) runs with."""
     keys = login(profile)
@@ -176,6 +181,7 @@ def service_env(profile: Profile) -> dict[str, str]:
         "DASK_CONFIG": str(dask_config),
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        **MLFLOW_SERVER_ENV,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
     })

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lepton_tasks.config import REPO_ROOT
+from lepton_tasks.services import MLFLOW_SERVER_ENV
 
 BIN = Path(sys.executable).parent
 
@@ -64,7 +67,18 @@ class AirflowEnv:
         return done
 
     def migrate(self) -> None:
+        """`airflow db migrate`. On SQLite, this process's first migrated database is kept and copied for the
+        later ones: the same Airflow makes the same empty schema, and each migration costs seconds of CPU."""
+        sqlite = Path(self.sql_alchemy_conn.removeprefix("sqlite:///")) if self.sql_alchemy_conn.startswith(
+            "sqlite:///") else None
+        if sqlite is not None and _MIGRATED_SQLITE:
+            shutil.copyfile(_MIGRATED_SQLITE[0], sqlite)
+            return
         self.airflow("db", "migrate", timeout=300)
+        if sqlite is not None:
+            template = Path(tempfile.mkdtemp(prefix="lepton-migrated-")) / "airflow.db"
+            shutil.copyfile(sqlite, template)
+            _MIGRATED_SQLITE.append(template)
 
     @contextmanager
     def serving(self, dag_id: str = "lepton_mnist1d", **extra: str) -> Iterator[dict[str, str]]:
@@ -199,6 +213,9 @@ def unique(prefix: str) -> str:
 SMALL_CONF = {"num_shards": 2, "merge_rounds": 2, "local_epochs": 4, "hidden_size": 32, "model_kind": "cnn"}
 
 
+_MIGRATED_SQLITE: list[Path] = []  # this process's first freshly migrated SQLite metadata DB (AirflowEnv.migrate)
+
+
 class TrackingServer:
     """`mlflow server` on a free loopback port, with its own SQLite store and artifact folder."""
 
@@ -212,7 +229,7 @@ class TrackingServer:
         self.process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
+             "--artifacts-destination", str(self.root / "artifacts")], env={**os.environ, **MLFLOW_SERVER_ENV},
             stdout=subprocess.DEVNULL, stderr=(self.root / "server.log").open("ab"), start_new_session=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
