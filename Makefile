@@ -4,7 +4,9 @@ PYTHON ?= python3.11
 VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
 DEMO_SAMPLES ?= 5000
-PYTEST_ARGS ?= -n 2 --dist loadfile --durations=30  # two test files at a time: most of an integration test is Airflow waiting
+# two test files at a time, in tests/conftest.py's order: the slowest first (xdist's default reorders files by their
+# number of tests, which left the long one-test integration files for last)
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 TORCH_VERSION := 2.13.0
 # cuda where an NVIDIA driver is present, else cpu; `make setup TORCH_BUILD=cpu` forces the CPU wheel
 TORCH_BUILD ?= $(shell { test -e /proc/driver/nvidia/version || nvidia-smi -L; } >/dev/null 2>&1 && echo cuda || echo cpu)
