@@ -69,6 +69,25 @@ def _is_paused(dag_id: str) -> bool:
         return dag is None or bool(dag.is_paused)
 
 
+def _scheduler_alive() -> bool:
+    """As `airflow jobs check --job-type SchedulerJob`: a running scheduler whose heartbeat is recent."""
+    from airflow.jobs.job import Job
+    from airflow.utils.session import create_session
+    from airflow.utils.state import JobState
+    from sqlalchemy import select
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        with create_session() as session:
+            running = session.scalars(select(Job).where(Job.job_type == "SchedulerJob",
+                                                        Job.state == JobState.RUNNING))
+            return any(job.is_alive() for job in running)
+    except OperationalError as err:
+        if SQLITE_BUSY in str(err):
+            return True  # not known this time: asked again at the next poll
+        raise
+
+
 def _runs(dag_id: str) -> dict[str, Night]:
     """The DAG's runs by logical date (ISO, UTC)."""
     from airflow.models.dagrun import DagRun
@@ -91,6 +110,11 @@ def _runs(dag_id: str) -> dict[str, Night]:
     return found
 
 
+# `airflow backfill create` on SQLite: wait this long for the scheduler's write lock. Failing on it instead makes
+# Airflow delete the runs it had just created, and a scheduler that already picked them up stops on the deleted
+# rows (seen under load on the embedded default).
+SQLITE_CONNECT_ARGS = {"timeout": 60}
+SCHEDULER_GONE_S = 60  # a scheduler without a heartbeat this long has stopped: the backfill would wait forever
 ANOTHER_BACKFILL = "Another backfill is running"
 SQLITE_BUSY = "database is locked"  # SQLite's one writer at a time (the embedded default; PostgreSQL waits)
 RETRY_S = 90  # the scheduler marks a finished backfill complete every 30 s
@@ -99,6 +123,10 @@ RETRY_S = 90  # the scheduler marks a finished backfill complete every 30 s
 def _create(dag_id: str, first: dt.date, last: dt.date, env: dict, echo) -> None:
     """`airflow backfill create`, tried again while an earlier backfill whose runs have ended is not yet marked
     complete by the scheduler (one open backfill per DAG), or while SQLite is busy with another writer."""
+    from airflow import settings
+
+    if settings.SQL_ALCHEMY_CONN.startswith("sqlite"):
+        env = {**env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS"}
     deadline = time.monotonic() + RETRY_S
     while True:
         done = _airflow("backfill", "create", "--dag-id", dag_id, "--from-date", first.isoformat(),
@@ -131,20 +159,27 @@ def backfill(loaded: LoadedSpec, first: dt.date, last: dt.date, timeout_minutes:
     expected = nights(spec.schedule, first, last)
     if not expected:
         raise LeptonError(f"schedule '{spec.schedule}' has no run dated {first}..{last}")
-    if _airflow("jobs", "check", "--job-type", "SchedulerJob", env=env).returncode != 0:
+    _use_metadata_db(env)
+    if not _scheduler_alive():
         raise LeptonError("no Airflow scheduler is running: start the stack with `make up` (a backfill is run by "
                           "the scheduler, as from the UI's Backfill dialog)")
-    _use_metadata_db(env)
     if _is_paused(spec.name):  # a paused DAG runs nothing, backfills included
         _check(_airflow("dags", "unpause", spec.name, env=env), f"unpausing {spec.name}")
         echo(f"unpaused {spec.name}: as on any unpause, Airflow also starts its latest scheduled night (catchup "
              "is off), beside the backfill")
     _create(spec.name, first, last, env, echo)
     echo(f"backfill of {spec.name}: {len(expected)} night(s), {expected[0].date()} .. {expected[-1].date()}")
-    deadline, reported = time.monotonic() + timeout_minutes * 60, set()
+    deadline, reported, heard_at = time.monotonic() + timeout_minutes * 60, set(), time.monotonic()
     while True:
         runs = _runs(spec.name)
         mine = [runs.get(tick.isoformat(), Night(tick)) for tick in expected]
+        pending = ", ".join(str(n.logical_date.date()) for n in mine if n.state not in TERMINAL)
+        if _scheduler_alive():
+            heard_at = time.monotonic()
+        elif pending and time.monotonic() - heard_at > SCHEDULER_GONE_S:
+            raise LeptonError(f"the Airflow scheduler stopped during the backfill of {spec.name} (no heartbeat for "
+                              f"{SCHEDULER_GONE_S} s; pending: {pending}): see its log, start it again and rerun "
+                              "the same backfill (finished nights are rerun idempotently)")
         for night in mine:
             if night.state in TERMINAL and night.logical_date not in reported:
                 reported.add(night.logical_date)
@@ -152,7 +187,6 @@ def backfill(loaded: LoadedSpec, first: dt.date, last: dt.date, timeout_minutes:
         if all(n.state in TERMINAL for n in mine):
             break
         if time.monotonic() > deadline:
-            pending = ", ".join(str(n.logical_date.date()) for n in mine if n.state not in TERMINAL)
             raise LeptonError(f"backfill of {spec.name} not finished after {timeout_minutes:g} min "
                               f"(pending: {pending})")
         time.sleep(poll_seconds)
