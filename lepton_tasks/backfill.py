@@ -114,7 +114,8 @@ def _runs(dag_id: str) -> dict[str, Night]:
 # Airflow delete the runs it had just created, and a scheduler that already picked them up stops on the deleted
 # rows (seen under load on the embedded default).
 SQLITE_CONNECT_ARGS = {"timeout": 60}
-SCHEDULER_GONE_S = 60  # a scheduler without a heartbeat this long has stopped: the backfill would wait forever
+# polls in a row without a live scheduler (Airflow's own test: a heartbeat within scheduler_health_check_threshold)
+SCHEDULER_GONE_POLLS = 3
 ANOTHER_BACKFILL = "Another backfill is running"
 SQLITE_BUSY = "database is locked"  # SQLite's one writer at a time (the embedded default; PostgreSQL waits)
 RETRY_S = 90  # the scheduler marks a finished backfill complete every 30 s
@@ -169,17 +170,16 @@ def backfill(loaded: LoadedSpec, first: dt.date, last: dt.date, timeout_minutes:
              "is off), beside the backfill")
     _create(spec.name, first, last, env, echo)
     echo(f"backfill of {spec.name}: {len(expected)} night(s), {expected[0].date()} .. {expected[-1].date()}")
-    deadline, reported, heard_at = time.monotonic() + timeout_minutes * 60, set(), time.monotonic()
+    deadline, reported, unheard = time.monotonic() + timeout_minutes * 60, set(), 0
     while True:
         runs = _runs(spec.name)
         mine = [runs.get(tick.isoformat(), Night(tick)) for tick in expected]
         pending = ", ".join(str(n.logical_date.date()) for n in mine if n.state not in TERMINAL)
-        if _scheduler_alive():
-            heard_at = time.monotonic()
-        elif pending and time.monotonic() - heard_at > SCHEDULER_GONE_S:
-            raise LeptonError(f"the Airflow scheduler stopped during the backfill of {spec.name} (no heartbeat for "
-                              f"{SCHEDULER_GONE_S} s; pending: {pending}): see its log, start it again and rerun "
-                              "the same backfill (finished nights are rerun idempotently)")
+        unheard = 0 if _scheduler_alive() else unheard + 1
+        if pending and unheard >= SCHEDULER_GONE_POLLS:  # else the wait would last until its timeout
+            raise LeptonError(f"the Airflow scheduler stopped during the backfill of {spec.name} (pending: "
+                              f"{pending}): see its log, start it again and rerun the same backfill (nights that "
+                              "finished are rerun idempotently)")
         for night in mine:
             if night.state in TERMINAL and night.logical_date not in reported:
                 reported.add(night.logical_date)

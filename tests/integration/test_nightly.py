@@ -7,7 +7,8 @@ pipeline reading one daily partition per night:
 - a night whose file lands while its run is deferred in the triggerer: it waits, then succeeds (warm start);
   the same night from scratch, side by side; a champion whose shape no longer fits falls back to scratch;
 - a night that never lands: a clean failure naming the day, nothing registered, a failure notification;
-- drift over `drift_max` with `drift_action: fail`: the run stops before training, nothing registered.
+- drift over `drift_max` with `drift_action: fail`: the run stops before training, nothing registered;
+- the scheduler killed (SIGKILL) while `lepton backfill` waits: it fails naming the pending night.
 
 The scenarios share one Airflow (starting one costs a minute) and run in order: later nights have the earlier
 champions.
@@ -349,3 +350,31 @@ def test_drift_over_the_threshold_stops_before_training(nightly):
     assert len(_versions(env)) == versions and not _parent_runs(env, "drifted_night")
     assert _registry(env).get_registered_model(MODEL).aliases["champion"] == champion
     wait_for(lambda: {"drift", "failure"} <= inbox.events("drifted_night"), 60, "the drift and failure notices")
+
+
+def test_a_scheduler_killed_mid_backfill_is_named_not_waited_out(nightly):
+    """Last in this file: it leaves the module's Airflow without a scheduler. Airflow's own health test (a
+    heartbeat within scheduler_health_check_threshold, 10 s for the `lepton backfill` process here) says it is gone;
+    the backfill fails naming the pending night instead of waiting out its 12-hour timeout."""
+    import contextlib
+
+    import psutil
+
+    env, extra, _ = nightly
+    write_sensor_day(env.data_root / "landing" / "sensors", "2026-11-24")
+    backfill = subprocess.Popen([str(BIN / "lepton"), "backfill", DAG, "--from", "2026-11-24", "--to", "2026-11-24"],
+                                env=env.env(**extra, AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="10"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    wait_for(lambda: env.run_state("backfill__2026-11-24T03:00:00+00:00", DAG) == "running", 120,
+             "the backfilled night to start")
+    scheduler = next(p for p in psutil.Process().children() if p.cmdline()[-1:] == ["scheduler"])
+    orphans = scheduler.children(recursive=True)  # its executor's workers and the task running now
+    scheduler.kill()
+    try:
+        _, err = backfill.communicate(timeout=120)
+    finally:
+        for process in orphans:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    assert backfill.returncode == 1, err[-3000:]
+    assert "scheduler stopped during the backfill of lepton_sensors (pending: 2026-11-24)" in err, err[-3000:]

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, read_report, wait_for, write_demo
+from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, read_report, unscheduled_specs, wait_for, write_demo
 from tests.integration.faults import FaultDriver, local_cluster_workers
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def _merged_and_registry(env: AirflowEnv) -> tuple[str, int, int]:
     parents = client.search_runs([experiment.experiment_id], "tags.`lepton.dag_run_id` = 'triggered_by_test' and "
                                  "tags.`mlflow.parentRunId` IS NULL")
     versions = client.search_model_versions("name = 'lepton-mnist1d' and tags.`lepton.dag_run_id` = "
-                                            "'triggered_by_test'")  # (unpausing also starts a scheduled run)
+                                            "'triggered_by_test'")
     merged = json.loads((env.data_root / "lepton_mnist1d" / RUN_ID / "summaries" / "merge.json").read_text())
     assert report["status"] == "success"
     return json.dumps(merged["merged_metrics"]), len(parents), len(versions)
@@ -82,8 +82,10 @@ def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_noth
     write_demo(env.data_root, 1500)
     env.migrate()
     # a cluster that is gone for good fails train after 10 s (not 180); retried 3 s later. Validation partitions
-    # (a tiny memory budget): it waits for the run's cluster, which starts beside it
-    with env.serving(LEPTON_DASK_RECOVERY_S="10", LEPTON_VALIDATE_MEMORY_BYTES="1000") as extra:
+    # (a tiny memory budget): it waits for the run's cluster, which starts beside it. The spec without its schedule:
+    # unpausing then starts no scheduled run beside this one (whose workers the faults could hit instead)
+    with env.serving(LEPTON_DASK_RECOVERY_S="10", LEPTON_VALIDATE_MEMORY_BYTES="1000",
+                     LEPTON_PIPELINES_DIR=str(unscheduled_specs(tmp_path / "pipelines"))) as extra:
         env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", RUN_ID, "--logical-date", LOGICAL_DATE,
                     "-c", json.dumps(SMALL_CONF), **extra)
         env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
