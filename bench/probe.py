@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ def shard_baseline(parts_dir: Path, out_dir: Path, shards: int) -> dict:
     """The hand-written version: pyarrow reads everything, numpy deals a seeded stratified split, pyarrow writes."""
     import pyarrow.parquet as pq
 
-    from lepton_tasks.storage import parquet_dictionary_columns
+    from bench.common import write_parquet
 
     started = time.perf_counter()
     table = pq.read_table(sorted(str(p) for p in parts_dir.glob("*.parquet")))
@@ -55,10 +54,9 @@ def shard_baseline(parts_dir: Path, out_dir: Path, shards: int) -> dict:
     sorted_labels = labels[order]
     rank = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write = partial(pq.write_table, use_dictionary=parquet_dictionary_columns(table.schema))  # as the stage writes
-    for index in range(shards):
-        write(table.take(np.sort(order[rank % shards == index])), out_dir / f"shard-{index:03d}.parquet")
-    write(table.take(np.flatnonzero(held_out)), out_dir / "eval.parquet")
+    for index in range(shards):  # written as the stage writes
+        write_parquet(table.take(np.sort(order[rank % shards == index])), out_dir / f"shard-{index:03d}.parquet")
+    write_parquet(table.take(np.flatnonzero(held_out)), out_dir / "eval.parquet")
     return {"seconds": time.perf_counter() - started, "rows": len(labels)}
 
 

@@ -13,6 +13,7 @@ import datetime as dt
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lepton_tasks.config import Settings
@@ -69,42 +70,41 @@ def _is_paused(dag_id: str) -> bool:
         return dag is None or bool(dag.is_paused)
 
 
-def _scheduler_alive() -> bool:
-    """As `airflow jobs check --job-type SchedulerJob`: a running scheduler whose heartbeat is recent."""
-    from airflow.jobs.job import Job
+def _read_metadata(read: Callable, when_busy):
+    """`read(session)` on the metadata DB; `when_busy` while SQLite is busy with a writer (asked again at the next
+    poll)."""
     from airflow.utils.session import create_session
-    from airflow.utils.state import JobState
-    from sqlalchemy import select
     from sqlalchemy.exc import OperationalError
 
     try:
         with create_session() as session:
-            running = session.scalars(select(Job).where(Job.job_type == "SchedulerJob",
-                                                        Job.state == JobState.RUNNING))
-            return any(job.is_alive() for job in running)
+            return read(session)
     except OperationalError as err:
         if SQLITE_BUSY in str(err):
-            return True  # not known this time: asked again at the next poll
+            return when_busy
         raise
+
+
+def _scheduler_alive() -> bool:
+    """As `airflow jobs check --job-type SchedulerJob`: a running scheduler whose heartbeat is recent (not known
+    while SQLite is busy: taken as alive)."""
+    from airflow.jobs.job import Job
+    from airflow.utils.state import JobState
+    from sqlalchemy import select
+
+    query = select(Job).where(Job.job_type == "SchedulerJob", Job.state == JobState.RUNNING)
+    return _read_metadata(lambda session: any(job.is_alive() for job in session.scalars(query)), True)
 
 
 def _runs(dag_id: str) -> dict[str, Night]:
-    """The DAG's runs by logical date (ISO, UTC)."""
+    """The DAG's runs by logical date (ISO, UTC); none while SQLite is busy."""
     from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
     from sqlalchemy import select
-    from sqlalchemy.exc import OperationalError
 
-    try:
-        with create_session() as session:
-            rows = session.execute(select(DagRun.logical_date, DagRun.run_id, DagRun.state)
-                                   .where(DagRun.dag_id == dag_id, DagRun.logical_date.is_not(None))).all()
-    except OperationalError as err:
-        if SQLITE_BUSY in str(err):
-            return {}  # asked again at the next poll
-        raise
+    query = select(DagRun.logical_date, DagRun.run_id, DagRun.state).where(DagRun.dag_id == dag_id,
+                                                                          DagRun.logical_date.is_not(None))
     found = {}
-    for when, run_id, state in rows:
+    for when, run_id, state in _read_metadata(lambda session: session.execute(query).all(), []):
         when = when.astimezone(dt.UTC)
         found[when.isoformat()] = Night(when, run_id, state)
     return found

@@ -105,6 +105,10 @@ class AirflowEnv:
     def component_logs(self) -> str:
         return "\n".join(p.read_text()[-3000:] for p in self.home.glob("*.log"))
 
+    def task_logs(self, part: str) -> str:
+        """Every task log (every try) whose path has `part` in it, e.g. `task_id=train` or `run_id=nightly`."""
+        return "\n".join(p.read_text() for p in (self.home / "logs").rglob("*.log") if part in str(p))
+
     def run_state(self, run_id: str, dag_id: str = "lepton_mnist1d") -> str | None:
         """The run's state, read from the metadata DB: polling with `airflow dags list-runs` would start an
         `airflow` process (seconds of CPU) every few seconds beside the run being measured."""

@@ -72,11 +72,6 @@ def _faults(run_dir) -> list:
     ]
 
 
-def _task_logs(env: AirflowEnv, task_id: str) -> str:
-    """Every try's log of one task."""
-    return "\n".join(p.read_text() for p in (env.home / "logs").rglob("*.log") if f"task_id={task_id}" in str(p))
-
-
 def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_nothing(tmp_path):
     env = AirflowEnv.sqlite(tmp_path)
     write_demo(env.data_root, 1500)
@@ -106,9 +101,9 @@ def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_noth
     assert _merged_and_registry(env) == first  # same model, still one MLflow run and one version
     report = read_report(env.data_root / "lepton_mnist1d" / RUN_ID)
     assert report["stages"]["train"]["resumed"] > 0  # the rerun reused the finished checkpoints
-    validate_logs = _task_logs(env, "validate")
+    validate_logs = env.task_logs("task_id=validate")
     assert "partition by partition" in validate_logs and "(the run's cluster)" in validate_logs
-    task_logs = _task_logs(env, "train")
+    task_logs = env.task_logs("task_id=train")
     assert "LocalCluster" in task_logs and "epoch" in task_logs  # the cluster choice and per-epoch progress
     assert "does not answer" in task_logs and "for this task" in task_logs  # the retry after the cluster kill
     assert "preloaded for the task processes" in (env.home / "scheduler.log").read_text()

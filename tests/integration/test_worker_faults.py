@@ -99,6 +99,6 @@ def test_a_run_survives_killed_workers_and_a_restarted_scheduler_with_the_same_m
     assert _first_difference(faulty, clean) is None
     # and byte for byte: a checkpoint's bytes are a function of its content (models.save_checkpoint)
     assert sha256_file(faulty / "merge/merged.safetensors") == sha256_file(clean / "merge/merged.safetensors")
-    logs = "\n".join(p.read_text() for p in (env.home / "logs").rglob("*.log") if "run_id=faulty" in str(p))
+    logs = env.task_logs("run_id=faulty")
     assert "the cluster is back" in logs  # the train task rode out the scheduler restart itself
     assert "attempt=2" not in str(list((env.home / "logs").rglob("*")))  # no task needed Airflow's retry
