@@ -96,6 +96,17 @@ def _scheduler_alive() -> bool:
     return _read_metadata(lambda session: any(job.is_alive() for job in session.scalars(query)), True)
 
 
+def _scheduler_heard(poll_seconds: float) -> bool:
+    """Whether a live scheduler is seen within SCHEDULER_GONE_POLLS polls: one late heartbeat (a busy scheduler
+    loop, SQLite's writer) is not yet a scheduler gone, as in the wait below."""
+    for poll in range(SCHEDULER_GONE_POLLS):
+        if _scheduler_alive():
+            return True
+        if poll + 1 < SCHEDULER_GONE_POLLS:
+            time.sleep(poll_seconds)
+    return False
+
+
 def _runs(dag_id: str) -> dict[str, Night]:
     """The DAG's runs by logical date (ISO, UTC); none while SQLite is busy."""
     from airflow.models.dagrun import DagRun
@@ -161,7 +172,7 @@ def backfill(loaded: LoadedSpec, first: dt.date, last: dt.date, timeout_minutes:
     if not expected:
         raise LeptonError(f"schedule '{spec.schedule}' has no run dated {first}..{last}")
     _use_metadata_db(env)
-    if not _scheduler_alive():
+    if not _scheduler_heard(poll_seconds):
         raise LeptonError("no Airflow scheduler is running: start the stack with `make up` (a backfill is run by "
                           "the scheduler, as from the UI's Backfill dialog)")
     if _is_paused(spec.name):  # a paused DAG runs nothing, backfills included

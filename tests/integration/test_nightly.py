@@ -365,8 +365,15 @@ def test_a_scheduler_killed_mid_backfill_is_named_not_waited_out(nightly):
     backfill = subprocess.Popen([str(BIN / "lepton"), "backfill", DAG, "--from", "2026-11-24", "--to", "2026-11-24"],
                                 env=env.env(**extra, AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="10"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
-    wait_for(lambda: env.run_state("backfill__2026-11-24T03:00:00+00:00", DAG) == "running", 120,
-             "the backfilled night to start")
+
+    def night_started() -> bool:
+        if backfill.poll() is not None:
+            out, err = backfill.communicate()
+            raise AssertionError(f"lepton backfill exited {backfill.returncode} before its night started:\n"
+                                 f"{out[-2000:]}\n{err[-3000:]}")
+        return env.run_state("backfill__2026-11-24T03:00:00+00:00", DAG) == "running"
+
+    wait_for(night_started, 120, "the backfilled night to start")
     scheduler = next(p for p in psutil.Process().children() if p.cmdline()[-1:] == ["scheduler"])
     orphans = scheduler.children(recursive=True)  # its executor's workers and the task running now
     scheduler.kill()
