@@ -61,9 +61,10 @@ def mnist_parquet(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dask_client():
-    """A real two-worker Dask cluster of worker processes under nannies, configured as Lepton's own clusters."""
+    """A real two-worker Dask cluster of worker processes under nannies, configured as Lepton's own clusters. One
+    per test module: kept for the whole session, an idle cluster costs about a tenth of a core for the rest of it."""
     from distributed import Client, LocalCluster
 
     from lepton_tasks.cluster import worker_config

@@ -98,9 +98,25 @@ class AirflowEnv:
                                            stderr=subprocess.STDOUT, cwd=self.home)
                 stack.callback(process.wait, 30)
                 stack.callback(process.terminate)
-            wait_for(lambda: self.airflow("dags", "details", dag_id, check=False, **served).returncode == 0,
-                     120, f"the dag-processor to serialise {dag_id}", every=3)
+            self.wait_serialized(dag_id)
             yield served
+
+    def wait_serialized(self, dag_id: str, timeout: float = 120) -> None:
+        """Wait for the dag-processor to store `dag_id` (what the scheduler and `dags trigger` read), polling the
+        metadata DB: `airflow dags details` every few seconds cost seconds of CPU a call."""
+        wait_for(lambda: self._scalar("SELECT 1 FROM serialized_dag WHERE dag_id = :dag", dag=dag_id) is not None,
+                 timeout, f"the dag-processor to serialise {dag_id}")
+
+    def _scalar(self, query: str, **params: str):
+        """One value from the metadata DB (None: no row)."""
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.sql_alchemy_conn)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text(query), params).scalar()
+        finally:
+            engine.dispose()
 
     def component_logs(self) -> str:
         return "\n".join(p.read_text()[-3000:] for p in self.home.glob("*.log"))
@@ -112,28 +128,12 @@ class AirflowEnv:
     def run_state(self, run_id: str, dag_id: str = "lepton_mnist1d") -> str | None:
         """The run's state, read from the metadata DB: polling with `airflow dags list-runs` would start an
         `airflow` process (seconds of CPU) every few seconds beside the run being measured."""
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(self.sql_alchemy_conn)
-        try:
-            with engine.connect() as conn:
-                return conn.execute(sa.text("SELECT state FROM dag_run WHERE dag_id = :dag AND run_id = :run"),
-                                    {"dag": dag_id, "run": run_id}).scalar()
-        finally:
-            engine.dispose()
+        return self._scalar("SELECT state FROM dag_run WHERE dag_id = :dag AND run_id = :run", dag=dag_id, run=run_id)
 
     def task_state(self, run_id: str, task_id: str, dag_id: str = "lepton_mnist1d") -> str | None:
         """A task instance's state, from the metadata DB."""
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(self.sql_alchemy_conn)
-        try:
-            with engine.connect() as conn:
-                return conn.execute(sa.text("SELECT state FROM task_instance WHERE dag_id = :dag AND run_id = :run "
-                                            "AND task_id = :task"), {"dag": dag_id, "run": run_id, "task": task_id}
-                                    ).scalar()
-        finally:
-            engine.dispose()
+        return self._scalar("SELECT state FROM task_instance WHERE dag_id = :dag AND run_id = :run AND task_id = :task",
+                            dag=dag_id, run=run_id, task=task_id)
 
     def finished_state(self, run_id: str, timeout: float, dag_id: str = "lepton_mnist1d") -> str:
         """Wait for the run to end (under a scheduler); its final state."""

@@ -26,9 +26,10 @@ import pytest
 import yaml
 
 from lepton_tasks import links
+from lepton_tasks.cluster import stop_run_cluster
 from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.demo_data import make_sensor_day, write_sensor_day
-from lepton_tasks.storage import RunPaths
+from lepton_tasks.storage import RunPaths, read_json
 from tests.integration.airflow_env import BIN, AirflowEnv, free_port, read_report, wait_for
 
 pytestmark = pytest.mark.slow
@@ -120,8 +121,7 @@ def nightly(tmp_path_factory):
         extra = {"LEPTON_PIPELINES_DIR": str(_spec_folder(tmp)), **inbox.connections()}
         with env.serving(DAG, **extra) as served:
             both = {**extra, **served}
-            wait_for(lambda: env.airflow("dags", "details", SCORE_DAG, check=False, **both).returncode == 0, 120,
-                     f"{SCORE_DAG} to be parsed", every=3)
+            env.wait_serialized(SCORE_DAG)
             env.airflow("dags", "unpause", SCORE_DAG, **both)  # it runs on each new champion from now on
             yield env, both, inbox
 
@@ -383,5 +383,7 @@ def test_a_scheduler_killed_mid_backfill_is_named_not_waited_out(nightly):
         for process in orphans:
             with contextlib.suppress(psutil.Error):
                 process.kill()
+        for record in (env.data_root / DAG).glob("*/cluster/scheduler.json"):  # its teardown task never ran: the
+            stop_run_cluster(read_json(record))  # run's cluster (in a session of its own) would idle for 30 min
     assert backfill.returncode == 1, err[-3000:]
     assert "scheduler stopped during the backfill of lepton_sensors (pending: 2026-11-24)" in err, err[-3000:]
