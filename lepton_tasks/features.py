@@ -31,6 +31,19 @@ def label_key(value) -> str:
     return str(value.item() if isinstance(value, np.generic) else value)
 
 
+def label_codes(values, missing: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """Each value's `label_key` as an index into the returned keys (distinct, sorted); missing values are the key
+    `missing` when given. Factorised: `label_key` runs once per distinct value, not once per row (per row it was
+    most of loading a shard's or the held-out split's rows)."""
+    import pandas as pd
+
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    raw = [missing if missing is not None and pd.isna(value) else label_key(value) for value in uniques]
+    keys = sorted(set(raw))
+    position = {key: index for index, key in enumerate(keys)}
+    return np.array([position[key] for key in raw], dtype=np.int64)[codes], keys
+
+
 @dataclass
 class ColumnEncoding:
     """How one source column becomes one (numeric) or several (one-hot) model inputs."""
@@ -73,35 +86,45 @@ class Encoder:
     def source_columns(self) -> list[str]:
         return [c.name for c in self.columns]
 
-    def encode_features(self, frame) -> np.ndarray:
-        """The float32 model input of a pandas frame holding the source columns, written column by column into
-        one array: at most one column is ever held in float64 (a shard of millions of rows would otherwise hold
-        every column three times over while encoding)."""
-        out = np.empty((len(frame), self.width), dtype=np.float32)
+    def encode_features(self, frame, out: np.ndarray | None = None) -> np.ndarray:
+        """The float32 model input of a pandas frame holding the source columns, into `out` (rows x width; a new
+        array when not given). Columns are encoded one at a time (at most one is ever held in float64: a shard of
+        millions of rows would otherwise hold every column three times over) into a column-major scratch array,
+        then copied once, transposed: a strided write per column into the row-major result, and pandas' fillna,
+        took most of loading the held-out split."""
+        by_column = np.empty((self.width, len(frame)), dtype=np.float32)
         start = 0
         for column in self.columns:
             values = frame[column.name]
             if column.kind == "numeric":
-                numbers = values.astype("float64").fillna(column.fill).to_numpy()
-                out[:, start] = (numbers - column.mean) / column.std
+                numbers = values.astype("float64").to_numpy()
+                nulls = np.isnan(numbers)
+                if nulls.any():
+                    numbers = np.where(nulls, column.fill, numbers)
+                by_column[start] = (numbers - column.mean) / column.std
                 start += 1
             else:
-                text = values.map(label_key, na_action="ignore").fillna(column.fill).to_numpy(dtype=object)
+                codes, keys = label_codes(values, missing=column.fill)
+                keys = np.array(keys, dtype=object)
                 for category in column.categories:
-                    out[:, start] = text == category
+                    by_column[start] = (keys == category)[codes]
                     start += 1
                 if column.other:
-                    out[:, start] = ~np.isin(text, column.categories)
+                    by_column[start] = (~np.isin(keys, column.categories))[codes]
                     start += 1
+        if out is None:
+            return np.ascontiguousarray(by_column.T)
+        out[...] = by_column.T
         return out
 
     def encode_target(self, values) -> np.ndarray:
         """Class indices (int64) or target values (float32) of a pandas series."""
         if self.task == "regression":
             return values.astype("float64").to_numpy().astype(np.float32)
-        keys = values.map(label_key)
+        codes, keys = label_codes(values)
         self.check_labels(keys)
-        return keys.map({c: i for i, c in enumerate(self.classes)}).to_numpy().astype(np.int64)
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[key] for key in keys], dtype=np.int64)[codes]
 
     def check_labels(self, labels) -> None:
         unknown = sorted(set(labels) - set(self.classes))

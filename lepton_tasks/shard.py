@@ -19,12 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_tasks.errors import ShardError
-from lepton_tasks.features import fit, label_key, merge_stats, partition_stats
+from lepton_tasks.features import fit, label_codes, merge_stats, partition_stats
 from lepton_tasks.specs import PipelineSpec
 from lepton_tasks.storage import atomic_dir, parquet_dictionary_columns, sha256_files
 
@@ -83,20 +82,13 @@ def _strata(frame, spec: PipelineSpec) -> tuple[np.ndarray, list]:
     `label_key` share one), or one stratum for all (regression). Factorised, so no Python call per row."""
     if spec.target.task == "regression":
         return np.zeros(len(frame), dtype=np.int64), [0]
-    codes, uniques = pd.factorize(frame[spec.target.column], use_na_sentinel=False)
-    raw_keys = [label_key(value) for value in uniques]
-    keys = sorted(set(raw_keys))
-    key_index = np.array([keys.index(k) for k in raw_keys], dtype=np.int64)
-    return key_index[codes], keys
+    return label_codes(frame[spec.target.column])
 
 
 def _key_codes(values) -> tuple[np.ndarray, list[str]]:
     """Each row's shard_by value as an index into the returned keys (text, as labels compare: `label_key`;
     missing values are the key NULL_KEY)."""
-    codes, uniques = pd.factorize(values, use_na_sentinel=False)
-    raw_keys = [NULL_KEY if pd.isna(value) else label_key(value) for value in uniques]
-    keys = sorted(set(raw_keys))
-    return np.array([keys.index(k) for k in raw_keys], dtype=np.int64)[codes], keys
+    return label_codes(values, missing=NULL_KEY)
 
 
 def _count_partition(frame, spec: PipelineSpec, seed: int, eval_fraction: float, start: int,
