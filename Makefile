@@ -4,9 +4,11 @@ PYTHON ?= python3.11
 VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
 DEMO_SAMPLES ?= 5000
-# two test files at a time, in tests/conftest.py's order: the slowest first (xdist's default reorders files by their
-# number of tests, which left the long one-test integration files for last)
-PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=30
+# three test files at a time on the 2 cores, in tests/conftest.py's order: the slowest first (xdist's default reorders
+# files by their number of tests, which left the long one-test integration files for last). The integration files
+# spend much of their time waiting on Airflow's and Dask's loops: a third file fills those waits (on a clean
+# checkout here 912 s of pytest with three at a time, 944-1005 s with two)
+PYTEST_ARGS ?= -n 3 --dist loadfile --no-loadscope-reorder --durations=30
 TORCH_VERSION := 2.13.0
 UV_VERSION := 0.13.9
 # cuda where an NVIDIA driver is present, else cpu; `make setup TORCH_BUILD=cpu` forces the CPU wheel
@@ -34,9 +36,11 @@ ifeq ($(TORCH_BUILD),cuda)
 else
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)  # the CPU wheel (on disk here), first, so nothing pulls a CUDA build
 endif
-	# uv installs the pinned set in seconds (pip took over a minute of each clean checkout's `make test`)
+	# uv installs the pinned set in seconds (pip took over a minute of each clean checkout's `make test`); compiled
+	# to bytecode as pip does, since a process that may not write .pyc files (PYTHONDONTWRITEBYTECODE, set on
+	# this machine) would otherwise compile every module it imports, at every start
 	$(BIN)/pip install -q uv==$(UV_VERSION)
-	UV_NATIVE_TLS=1 $(BIN)/uv pip install -q --python $(BIN)/python -r requirements.txt
+	UV_NATIVE_TLS=1 $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
@@ -72,7 +76,8 @@ $(FLOWER_VENV)/.installed: bench/flower-requirements.txt
 	$(FLOWER_VENV)/bin/pip install -q --upgrade pip
 	$(FLOWER_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
 	$(FLOWER_VENV)/bin/pip install -q uv==$(UV_VERSION)
-	UV_NATIVE_TLS=1 $(FLOWER_VENV)/bin/uv pip install -q --python $(FLOWER_VENV)/bin/python -r bench/flower-requirements.txt
+	UV_NATIVE_TLS=1 $(FLOWER_VENV)/bin/uv pip install -q --compile-bytecode --python $(FLOWER_VENV)/bin/python \
+	  -r bench/flower-requirements.txt
 	touch $@
 
 bench: setup $(FLOWER_VENV)/.installed

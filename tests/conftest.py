@@ -16,8 +16,8 @@ MNIST_SPEC = load_spec(PIPELINES_DIR / "lepton_mnist1d.yaml")
 HOUSE_SPEC = load_spec(PIPELINES_DIR / "lepton_house_prices.yaml")
 
 
-# The longest test files first (as measured run alone here): `make test` runs two files at a time
-# (`-n 2 --dist loadfile`), and a long file picked up last would be the suite's tail.
+# The longest test files first (as measured run alone here): `make test` runs three files at a time
+# (`-n 3 --dist loadfile`), and a long file picked up last would be the suite's tail.
 SLOWEST_FIRST = ("test_nightly.py", "test_scheduler.py", "test_end_to_end.py", "test_worker_faults.py",
                  "test_production_profile.py", "test_registry_faults.py", "test_faults.py", "test_validate.py",
                  "test_secrets.py", "test_concurrent_runs.py", "test_new_pipeline.py", "test_cluster.py")
