@@ -121,9 +121,7 @@ def _runs(dag_id: str) -> dict[str, Night]:
     return found
 
 
-# `airflow backfill create` on SQLite: wait this long for the scheduler's write lock. Failing on it instead makes
-# Airflow delete the runs it had just created, and a scheduler that already picked them up stops on the deleted
-# rows (seen under load on the embedded default).
+# `airflow` commands that write, on SQLite: wait this long for the scheduler's write lock (see `_create_paused`)
 SQLITE_CONNECT_ARGS = {"timeout": 60}
 # polls in a row without a live scheduler (Airflow's own test: a heartbeat within scheduler_health_check_threshold)
 SCHEDULER_GONE_POLLS = 3
@@ -132,13 +130,44 @@ SQLITE_BUSY = "database is locked"  # SQLite's one writer at a time (the embedde
 RETRY_S = 90  # the scheduler marks a finished backfill complete every 30 s
 
 
+def _on_sqlite() -> bool:
+    from airflow import settings
+
+    return settings.SQL_ALCHEMY_CONN.startswith("sqlite")
+
+
+def _writer_env(env: dict) -> dict:
+    """`env` for an `airflow` command that writes: on SQLite it waits up to a minute for the write lock."""
+    if not _on_sqlite():
+        return env
+    return {**env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS"}
+
+
+def _create_paused(dag_id: str, first: dt.date, last: dt.date, env: dict, echo) -> None:
+    """Create the backfill and leave the DAG unpaused. On SQLite the DAG is paused while the backfill is created:
+    a create that meets the scheduler's write lock can fail at once (SQLite gives up on a lock upgrade without
+    waiting), and Airflow then deletes the runs it had just made; a scheduler that had picked them up stops on the
+    deleted rows (seen in the suite under load). The scheduler leaves a paused DAG's runs alone."""
+    was_paused, env = _is_paused(dag_id), _writer_env(env)
+    hold = _on_sqlite() and not was_paused
+    if hold:
+        _check(_airflow("dags", "pause", dag_id, env=env), f"pausing {dag_id} while its backfill is created")
+    try:
+        _create(dag_id, first, last, env, echo)
+    except BaseException:
+        if hold:  # as it was
+            _check(_airflow("dags", "unpause", dag_id, env=env), f"unpausing {dag_id}")
+        raise
+    if hold or was_paused:
+        _check(_airflow("dags", "unpause", dag_id, env=env), f"unpausing {dag_id}")
+    if was_paused:
+        echo(f"unpaused {dag_id}: as on any unpause, Airflow also starts its latest scheduled night (catchup is "
+             "off), beside the backfill")
+
+
 def _create(dag_id: str, first: dt.date, last: dt.date, env: dict, echo) -> None:
     """`airflow backfill create`, tried again while an earlier backfill whose runs have ended is not yet marked
     complete by the scheduler (one open backfill per DAG), or while SQLite is busy with another writer."""
-    from airflow import settings
-
-    if settings.SQL_ALCHEMY_CONN.startswith("sqlite"):
-        env = {**env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS"}
     deadline = time.monotonic() + RETRY_S
     while True:
         done = _airflow("backfill", "create", "--dag-id", dag_id, "--from-date", first.isoformat(),
@@ -175,11 +204,7 @@ def backfill(loaded: LoadedSpec, first: dt.date, last: dt.date, timeout_minutes:
     if not _scheduler_heard(poll_seconds):
         raise LeptonError("no Airflow scheduler is running: start the stack with `make up` (a backfill is run by "
                           "the scheduler, as from the UI's Backfill dialog)")
-    if _is_paused(spec.name):  # a paused DAG runs nothing, backfills included
-        _check(_airflow("dags", "unpause", spec.name, env=env), f"unpausing {spec.name}")
-        echo(f"unpaused {spec.name}: as on any unpause, Airflow also starts its latest scheduled night (catchup "
-             "is off), beside the backfill")
-    _create(spec.name, first, last, env, echo)
+    _create_paused(spec.name, first, last, env, echo)  # a paused DAG runs nothing, backfills included
     echo(f"backfill of {spec.name}: {len(expected)} night(s), {expected[0].date()} .. {expected[-1].date()}")
     deadline, reported, unheard = time.monotonic() + timeout_minutes * 60, set(), 0
     while True:
