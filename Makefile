@@ -6,8 +6,8 @@ BIN := $(VENV)/bin
 DEMO_SAMPLES ?= 5000
 # three test files at a time on the 2 cores, in tests/conftest.py's order: the slowest first (xdist's default reorders
 # files by their number of tests, which left the long one-test integration files for last). The integration files
-# spend much of their time waiting on Airflow's and Dask's loops: a third file fills those waits (on a clean
-# checkout here 912 s of pytest with three at a time, 944-1005 s with two)
+# spend much of their time waiting on Airflow's and Dask's loops, and a third file fills those waits (two at a time
+# left a fifth of the 2 cores idle)
 PYTEST_ARGS ?= -n 3 --dist loadfile --no-loadscope-reorder --durations=30
 TORCH_VERSION := 2.13.0
 UV_VERSION := 0.13.9
