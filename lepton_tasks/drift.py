@@ -63,16 +63,39 @@ def _columns(spec: PipelineSpec) -> dict[str, str]:
 
 
 def _read(parts: list[str], column: str) -> np.ndarray:
-    """One column of every part. Columns are read in `measure`'s threads, so each read stays on its thread:
-    `read_table`'s dataset set-up and thread pool per call cost more than a column of a part takes to read."""
+    """One column of every part, read on the calling thread: `measure` reads columns in threads of its own."""
     import pyarrow.parquet as pq
 
-    return np.concatenate([pq.ParquetFile(p).read(columns=[column], use_threads=False).column(0)
-                           .to_numpy(zero_copy_only=False) for p in parts])
+    return pq.read_table(parts, columns=[column], use_threads=False).column(0).to_numpy(zero_copy_only=False)
 
 
 def _as_numbers(values: np.ndarray) -> np.ndarray:
-    return np.asarray(values, dtype="float64")  # no copy when the column is float64 already
+    """A numeric column as floats: float32 and float64 as they are (no copy), anything else as float64."""
+    return values if values.dtype in (np.float32, np.float64) else np.asarray(values, dtype="float64")
+
+
+def _at_least(numbers: np.ndarray, edge: float) -> int:
+    """How many values are >= `edge`. On float32 values the comparison stays in float32, against the smallest
+    float32 at or above the edge (for a float32 value, value >= edge exactly when value >= that): the same
+    count as in float64, at half the memory traffic of an upcast."""
+    if numbers.dtype == np.float32:
+        bound = np.float32(edge)
+        edge = np.nextafter(bound, np.float32(np.inf)) if float(bound) < edge else bound
+    return int(np.count_nonzero(numbers >= edge))
+
+
+def _deciles(present: np.ndarray) -> list[float]:
+    """`np.quantile(present.astype(float64), ...)`'s decile edges (its default 'linear' method), with the order
+    statistics found in the column's own dtype: a float32 column is not copied to float64 to be partitioned."""
+    count = len(present)
+    virtual = (count - 1) * np.linspace(0, 1, BINS + 1)[1:-1]
+    below = np.floor(virtual).astype(np.intp)
+    above = np.minimum(below + 1, count - 1)
+    ordered = np.partition(present, np.unique(np.concatenate([below, above])))
+    low, high = ordered[below].astype(np.float64), ordered[above].astype(np.float64)
+    gamma = virtual - below
+    # numpy's _lerp: from the nearer end, so that gamma 0 and 1 give the order statistics exactly
+    return np.where(gamma >= 0.5, high - (high - low) * (1 - gamma), low + (high - low) * gamma).tolist()
 
 
 def _numeric_shares(numbers: np.ndarray, edges: list[float]) -> dict[str, float]:
@@ -80,7 +103,7 @@ def _numeric_shares(numbers: np.ndarray, edges: list[float]) -> dict[str, float]
     or above each edge, one comparison pass per edge (NaN compares false): on 10 M rows a sixth of the time of
     searchsorted + bincount, the same counts."""
     nulls = int(np.count_nonzero(np.isnan(numbers)))
-    at_least = [len(numbers) - nulls, *(int(np.count_nonzero(numbers >= edge)) for edge in edges), 0]
+    at_least = [len(numbers) - nulls, *(_at_least(numbers, edge) for edge in edges), 0]
     shares = {f"b{i}": float(above - next_up) / len(numbers)
               for i, (above, next_up) in enumerate(zip(at_least, at_least[1:], strict=False))}
     shares[NULL] = nulls / len(numbers)
@@ -115,7 +138,7 @@ def _profile_column(values: np.ndarray, kind: str) -> dict:
     numbers = _as_numbers(values)
     nulls = np.isnan(numbers)
     present = numbers[~nulls] if nulls.any() else numbers
-    deciles = np.quantile(present, np.linspace(0, 1, BINS + 1)[1:-1]).tolist() if len(present) else []
+    deciles = _deciles(present) if len(present) else []
     edges = sorted(set(deciles))
     return {"kind": kind, "edges": edges, "shares": _numeric_shares(numbers, edges)}
 

@@ -62,3 +62,36 @@ def test_without_a_champion_profile_only_this_runs_profile_is_written(tmp_path):
     first = measure(_day(tmp_path, "2026-11-05"), SPEC, tmp_path / "d", None, None, 0.25, "fail")
     assert first.max_psi is None and not first.alarm and first.report_path is None
     assert (tmp_path / "d" / "profile.json").is_file() and "nothing to compare" in verdict(first)
+
+
+def _float64_shares(values, edges: list[float]) -> dict[str, float]:
+    """The plain float64 definition of a column's shares: bin i holds edges[i-1] <= value < edges[i]."""
+    import numpy as np
+
+    numbers = values.astype(np.float64)
+    present = numbers[~np.isnan(numbers)]
+    bins = np.searchsorted(np.asarray(edges), present, side="right")
+    shares = {f"b{i}": np.count_nonzero(bins == i) / len(numbers) for i in range(len(edges) + 1)}
+    return {**shares, "__null__": np.count_nonzero(np.isnan(numbers)) / len(numbers)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float32_columns_profile_and_bin_exactly_as_in_float64(seed):
+    """float32 columns are partitioned and compared in float32: their deciles and counts must be those of the
+    same values upcast (np.quantile's edges, and edges that no float32 can hold, values one step either side)."""
+    import numpy as np
+
+    from lepton_tasks.drift import _profile_column, _shares_on
+
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(20_001).astype(np.float32) * np.float32(10.0 ** rng.integers(-3, 4))
+    values[rng.integers(0, len(values), 300)] = np.nan
+    values[:2000] = np.round(values[:2000])  # ties, and signs mixed around zero
+    mine = _profile_column(values, "numeric")
+    upcast = values.astype(np.float64)
+    assert mine["edges"] == sorted(set(np.quantile(upcast[~np.isnan(upcast)], np.linspace(0, 1, 11)[1:-1]).tolist()))
+    assert mine["shares"] == pytest.approx(_float64_shares(values, mine["edges"]), abs=0)
+
+    edges = sorted({float(v) + d for v in rng.choice(values[~np.isnan(values)], 9) for d in (0.0, 1e-12, -1e-12)})
+    reference = {"kind": "numeric", "edges": edges, "shares": {}}
+    assert _shares_on(values, reference) == pytest.approx(_float64_shares(values, edges), abs=0)
