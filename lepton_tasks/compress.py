@@ -92,12 +92,35 @@ def prune_global(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
     return model
 
 
-def export_onnx(model: torch.nn.Module, in_features: int, path: Path) -> Path:
-    """Export with a dynamic batch dimension, as one self-contained file."""
+def export_onnx(model: torch.nn.Module, in_features: int, path: Path, slim: bool = True) -> Path:
+    """Export with a dynamic batch dimension, as one self-contained file (`slim`: see `slim_onnx`). Its
+    initializers are named after the model's state-dict keys."""
     example = (torch.zeros(2, in_features),)
     torch.onnx.export(model.eval(), example, str(path), input_names=["features"], output_names=["output"],
                       dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
                       verbose=False)
+    return slim_onnx(path) if slim else path
+
+
+def with_weights(exported: Path, dense: dict[str, torch.Tensor], model: torch.nn.Module, in_features: int,
+                 path: Path) -> Path:
+    """`model` as ONNX, where it has the architecture of the model `exported` (not slimmed) came from, whose
+    weights were `dense`: the same graph with the weights that differ replaced, by state-dict key. Pruning only
+    zeroes weights, so this gives what exporting the pruned model gives, without a second export (each one
+    builds the exporter's operator registry: over a second). Exported after all where a changed weight is not
+    an initializer of that name and shape."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(exported))
+    initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
+    changed = {name: tensor for name, tensor in model.state_dict().items() if not tensor.equal(dense[name])}
+    if any(name not in initializers or tuple(initializers[name].dims) != tuple(tensor.shape)
+           for name, tensor in changed.items()):
+        return export_onnx(model, in_features, path)
+    for name, tensor in changed.items():
+        initializers[name].CopyFrom(numpy_helper.from_array(tensor.detach().numpy(), name))
+    onnx.save(proto, str(path))
     return slim_onnx(path)
 
 
@@ -202,8 +225,11 @@ def _deflated(path: Path) -> int:
 
 def _build_variants(shape: ModelShape, state: dict, sparsity: float, out: Path,
                     calibration: np.ndarray | None) -> dict[str, Path]:
-    dense = export_onnx(load_model(shape, state), shape.in_features, out / "fp32.onnx")
-    pruned = export_onnx(prune_global(load_model(shape, state), sparsity), shape.in_features, out / "pruned_fp32.onnx")
+    dense_model = load_model(shape, state)
+    exported = export_onnx(dense_model, shape.in_features, out / "fp32.onnx", slim=False)
+    pruned = with_weights(exported, dense_model.state_dict(), prune_global(load_model(shape, state), sparsity),
+                          shape.in_features, out / "pruned_fp32.onnx")
+    dense = slim_onnx(exported)
     variants = {
         "onnx_fp32": dense,
         "onnx_pruned_fp32": pruned,

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lepton_tasks.compress import compress, prune_global, tradeoff_table
@@ -55,3 +56,40 @@ def test_scoring_a_large_split_runs_in_bounded_calls_with_the_same_outputs(tmp_p
     chunked = stage._onnx_session(path)(rows)
     assert calls == [stage.SCORING_ROWS, stage.SCORING_ROWS, 5]
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,task", [("cnn", "classification"), ("mlp", "regression")])
+def test_the_pruned_variant_is_the_pruned_models_own_export(tmp_path, kind, task):
+    """The pruned ONNX is the dense export with the pruned weights put in: the same operators and weights as
+    exporting the pruned model (`prune.remove` re-registers weights after biases, so their order differs), the
+    same outputs, and those of the pruned model in PyTorch."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import numpy_helper
+
+    from lepton_tasks import compress as stage
+
+    shape = ModelShape(kind, 40, 10 if task == "classification" else 1, 16, task, 3.0, 2.0)
+    dense = build_model(shape).eval()
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    pruned = build_model(shape)
+    pruned.load_state_dict(state)
+    pruned = stage.prune_global(pruned, 0.5).eval()
+    exported = stage.export_onnx(dense, 40, tmp_path / "dense.onnx", slim=False)
+    derived = stage.with_weights(exported, state, pruned, 40, tmp_path / "derived.onnx")
+    direct = stage.export_onnx(pruned, 40, tmp_path / "direct.onnx")
+
+    def contents(path):
+        graph = onnx.load(str(path)).graph
+        return ([node.op_type for node in graph.node],
+                sorted(numpy_helper.to_array(t).tobytes() for t in graph.initializer))
+
+    assert contents(derived) == contents(direct)
+    rows = np.random.default_rng(0).standard_normal((64, 40), dtype=np.float32)
+    derived_out, direct_out = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                               .run(None, {"features": rows})[0] for p in (derived, direct))
+    np.testing.assert_array_equal(derived_out, direct_out)
+    with torch.no_grad():
+        np.testing.assert_allclose(derived_out, pruned(torch.from_numpy(rows)).numpy(), rtol=1e-5, atol=1e-5)
