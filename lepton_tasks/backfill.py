@@ -127,7 +127,10 @@ SQLITE_CONNECT_ARGS = {"timeout": 60}
 SCHEDULER_GONE_POLLS = 3
 ANOTHER_BACKFILL = "Another backfill is running"
 SQLITE_BUSY = "database is locked"  # SQLite's one writer at a time (the embedded default; PostgreSQL waits)
-RETRY_S = 90  # the scheduler marks a finished backfill complete every 30 s
+# the scheduler marks a finished backfill complete every 30 s; one whose create failed before any of its runs was
+# stored (SQLite's "database is locked", under load) blocks the DAG's next create until the scheduler drops it, 2
+# minutes after it was made (seen: 140 s)
+RETRY_S = 180
 
 
 def _on_sqlite() -> bool:

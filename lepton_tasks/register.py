@@ -315,19 +315,53 @@ def _compare(client, champion, version, record: RunRecord) -> dict:
             "reason": f"{metric} {score:.4f} vs champion {same_data:.4f} on this run's held-out rows"}
 
 
+ALIAS_TRIES = 3
+
+
+def _alias_taken(err: Exception) -> bool:
+    """MLflow's SQL store sets an alias as delete-then-insert: two runs of one model setting the same alias at the
+    same moment, one insert fails on the alias table's unique key (SQLite's or PostgreSQL's wording)."""
+    said = str(err)
+    return "registered_model_aliases" in said and ("UNIQUE" in said or "duplicate key" in said)
+
+
+def _set_alias(client, model_name: str, alias: str, version) -> bool:
+    """Point `alias` at `version`; False where a concurrent run's set of the same alias got in between."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(model_name, alias, version)
+        return True
+    except MlflowException as err:
+        if not _alias_taken(err):
+            raise
+        log.warning("another run set alias '%s' of %s at the same moment", alias, model_name)
+        return False
+
+
+def _alias_contended(alias: str, model_name: str) -> RegistryError:
+    return RegistryError(f"alias '{alias}' of {model_name} was set by another run at the same moment, "
+                         f"{ALIAS_TRIES} times in a row: not moved (Airflow's retry tries again)")
+
+
 def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: str) -> tuple[list[str], dict]:
     """`candidate` always; `champion` only as `_compare` decides. The comparison is recorded in the run (tag
-    `lepton.promotion`, metric, promotion.json) and returned for the report."""
-    client.set_registered_model_alias(model_name, CANDIDATE, version.version)
-    champion = current_champion(client, model_name)
-    comparison = _compare(client, champion, version, record)
-    comparison["promoted"] = comparison["outcome"] == PROMOTED
-    if comparison.get("champion_score_same_data") is not None:
-        log_metrics(client, run_id, {f"champion_eval_{comparison['metric']}": comparison["champion_score_same_data"]})
-    client.log_dict(run_id, comparison, "promotion.json")
-    client.set_tag(run_id, "lepton.promotion", comparison["outcome"])
-    if comparison["promoted"]:
-        client.set_registered_model_alias(model_name, CHAMPION, version.version)
+    `lepton.promotion`, metric, promotion.json) and returned for the report. Where a concurrent run of the same
+    model set an alias at the same moment, it is set again; `champion` after comparing with that run's model."""
+    if not any(_set_alias(client, model_name, CANDIDATE, version.version) for _ in range(ALIAS_TRIES)):
+        raise _alias_contended(CANDIDATE, model_name)
+    for _ in range(ALIAS_TRIES):
+        comparison = _compare(client, current_champion(client, model_name), version, record)
+        comparison["promoted"] = comparison["outcome"] == PROMOTED
+        if comparison.get("champion_score_same_data") is not None:
+            log_metrics(client, run_id,
+                        {f"champion_eval_{comparison['metric']}": comparison["champion_score_same_data"]})
+        client.log_dict(run_id, comparison, "promotion.json")
+        client.set_tag(run_id, "lepton.promotion", comparison["outcome"])
+        if not comparison["promoted"] or _set_alias(client, model_name, CHAMPION, version.version):
+            break
+    else:
+        raise _alias_contended(CHAMPION, model_name)
     log.info("champion %s version %s (was %s): %s", "->" if comparison["promoted"] else "stays, not",
              version.version, comparison["champion_version"], comparison["reason"])
     aliases = client.get_model_version(model_name, version.version).aliases
