@@ -79,9 +79,9 @@ class Deployment:
 
     def trigger(self, extra: dict, conf: dict | None = None, dag_id: str = SCALE_DAG_ID) -> str:
         run_id = f"bench-{next(_runs)}"
-        self.env.airflow("dags", "trigger", dag_id, "--run-id", run_id, "-c", json.dumps(conf or {}), **extra)
-        if dag_id not in self.unpaused:  # once: each `airflow` call costs seconds between the runs
-            self.env.airflow("dags", "unpause", dag_id, **extra)
+        self.env.trigger(extra, run_id, conf or {}, dag_id=dag_id)
+        if dag_id not in self.unpaused:
+            self.env.unpause(extra, dag_id)
             self.unpaused.add(dag_id)
         state = self.env.finished_state(run_id, RUN_TIMEOUT_S, dag_id)
         assert state == "success", f"{run_id} ended {state}:\n{self.env.component_logs()}"

@@ -219,7 +219,8 @@ def _pids_file(profile: Profile) -> Path:
     return profile.state / "pids.json"
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether a server answers at `url` (any HTTP status under 500)."""
     try:
         with urllib.request.urlopen(url, timeout=3) as response:
             return response.status < 500
@@ -270,9 +271,9 @@ def up(profile: Profile) -> dict[str, str]:
             processes[name] = subprocess.Popen(command, env=env, cwd=profile.state, start_new_session=True,
                                                stdout=(logs / f"{name}.log").open("ab"), stderr=subprocess.STDOUT)
             _pids_file(profile).write_text(json.dumps({n: p.pid for n, p in processes.items()}))
-        _wait("MLflow", lambda: _answers(f"{profile.mlflow_url}/health"), processes, logs)
+        _wait("MLflow", lambda: answers(f"{profile.mlflow_url}/health"), processes, logs)
         _wait("the Dask scheduler", lambda: _port_open(profile.dask_port), processes, logs)
-        _wait("the Airflow api-server", lambda: _answers(f"{profile.airflow_url}/api/v2/monitor/health"),
+        _wait("the Airflow api-server", lambda: answers(f"{profile.airflow_url}/api/v2/monitor/health"),
               processes, logs)
     except BaseException:
         down(profile)

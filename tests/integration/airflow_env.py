@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lepton_tasks.config import REPO_ROOT
-from lepton_tasks.services import MLFLOW_SERVER_ENV
+from lepton_tasks.services import MLFLOW_SERVER_ENV, answers
 
 BIN = Path(sys.executable).parent
 
@@ -66,6 +66,34 @@ class AirflowEnv:
                                  f"{done.stderr[-4000:]}")
         return done
 
+    def api(self, extra: dict[str, str], path: str, body: dict | None = None, method: str = "GET"):
+        """One call to the serving api-server's REST API as its `admin` user (what the UI does): a JSON answer.
+        A CLI call would start an `airflow` process, seconds of CPU, for the same."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{extra['AIRFLOW__API__PORT']}{path}", method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token(extra)}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read() or b"null")
+
+    def token(self, extra: dict[str, str]) -> str:
+        """A JWT for the `admin` user, whose password the api-server wrote to `home`."""
+        password = json.loads((self.home / "passwords.json").read_text())["admin"]
+        request = urllib.request.Request(f"http://127.0.0.1:{extra['AIRFLOW__API__PORT']}/auth/token", method="POST",
+                                         data=json.dumps({"username": "admin", "password": password}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["access_token"]
+
+    def trigger(self, extra: dict[str, str], run_id: str, conf: dict, logical_date: str | None = None,
+                dag_id: str = "lepton_mnist1d") -> None:
+        """Trigger a run through the REST API, as the UI's trigger form does."""
+        self.api(extra, f"/api/v2/dags/{dag_id}/dagRuns",
+                 {"dag_run_id": run_id, "logical_date": logical_date, "conf": conf}, "POST")
+
+    def unpause(self, extra: dict[str, str], dag_id: str = "lepton_mnist1d") -> None:
+        self.api(extra, f"/api/v2/dags/{dag_id}", {"is_paused": False}, "PATCH")
+
     def migrate(self) -> None:
         """`airflow db migrate`. On SQLite, this process's first migrated database is kept and copied for the
         later ones: the same Airflow makes the same empty schema, and each migration costs seconds of CPU."""
@@ -99,6 +127,9 @@ class AirflowEnv:
                 stack.callback(process.wait, 30)
                 stack.callback(process.terminate)
             self.wait_serialized(dag_id)
+            # what the REST calls (`api`) need; the CLI reads the metadata DB without it
+            wait_for(lambda: answers(f"http://127.0.0.1:{port}/api/v2/monitor/health"), 120,
+                     "the api-server to answer", every=0.3)
             yield served
 
     def wait_serialized(self, dag_id: str, timeout: float = 120) -> None:

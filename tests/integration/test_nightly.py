@@ -122,7 +122,7 @@ def nightly(tmp_path_factory):
         with env.serving(DAG, **extra) as served:
             both = {**extra, **served}
             env.wait_serialized(SCORE_DAG)
-            env.airflow("dags", "unpause", SCORE_DAG, **both)  # it runs on each new champion from now on
+            env.unpause(both, SCORE_DAG)  # it runs on each new champion from now on
             yield env, both, inbox
 
 
@@ -166,20 +166,8 @@ def _served(env: AirflowEnv, extra: dict, path: str, token: str | None = None) -
         return err.code, ""
 
 
-def _token(env: AirflowEnv, extra: dict) -> str:
-    import urllib.request
-
-    password = json.loads((env.home / "passwords.json").read_text())["admin"]
-    request = urllib.request.Request(f"http://127.0.0.1:{extra['AIRFLOW__API__PORT']}/auth/token", method="POST",
-                                     data=json.dumps({"username": "admin", "password": password}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())["access_token"]
-
-
 def _trigger(env: AirflowEnv, extra: dict, run_id: str, logical_date: str, conf: dict) -> None:
-    env.airflow("dags", "trigger", DAG, "--run-id", run_id, "--logical-date", logical_date, "-c", json.dumps(conf),
-                **extra)
+    env.trigger(extra, run_id, conf, logical_date, DAG)
 
 
 def _finished(env: AirflowEnv, run_id: str) -> tuple[str, dict]:
@@ -217,7 +205,7 @@ def test_backfill_three_nights_then_rerun_one(nightly):
     assert "Drift report" in Path(shifted["report_path"]).read_text()
     link = links.drift_report_url(DAG, nights[2]["run_id"])  # the *Drift report* extra link, behind the login
     assert _served(env, extra, link)[0] in (401, 403)
-    status, page = _served(env, extra, link, _token(env, extra))
+    status, page = _served(env, extra, link, env.token(extra))
     assert status == 200 and "pressure_bar" in page
     assert nights[2]["metrics"]["drift.max_psi"] == shifted["max_psi"]
     assert "drift" in inbox.events(nights[2]["run_id"])

@@ -81,9 +81,8 @@ def test_triggered_run_survives_worker_kills_and_a_cleared_rerun_duplicates_noth
     # unpausing then starts no scheduled run beside this one (whose workers the faults could hit instead)
     with env.serving(LEPTON_DASK_RECOVERY_S="10", LEPTON_VALIDATE_MEMORY_BYTES="1000",
                      LEPTON_PIPELINES_DIR=str(unscheduled_specs(tmp_path / "pipelines"))) as extra:
-        env.airflow("dags", "trigger", "lepton_mnist1d", "--run-id", RUN_ID, "--logical-date", LOGICAL_DATE,
-                    "-c", json.dumps(SMALL_CONF), **extra)
-        env.airflow("dags", "unpause", "lepton_mnist1d", **extra)
+        env.trigger(extra, RUN_ID, SMALL_CONF, LOGICAL_DATE)
+        env.unpause(extra)
         with FaultDriver(_faults(env.data_root / "lepton_mnist1d" / RUN_ID)) as driver:
             ended = env.finished_state(RUN_ID, RUN_TIMEOUT_S)
         assert ended == "success", f"run ended {ended}; component logs:\n{env.component_logs()}"
