@@ -11,6 +11,9 @@ DEMO_SAMPLES ?= 5000
 PYTEST_ARGS ?= -n 3 --dist loadfile --no-loadscope-reorder --durations=30
 TORCH_VERSION := 2.13.0
 UV_VERSION := 0.13.9
+UV_INSTALL = UV_NATIVE_TLS=1 $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python
+# pip's wheel folders (the CPU torch wheel is on disk here), for uv, which reads no pip configuration
+WHEEL_FOLDERS = $(foreach folder,$(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)),--find-links $(folder))
 # cuda where an NVIDIA driver is present, else cpu; `make setup TORCH_BUILD=cpu` forces the CPU wheel
 TORCH_BUILD ?= $(shell { test -e /proc/driver/nvidia/version || nvidia-smi -L; } >/dev/null 2>&1 && echo cuda || echo cpu)
 
@@ -28,20 +31,19 @@ setup: $(VENV)/.installed var/secrets.env
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	# uv installs in seconds what took pip over a minute of each clean checkout's `make test`; compiled to bytecode
+	# as pip does, since a process that may not write .pyc files (PYTHONDONTWRITEBYTECODE, set on this machine)
+	# would otherwise compile every module it imports, at every start
+	$(BIN)/pip install -q uv==$(UV_VERSION)
 ifeq ($(TORCH_BUILD),cuda)
 	# PyPI's Linux build of the same version is the CUDA one; no local wheel folder or cap may stand in for it
 	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/python -c 'import sys, torch; sys.exit(None if torch.version.cuda else "an NVIDIA driver is present but pip installed torch " + torch.__version__ + " without CUDA")'
 else
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)  # the CPU wheel (on disk here), first, so nothing pulls a CUDA build
+	$(UV_INSTALL) torch==$(TORCH_VERSION) $(WHEEL_FOLDERS)  # the CPU wheel, first, so nothing pulls a CUDA build
 endif
-	# uv installs the pinned set in seconds (pip took over a minute of each clean checkout's `make test`); compiled
-	# to bytecode as pip does, since a process that may not write .pyc files (PYTHONDONTWRITEBYTECODE, set on
-	# this machine) would otherwise compile every module it imports, at every start
-	$(BIN)/pip install -q uv==$(UV_VERSION)
-	UV_NATIVE_TLS=1 $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(UV_INSTALL) -r requirements.txt
+	$(UV_INSTALL) --no-deps -e .
 	touch $@
 
 # keys Airflow's components must share; generated once per checkout (mode 600), never committed
@@ -73,11 +75,9 @@ FLOWER_VENV := $(CURDIR)/.venv-flower
 
 $(FLOWER_VENV)/.installed: bench/flower-requirements.txt
 	$(PYTHON) -m venv $(FLOWER_VENV)
-	$(FLOWER_VENV)/bin/pip install -q --upgrade pip
-	$(FLOWER_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
 	$(FLOWER_VENV)/bin/pip install -q uv==$(UV_VERSION)
-	UV_NATIVE_TLS=1 $(FLOWER_VENV)/bin/uv pip install -q --compile-bytecode --python $(FLOWER_VENV)/bin/python \
-	  -r bench/flower-requirements.txt
+	$(UV_INSTALL:$(BIN)/%=$(FLOWER_VENV)/bin/%) torch==$(TORCH_VERSION) $(WHEEL_FOLDERS)
+	$(UV_INSTALL:$(BIN)/%=$(FLOWER_VENV)/bin/%) -r bench/flower-requirements.txt
 	touch $@
 
 bench: setup $(FLOWER_VENV)/.installed
