@@ -92,6 +92,7 @@ class AirflowEnv:
                  {"dag_run_id": run_id, "logical_date": logical_date, "conf": conf}, "POST")
 
     def unpause(self, extra: dict[str, str], dag_id: str = "lepton_mnist1d") -> None:
+        """Unpause a DAG through the REST API, as the UI's toggle does."""
         self.api(extra, f"/api/v2/dags/{dag_id}", {"is_paused": False}, "PATCH")
 
     def migrate(self) -> None:
