@@ -107,14 +107,15 @@ def with_weights(exported: Path, dense: dict[str, torch.Tensor], model: torch.nn
     """`model` as ONNX, where it has the architecture of the model `exported` (not slimmed) came from, whose
     weights were `dense`: the same graph with the weights that differ replaced, by state-dict key. Pruning only
     zeroes weights, so this gives what exporting the pruned model gives, without a second export (each one
-    builds the exporter's operator registry: over a second). Exported after all where a changed weight is not
-    an initializer of that name and shape."""
+    builds the exporter's operator registry: 0.7 s of the 1.4 s an export takes here). Exported after all where
+    a changed weight is not an initializer of that name and shape."""
     import onnx
     from onnx import numpy_helper
 
     proto = onnx.load(str(exported))
     initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
-    changed = {name: tensor for name, tensor in model.state_dict().items() if not tensor.equal(dense[name])}
+    changed = {name: tensor for name, tensor in model.state_dict().items()
+               if name not in dense or not tensor.equal(dense[name])}
     if any(name not in initializers or tuple(initializers[name].dims) != tuple(tensor.shape)
            for name, tensor in changed.items()):
         return export_onnx(model, in_features, path)
