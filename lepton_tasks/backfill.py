@@ -157,13 +157,11 @@ def _create_paused(dag_id: str, first: dt.date, last: dt.date, env: dict, echo) 
         _check(_airflow("dags", "pause", dag_id, env=env), f"pausing {dag_id} while its backfill is created")
     try:
         _create(dag_id, first, last, env, echo)
-    except BaseException:
-        if hold:  # as it was
+    finally:
+        if hold:  # as it was, whether the create worked or not
             _check(_airflow("dags", "unpause", dag_id, env=env), f"unpausing {dag_id}")
-        raise
-    if hold or was_paused:
-        _check(_airflow("dags", "unpause", dag_id, env=env), f"unpausing {dag_id}")
     if was_paused:
+        _check(_airflow("dags", "unpause", dag_id, env=env), f"unpausing {dag_id}")
         echo(f"unpaused {dag_id}: as on any unpause, Airflow also starts its latest scheduled night (catchup is "
              "off), beside the backfill")
 
