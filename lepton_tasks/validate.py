@@ -174,11 +174,15 @@ class _Gx:
         suite = self.context.suites.add(self.gx.ExpectationSuite(name=name, expectations=copy.deepcopy(expectations)))
         definition = self.context.validation_definitions.add(
             self.gx.ValidationDefinition(name=name, data=self.batch, suite=suite))
+        results = self.context.validation_results_store
+        kept = set(results.list_keys())
         try:
             return definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
-        finally:  # the context is reused: what a run leaves would slow every later run and its data docs
-            self.context.validation_definitions.delete(name)
+        finally:  # the context is reused: what a run leaves (its suite, definition and stored result) would show
+            self.context.validation_definitions.delete(name)  # in every later run's data docs and slow it down
             self.context.suites.delete(name)
+            for key in set(results.list_keys()) - kept:
+                results.remove_key(key)
 
 
 def for_value_checks(frame):
@@ -323,6 +327,8 @@ def _publish(result, suite: dict, out: Path) -> None:
         ValidationResultIdentifier,
     )
 
+    from lepton_tasks.data_docs import SITE_VIEWS
+
     (out / RESULT_FILE).write_text(json.dumps(result.describe_dict(), indent=2, default=str))
     gx = _Gx.here()
     context = gx.context
@@ -332,7 +338,8 @@ def _publish(result, suite: dict, out: Path) -> None:
     context.add_data_docs_site(site_name=site, site_config={
         "class_name": "SiteBuilder",
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(out / DOCS_DIR)},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder", **SITE_VIEWS["site_index_builder"]},
+        "site_section_builders": SITE_VIEWS["site_section_builders"],
     })
     key = ValidationResultIdentifier(expectation_suite_identifier=ExpectationSuiteIdentifier(name=result.suite_name),
                                      run_id=result.meta.get("run_id"), batch_identifier="stage")

@@ -182,3 +182,40 @@ def test_a_stage_over_the_memory_budget_is_validated_on_dask(data_root, monkeypa
     validated = pipeline.validate(ctx, pipeline.ingest(ctx))
     summary = json.loads(ctx.summary_path("validate").read_text())
     assert validated["partitions"] == 2 and summary["partitions"] == 2 and validated["failed"] == 0
+
+
+def _pages(docs):
+    """Every HTML page of a data docs site, its run-specific names and times blanked."""
+    import re
+
+    blank = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{0,12}|run-[0-9a-f]{8}"
+                       r"|\d{8}T\d{6}\.\d{6}Z|\d{4}-\d\d-\d\d[T ][\d:.+]+( UTC)?|'_run_time_sort': [\d.]+")
+    return sorted(blank.sub("#", page.read_text()) for page in docs.rglob("*.html"))
+
+
+def test_data_docs_views_compile_templates_once_and_render_what_gx_renders(tmp_path, monkeypatch):
+    import tempfile
+
+    from lepton_tasks import data_docs
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the cache's folder, under the temp dir
+    data_docs._bytecode_cache.cache_clear()
+    parts = _write(tmp_path, mnist_frame(200))
+    validate(parts, MNIST_SPEC.spec.suite_file, tmp_path / "cached")
+    data_docs._bytecode_cache.cache_clear()  # later tests: the machine's folder again
+    compiled = list((tmp_path / "tmp").rglob("__jinja2_*.cache"))
+    assert len(compiled) >= 20  # GX's page, section and component templates, compiled once for the machine
+    monkeypatch.setattr(data_docs, "SITE_VIEWS", {"site_index_builder": {}, "site_section_builders": {}})
+    validate(parts, MNIST_SPEC.spec.suite_file, tmp_path / "gx_own")
+    assert _pages(tmp_path / "cached" / "docs") == _pages(tmp_path / "gx_own" / "docs")
+
+
+def test_data_docs_show_this_validation_only_however_many_ran_before_in_the_process(tmp_path):
+    """The suite's groups are validated as suites of their own in one reused GX context: neither their results
+    nor an earlier validation's may reach this stage's data docs."""
+    parts = _write(tmp_path, mnist_frame(200))
+    for run in ("first", "second"):
+        validate(parts, MNIST_SPEC.spec.suite_file, tmp_path / run)
+        pages = list((tmp_path / run / "docs" / "validations").rglob("*.html"))
+        assert len(pages) == 1 and pages[0].name == "stage.html", pages

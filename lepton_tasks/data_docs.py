@@ -1,0 +1,43 @@
+"""GX data docs views whose Jinja templates are compiled once per machine, not once per build.
+
+GX makes a new Jinja environment for every page view of every data docs build, so each validate task compiled
+the same ~50 templates again (about 40% of the docs' build time). These views are GX's own, with Jinja's
+standard file-system bytecode cache (a private folder under the temp dir, keyed by each template's source
+checksum, so a GX upgrade recompiles), shared by every task process on the machine. `SITE_VIEWS` is the site
+config that selects them.
+
+Importing this module imports GX: only GX's site builder imports it, by name, while it builds the docs.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from great_expectations.render.view import DefaultJinjaIndexPageView, DefaultJinjaPageView
+
+MODULE = __name__
+
+SITE_VIEWS = {
+    "site_index_builder": {"view": {"module_name": MODULE, "class_name": "CachedIndexPageView"}},
+    "site_section_builders": {section: {"view": {"module_name": MODULE, "class_name": "CachedPageView"}}
+                              for section in ("expectations", "validations", "profiling")},
+}
+
+
+@cache
+def _bytecode_cache():
+    from jinja2 import FileSystemBytecodeCache
+
+    return FileSystemBytecodeCache()
+
+
+class CachedPageView(DefaultJinjaPageView):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.env.bytecode_cache = _bytecode_cache()
+
+
+class CachedIndexPageView(DefaultJinjaIndexPageView):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.env.bytecode_cache = _bytecode_cache()
