@@ -92,9 +92,9 @@ def _key_codes(values) -> tuple[np.ndarray, list[str]]:
 
 
 def _count_partition(frame, spec: PipelineSpec, seed: int, eval_fraction: float, start: int,
-                     shard_by: str | None = None) -> tuple[dict, dict, dict]:
+                     shard_by: str | None = None) -> tuple[dict, dict, dict, int]:
     """Per-stratum counts, encoder statistics and (with `shard_by`) per-key counts of one partition's training
-    rows (the first pass)."""
+    rows (the first pass), and the partition's row count."""
     rows = np.arange(start, start + len(frame))
     training = ~held_out_mask(rows, seed, eval_fraction)
     codes, keys = _strata(frame, spec)
@@ -105,7 +105,7 @@ def _count_partition(frame, spec: PipelineSpec, seed: int, eval_fraction: float,
         per_key = np.bincount(key_codes[training], minlength=len(key_names))
         key_counts = {key: int(n) for key, n in zip(key_names, per_key, strict=True) if n}
     return ({key: int(n) for key, n in zip(keys, counts, strict=True) if n},
-            partition_stats(frame[training], spec), key_counts)
+            partition_stats(frame[training], spec), key_counts, len(frame))
 
 
 def _write_partition(frame, index: int, start: int, offsets: dict, out_dir: str, num_shards: int,
@@ -215,11 +215,12 @@ def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: flo
         columns += [] if shard_by in columns else [shard_by]
     frame = dd.read_parquet(parts, columns=columns)
     partitions = frame.to_delayed()
-    sizes = client.gather(client.compute([dask.delayed(len)(p) for p in partitions]))
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
-    count_tasks = [dask.delayed(_count_partition)(p, spec, seed, eval_fraction, s, shard_by)
-                   for p, s in zip(partitions, starts, strict=True)]
-    counted = client.gather(client.compute(count_tasks))
+    sizes = _footer_sizes(frame) or client.gather(client.compute([dask.delayed(len)(p) for p in partitions]))
+    counted, counted_sizes = _count(client, partitions, _starts(sizes), spec, seed, eval_fraction, shard_by)
+    if counted_sizes != sizes:  # the footers disagreed with the partitions read: count again, from what was read
+        sizes = counted_sizes
+        counted, _ = _count(client, partitions, _starts(sizes), spec, seed, eval_fraction, shard_by)
+    starts = _starts(sizes)
     counts = [c for c, _, _ in counted]
     layout = key_layout(shard_by, [k for _, _, k in counted], num_shards, spec) if shard_by else None
     shards_made = layout.num_shards if layout else num_shards
@@ -240,6 +241,31 @@ def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: flo
         stage_dir=str(stage_dir), seed=seed, eval_fraction=eval_fraction, label_column=label,
         feature_columns=list(features), shards=infos[1:], eval=infos[0], encoder=fitted, shard_by=shard_by,
     )
+
+
+def _footer_sizes(frame) -> list[int] | None:
+    """Rows per partition from the Parquet footers, as Dask plans the partitions (no data read), or None where
+    Dask cannot tell them that way."""
+    from dask.dataframe.dask_expr._expr import Lengths, Literal
+
+    lengths = Lengths(frame.expr).optimize()
+    return [int(n) for n in lengths.value] if isinstance(lengths, Literal) else None
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """Each partition's first global row number."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+
+
+def _count(client, partitions: list, starts: list[int], spec: PipelineSpec, seed: int, eval_fraction: float,
+           shard_by: str | None) -> tuple[list, list[int]]:
+    """The first pass (`_count_partition` on each partition), and the row counts of the partitions as read."""
+    import dask
+
+    tasks = [dask.delayed(_count_partition)(p, spec, seed, eval_fraction, start, shard_by)
+             for p, start in zip(partitions, starts, strict=True)]
+    counted = client.gather(client.compute(tasks))
+    return [c[:3] for c in counted], [c[3] for c in counted]
 
 
 def _check_enough_rows(counts: list[dict], num_shards: int) -> None:

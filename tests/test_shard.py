@@ -43,6 +43,35 @@ def test_sharding_is_deterministic_given_the_seed(parts, tmp_path, dask_client):
     assert [s.sha256 for s in first.shards] != [s.sha256 for s in other.shards]
 
 
+def test_the_same_rows_in_other_files_and_row_groups_make_the_same_shards(tmp_path, dask_client):
+    """Rows are dealt by their global row number, which the partitions' sizes give: from the Parquet footers
+    (no pass over the data), whatever the files and row groups."""
+    import dask.dataframe as dd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lepton_tasks.shard import _footer_sizes
+    from tests.conftest import mnist_frame
+
+    table = pa.Table.from_pandas(mnist_frame(900), preserve_index=False)
+    layouts = {"one": [(0, 900, 900)], "three": [(0, 250, 100), (250, 700, 64), (700, 900, 1000)]}
+    made = {}
+    for name, files in layouts.items():
+        paths = []
+        for index, (start, stop, row_group) in enumerate(files):
+            paths.append(str(tmp_path / f"{name}-{index}.parquet"))
+            pq.write_table(table.slice(start, stop - start), paths[-1], row_group_size=row_group)
+        frame = dd.read_parquet(paths)
+        assert _footer_sizes(frame) == [len(p) for p in dask_client.compute(frame.to_delayed(), sync=True)]
+        made[name] = _shard(paths, tmp_path / name, dask_client)
+
+    def rows(manifest):
+        return [pd.concat(pd.read_parquet(f) for f in s.files).sort_values(["x_00", "x_01"]).to_numpy().tobytes()
+                for s in [*manifest.shards, manifest.eval]]
+
+    assert rows(made["one"]) == rows(made["three"])
+
+
 def test_held_out_mask_is_seeded_and_near_the_fraction():
     import numpy as np
 
