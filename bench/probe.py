@@ -1,7 +1,8 @@
 """Entry points the benchmarks run as their own processes, so each one's peak memory and imports are its own.
 
 `python -m bench.probe COMMAND ARGS...`, each printing one JSON line:
-- `shard-stage PARTS_DIR OUT_DIR SHARDS`: Lepton's shard stage, the start of its Dask cluster included;
+- `shard-stage PARTS_DIR OUT_DIR SHARDS`: Lepton's shard stage, the start of its Dask cluster included (Airflow's
+  import, which a task process has done already, apart);
 - `shard-baseline PARTS_DIR OUT_DIR SHARDS`: pyarrow read, a seeded stratified split, pyarrow write;
 - `train-stage OUT_DIR EPOCHS SHARD_FILE...`: the train stage on a fresh 2-worker cluster (started beforehand:
   the run's cluster is up before train, its start is counted in shard);
@@ -30,13 +31,26 @@ def shard_stage(parts_dir: Path, out_dir: Path, shards: int) -> dict:
 
     parts = sorted(str(p) for p in parts_dir.glob("*.parquet"))
     settings = Settings(out_dir.parent, None, None, 2)
+    airflow_import_s = _load_airflow()
     started = time.perf_counter()
     with dask_client(settings, 2) as client:
         cluster_start_s = time.perf_counter() - started
         manifest = shard(parts, out_dir, shards, EVAL_FRACTION, SEED, classification_spec(), client)
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "cluster_start_s": cluster_start_s,
+    return {"seconds": seconds, "cluster_start_s": cluster_start_s, "airflow_import_s": airflow_import_s,
             "rows": sum(s.rows for s in manifest.shards) + manifest.eval.rows}
+
+
+def _load_airflow() -> float:
+    """Seconds to import Airflow's task SDK, as the cluster's look-up of the `dask_default` connection does in a
+    process without it. The process that runs the stage in a DAG, an Airflow task, has it loaded: the probe
+    loads it before its clock starts and reports its seconds apart (1.2 s here: more than half the start of the
+    cluster itself)."""
+    from lepton_tasks.config import DASK_CONN_ID, airflow_connection
+
+    started = time.perf_counter()
+    airflow_connection(DASK_CONN_ID)
+    return time.perf_counter() - started
 
 
 def shard_baseline(parts_dir: Path, out_dir: Path, shards: int) -> dict:

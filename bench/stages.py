@@ -58,15 +58,18 @@ def shard_bench(work: Path, sizes=SHARD_ROWS) -> tuple[dict, dict]:
         curve.append({"rows": rows, "measured": measured,
                       "stage_peak_rss": max(d["value"]["peak_rss"] for d in measured.details),
                       "baseline_peak_rss": max(d["baseline"]["peak_rss"] for d in measured.details),
-                      "cluster_start_s": [d["value"]["cluster_start_s"] for d in measured.details]})
+                      "cluster_start_s": [d["value"]["cluster_start_s"] for d in measured.details],
+                      "airflow_import_s": [d["value"]["airflow_import_s"] for d in measured.details]})
         shutil.rmtree(parts_dir, ignore_errors=True)
     top = curve[-1]
     summary = record(top["measured"], f">= 0.8x pyarrow rows/s at {top['rows']:,} rows, cluster start included",
                      "rows/s", True, lambda r: r >= 0.8, rows=top["rows"], stage_peak_rss=top["stage_peak_rss"],
-                     baseline_peak_rss=top["baseline_peak_rss"], cluster_start_s=top["cluster_start_s"])
+                     baseline_peak_rss=top["baseline_peak_rss"], cluster_start_s=top["cluster_start_s"],
+                     airflow_import_s_outside_the_clock=top["airflow_import_s"])
     detail = [{"rows": p["rows"], "stage_rows_per_s": p["measured"].values, "baseline_rows_per_s":
                p["measured"].baselines, "ratios": p["measured"].ratios, "stage_peak_rss": p["stage_peak_rss"],
-               "baseline_peak_rss": p["baseline_peak_rss"], "cluster_start_s": p["cluster_start_s"]} for p in curve]
+               "baseline_peak_rss": p["baseline_peak_rss"], "cluster_start_s": p["cluster_start_s"],
+               "airflow_import_s_outside_the_clock": p["airflow_import_s"]} for p in curve]
     return summary, {"curve": detail, "shards": SHARDS, "workers": 2}
 
 
@@ -96,6 +99,9 @@ def _pandas_checks(frame, suite: dict) -> dict[str, int]:
 
 
 VALIDATE_ROWS = 1_000_000
+# the GX runs here (value and baseline, 1-3 s each) vary by up to 2x between repeats on a 2-core machine: five
+# repeats each against GX, for a median that moves less between bench runs (about 20 s more)
+VALIDATE_VS_GX_REPEATS = 5
 
 
 def _read_parts(parts: list[str]):
@@ -156,7 +162,7 @@ def validate_bench(work: Path, rows: int = VALIDATE_ROWS) -> tuple[dict, dict, d
         return rows / seconds
 
     pandas = interleaved(stage, lambda: anchor(_pandas_on_parts, suite), label="validate vs pandas")
-    vs_gx = interleaved(stage, lambda: anchor(_bare_gx, suite, True), label="validate vs GX")
+    vs_gx = interleaved(stage, lambda: anchor(_bare_gx, suite, True), VALIDATE_VS_GX_REPEATS, "validate vs GX")
     # GX on float32 as stored, for information: once, on the first part (a rate; the whole set took 14 s)
     as_stored_rows = pq.ParquetFile(parts[0]).metadata.num_rows
     as_stored_passed, as_stored_s = timed(_bare_gx, parts[:1], suite, False)
@@ -166,7 +172,7 @@ def validate_bench(work: Path, rows: int = VALIDATE_ROWS) -> tuple[dict, dict, d
         client.run(importlib.import_module, "great_expectations")
         validate(parts[:2], suite_file, _out(work, "validate-warm"), client=client)
         partitioned = interleaved(lambda: stage(client), lambda: anchor(_bare_gx, suite, True),
-                                  label="validate partitioned vs GX")
+                                  VALIDATE_VS_GX_REPEATS, "validate partitioned vs GX")
     common = {"rows": rows, "expectations": len(suite["expectations"]), "gx_import_s": import_s}
     goal = ">= 0.9x the rows/s of a bare GX 1.x validation of the same suite and data (float64 upcast)"
     summary_gx = record(vs_gx, goal, "rows/s", True, lambda r: r >= 0.9, way="in memory",

@@ -387,6 +387,8 @@ def _local_cluster_process(n_workers: int | None) -> Iterator[Path]:
             command += ["--workers", str(n_workers)]
         process = subprocess.Popen(command, start_new_session=True, cwd=tmp, env=_helper_env())
         try:
+            import distributed  # noqa: F401  (the client's import, while the helper starts: 0.4 s here)
+
             _wait_for_file(scheduler_file, process)
             yield scheduler_file
         finally:
