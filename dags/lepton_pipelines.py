@@ -19,7 +19,7 @@ A spec that does not validate becomes an import error naming its file and fields
 """
 
 import pendulum
-from airflow.sdk import DAG, Asset, Param, dag, setup, task, teardown
+from airflow.sdk import DAG, Asset, Param, dag, get_parsing_context, setup, task, teardown
 
 from lepton_tasks import notify, pipeline
 from lepton_tasks.config import airflow_param_specs
@@ -170,7 +170,7 @@ class InvalidSpecs(DAG):
         raise SpecError(self.spec_errors)
 
 
-valid, invalid = load_all()
+valid, invalid = load_all(only=get_parsing_context().dag_id)  # a task's parse builds its own DAG only
 for each in valid:
     globals()[each.name] = build(each)
 if invalid:

@@ -297,22 +297,38 @@ def spec_files(folder: Path | None = None) -> list[Path]:
     return sorted(p for p in folder.glob("*.y*ml") if re.fullmatch(r".*\.ya?ml", p.name))
 
 
-def load_all(folder: Path | None = None) -> tuple[list[LoadedSpec], dict[Path, SpecError]]:
-    """Every spec in the folder: the valid ones, and the error of each invalid one (they do not stop the rest)."""
-    loaded, errors, names = [], {}, {}
-    for path in spec_files(folder):
+def load_all(folder: Path | None = None, only: str | None = None) -> tuple[list[LoadedSpec], dict[Path, SpecError]]:
+    """Every spec in the folder: the valid ones, and the error of each invalid one (they do not stop the rest).
+    Where two specs name the same pipeline, the file named after it wins, else the first file; the other is an
+    error. `only`: the pipeline Airflow is running a task of (its parsing context's dag_id): its spec alone where
+    its file is named after it (the one that would win), so a task parses one spec rather than every one."""
+    files = spec_files(folder)
+    own = next((path for path in files if path.stem == only), None)
+    if own is not None:
         try:
-            spec = load_spec(path)
+            spec = load_spec(own)
+        except SpecError:
+            spec = None  # reported by the whole parse below
+        if spec is not None and spec.name == only:
+            return [spec], {}
+    loaded, errors = [], {}
+    for path in files:
+        try:
+            loaded.append(load_spec(path))
         except SpecError as err:
             errors[path] = err
-            continue
-        if spec.name in names:
-            errors[path] = SpecError(f"pipeline spec '{path}': field 'name': '{spec.name}' is already the name of "
-                                     f"'{names[spec.name]}'")
-            continue
-        names[spec.name] = path
-        loaded.append(spec)
-    return loaded, errors
+    return _one_per_name(loaded, errors)
+
+
+def _one_per_name(loaded: list[LoadedSpec], errors: dict[Path, SpecError]):
+    winners: dict[str, LoadedSpec] = {}
+    for spec in sorted(loaded, key=lambda s: s.path.stem != s.name):  # stable: files named after it first
+        if spec.name in winners:
+            errors[spec.path] = SpecError(f"pipeline spec '{spec.path}': field 'name': '{spec.name}' is already the "
+                                          f"name of '{winners[spec.name].path}'")
+        else:
+            winners[spec.name] = spec
+    return [spec for spec in loaded if winners[spec.name] is spec], errors
 
 
 def find_spec(name: str, folder: Path | None = None) -> LoadedSpec:

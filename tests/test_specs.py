@@ -80,6 +80,22 @@ def test_bad_yaml_and_a_duplicate_name_are_errors_of_their_own_file_only(tmp_pat
     assert "not valid YAML" in str(errors[tmp_path / "c.yaml"])
 
 
+def test_a_task_parses_its_own_spec_only_and_gets_the_spec_the_whole_parse_would_pick(tmp_path):
+    (tmp_path / "a.yaml").write_text(MINIMAL)  # names 'tiny' too, and sorts first
+    (tmp_path / "tiny.yaml").write_text(MINIMAL.replace("b: categorical", "b: numeric"))
+    (tmp_path / "c.yaml").write_text("name: [unclosed")
+    everything, errors = load_all(tmp_path)
+    assert [s.path.name for s in everything] == ["tiny.yaml"] and set(errors) == {tmp_path / "a.yaml",
+                                                                                  tmp_path / "c.yaml"}
+    assert "'tiny' is already the name of" in str(errors[tmp_path / "a.yaml"])
+    own, none = load_all(tmp_path, only="tiny")  # as Airflow parses the DAG file to run a task of 'tiny'
+    assert none == {} and [(s.path, s.spec.features["b"]) for s in own] == [(tmp_path / "tiny.yaml", "numeric")]
+    (tmp_path / "b.yaml").write_text(MINIMAL.replace("name: tiny", "name: other"))
+    parsed = [(loaded, {path: str(err) for path, err in errors.items()})
+              for loaded, errors in (load_all(tmp_path, only="other"), load_all(tmp_path))]
+    assert parsed[0] == parsed[1] and len(parsed[0][0]) == 2  # no file named after it: every spec is parsed
+
+
 def _lepton(*args: str, **env: str) -> subprocess.CompletedProcess:
     import os
 
