@@ -11,10 +11,12 @@ Importing this module imports GX: only GX's site builder imports it, by name, wh
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 
 from great_expectations.render.view import DefaultJinjaIndexPageView, DefaultJinjaPageView
 
+log = logging.getLogger(__name__)
 MODULE = __name__
 
 SITE_VIEWS = {
@@ -26,9 +28,22 @@ SITE_VIEWS = {
 
 @cache
 def _bytecode_cache():
+    """Jinja's cache folder for this user, or None (GX's compile-every-time) where the temp folder is not safe
+    to keep one in (not this user's, or open to others) or cannot be written."""
     from jinja2 import FileSystemBytecodeCache
 
-    return FileSystemBytecodeCache()
+    class BestEffortCache(FileSystemBytecodeCache):
+        def dump_bytecode(self, bucket) -> None:
+            try:
+                super().dump_bytecode(bucket)
+            except OSError:  # a full disk costs the next build a compile, never this build
+                pass
+
+    try:
+        return BestEffortCache()
+    except (OSError, RuntimeError) as err:
+        log.warning("data docs: no template cache (%s); GX compiles its templates on every build", err)
+        return None
 
 
 class CachedPageView(DefaultJinjaPageView):

@@ -219,3 +219,19 @@ def test_data_docs_show_this_validation_only_however_many_ran_before_in_the_proc
         validate(parts, MNIST_SPEC.spec.suite_file, tmp_path / run)
         pages = list((tmp_path / run / "docs" / "validations").rglob("*.html"))
         assert len(pages) == 1 and pages[0].name == "stage.html", pages
+
+
+def test_data_docs_are_built_without_a_template_cache_where_its_folder_cannot_be_made(tmp_path, monkeypatch):
+    """A temp folder that is gone (or not writable, or not this user's): no cache, and the docs are still built."""
+    import tempfile
+
+    from lepton_tasks import data_docs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    data_docs._bytecode_cache.cache_clear()
+    try:
+        assert data_docs._bytecode_cache() is None
+        manifest = validate(_write(tmp_path, mnist_frame(200)), MNIST_SPEC.spec.suite_file, tmp_path / "validate")
+    finally:
+        data_docs._bytecode_cache.cache_clear()
+    assert manifest.success and list((tmp_path / "validate" / "docs" / "validations").rglob("*.html"))
