@@ -100,7 +100,7 @@ def _pandas_checks(frame, suite: dict) -> dict[str, int]:
 
 VALIDATE_ROWS = 1_000_000
 # the GX runs here (value and baseline, 1-3 s each) vary by up to 2x between repeats on a 2-core machine: five
-# repeats each against GX, for a median that moves less between bench runs (about 20 s more)
+# repeats each against GX, for a median that moves less between bench runs (8 s more here)
 VALIDATE_VS_GX_REPEATS = 5
 
 

@@ -1,10 +1,10 @@
 """GX data docs views whose Jinja templates are compiled once per machine, not once per build.
 
 GX makes a new Jinja environment for every page view of every data docs build, so each validate task compiled
-the same ~50 templates again (about 40% of the docs' build time). These views are GX's own, with Jinja's
-standard file-system bytecode cache (a private folder under the temp dir, keyed by each template's source
-checksum, so a GX upgrade recompiles), shared by every task process on the machine. `SITE_VIEWS` is the site
-config that selects them.
+the same ~50 templates again: a third of a build (0.40 s here, 0.26 s with these views). These views are GX's
+own, with Jinja's standard file-system bytecode cache (a private folder under the temp dir, keyed by each
+template's source checksum, so a GX upgrade recompiles), shared by every task process on the machine.
+`SITE_VIEWS` is the site config that selects them.
 
 Importing this module imports GX: only GX's site builder imports it, by name, while it builds the docs.
 """
@@ -46,13 +46,17 @@ def _bytecode_cache():
         return None
 
 
-class CachedPageView(DefaultJinjaPageView):
+class _TemplatesCompiledOnce:
+    """Mixed into a GX view: its Jinja environment keeps compiled templates in the machine's cache."""
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.env.bytecode_cache = _bytecode_cache()
 
 
-class CachedIndexPageView(DefaultJinjaIndexPageView):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.env.bytecode_cache = _bytecode_cache()
+class CachedPageView(_TemplatesCompiledOnce, DefaultJinjaPageView):
+    pass
+
+
+class CachedIndexPageView(_TemplatesCompiledOnce, DefaultJinjaIndexPageView):
+    pass

@@ -216,11 +216,11 @@ def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: flo
     frame = dd.read_parquet(parts, columns=columns)
     partitions = frame.to_delayed()
     sizes = _footer_sizes(frame) or client.gather(client.compute([dask.delayed(len)(p) for p in partitions]))
-    counted, counted_sizes = _count(client, partitions, _starts(sizes), spec, seed, eval_fraction, shard_by)
-    if counted_sizes != sizes:  # the footers disagreed with the partitions read: count again, from what was read
-        sizes = counted_sizes
-        counted, _ = _count(client, partitions, _starts(sizes), spec, seed, eval_fraction, shard_by)
     starts = _starts(sizes)
+    counted, counted_sizes = _count(client, partitions, starts, spec, seed, eval_fraction, shard_by)
+    if counted_sizes != sizes:  # the footers disagreed with the partitions read: count again, from what was read
+        starts = _starts(counted_sizes)
+        counted, _ = _count(client, partitions, starts, spec, seed, eval_fraction, shard_by)
     counts = [c for c, _, _ in counted]
     layout = key_layout(shard_by, [k for _, _, k in counted], num_shards, spec) if shard_by else None
     shards_made = layout.num_shards if layout else num_shards
