@@ -158,6 +158,8 @@ def service_env(profile: Profile) -> dict[str, str]:
         "AIRFLOW_HOME": str(REPO_ROOT),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": profile.database_url("airflow", "postgresql+psycopg2"),
         "AIRFLOW__CORE__EXECUTOR": profile.executor,
+        # airflow.cfg's short idle sleep leans on PreloadingLocalExecutor's wait for results (see its module)
+        **({} if profile.executor == PRELOADING_EXECUTOR else {"AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "1"}),
         "AIRFLOW__CELERY__BROKER_URL": profile.celery_broker_url,
         "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{profile.database_url('airflow')}",
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",

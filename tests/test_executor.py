@@ -1,11 +1,17 @@
-"""The preloading LocalExecutor's import list and its tolerance of a module that does not import.
-(`tests/integration/test_scheduler.py` runs whole DAG runs under it.)"""
+"""The preloading LocalExecutor's import list, its tolerance of a module that does not import, and its idle
+heartbeat, which ends when a task does (`tests/integration/test_scheduler.py` runs whole DAG runs under it)."""
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 
-from lepton_tasks.executor import STAGE_LIBRARIES, preload, preload_modules
+import pytest
+from airflow.models.taskinstancekey import TaskInstanceKey
+from airflow.utils.state import TaskInstanceState
+
+from lepton_tasks.executor import STAGE_LIBRARIES, PreloadingLocalExecutor, preload, preload_modules
 
 
 def test_the_list_is_the_stage_libraries_unless_the_environment_says_otherwise(monkeypatch):
@@ -21,3 +27,36 @@ def test_a_module_that_does_not_import_is_skipped_and_logged(caplog):
     seconds = preload(("colorsys", "lepton_no_such_module"))
     assert list(seconds) == ["colorsys"] and "colorsys" in sys.modules
     assert "could not preload lepton_no_such_module" in caplog.text
+
+
+@pytest.fixture
+def executor(monkeypatch):
+    """A started PreloadingLocalExecutor (real LocalExecutor worker processes), preloading nothing."""
+    monkeypatch.setenv("LEPTON_PRELOAD_MODULES", "")
+    started = PreloadingLocalExecutor(parallelism=1)
+    started.start()
+    yield started
+    started.end()
+
+
+def _a_task_result(executor, after_s: float) -> TaskInstanceKey:
+    """What a LocalExecutor worker puts on the result queue when its task process ends, `after_s` from now."""
+    key = TaskInstanceKey("lepton_dag", "some_task", "run-1", try_number=1)
+    threading.Timer(after_s, executor.result_queue.put, [(key, TaskInstanceState.SUCCESS, None)]).start()
+    return key
+
+
+def test_an_idle_heartbeat_returns_as_soon_as_a_task_ends_and_hands_its_result_to_the_scheduler(executor):
+    executor.idle_wait_s = 120  # far longer than the test: only the task's result can end the wait
+    key = _a_task_result(executor, after_s=0.2)
+    started = time.monotonic()
+    executor.heartbeat()  # sent no work: waits for the result
+    assert time.monotonic() - started < 60
+    assert executor.get_event_buffer()[key][0] == TaskInstanceState.SUCCESS
+
+
+def test_an_idle_heartbeat_with_no_task_ending_waits_as_long_as_the_scheduler_used_to_sleep(executor):
+    executor.idle_wait_s = 0.3
+    started = time.monotonic()
+    executor.heartbeat()
+    assert time.monotonic() - started >= 0.3 and not executor.get_event_buffer()
