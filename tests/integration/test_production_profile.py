@@ -24,6 +24,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lepton_tasks.config import REPO_ROOT
@@ -104,7 +105,10 @@ def _runs(profile: Profile, token: str, dag_id: str) -> list[dict]:
 
 def test_up_prints_where_everything_is_and_refuses_anonymous_access(profile):
     up, _, printed = profile
-    assert up.executor == "CeleryExecutor" and "celery-worker" in json.loads((up.state / "pids.json").read_text())
+    pids = json.loads((up.state / "pids.json").read_text())
+    assert up.executor == "CeleryExecutor" and "celery-worker" in pids
+    # airflow.cfg's 50 ms idle sleep is for PreloadingLocalExecutor, which waits for results itself
+    assert psutil.Process(pids["scheduler"]).environ()["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"] == "1"
     for url in (up.airflow_url, up.mlflow_url, up.dashboard_url):
         assert url in printed
     assert str(up.state / "login.json") in printed and oct((up.state / "login.json").stat().st_mode)[-3:] == "600"
