@@ -12,8 +12,7 @@ counts the loop that takes in a task's end as idle too (its `process_executor_ev
 taking out the tasks' ones), so the next task of a run waited out most of that second. Here the executor paces the
 idle loop instead: a heartbeat that sent no new work waits up to IDLE_WAIT_S (Airflow's default idle sleep) for the
 next result of a task process, and returns as soon as one comes. airflow.cfg then sets the scheduler's own sleep to
-a few milliseconds: an idle scheduler still loops about once a second, and a task's end reaches the next loop at
-once.
+50 ms: an idle scheduler still loops about once a second, and a task's end reaches the next loop at once.
 
 Set as `[core] executor` in airflow.cfg. LEPTON_PRELOAD_MODULES (comma-separated; empty for none) replaces
 the list; a module that fails to import is logged and skipped (the task that needs it imports it, as without
