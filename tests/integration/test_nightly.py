@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from lepton_tasks import links
+from lepton_tasks.backfill import RETRY_S
 from lepton_tasks.cluster import stop_run_cluster
 from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.demo_data import make_sensor_day, write_sensor_day
@@ -361,7 +362,8 @@ def test_a_scheduler_killed_mid_backfill_is_named_not_waited_out(nightly):
                                  f"{out[-2000:]}\n{err[-3000:]}")
         return env.run_state("backfill__2026-11-24T03:00:00+00:00", DAG) == "running"
 
-    wait_for(night_started, 120, "the backfilled night to start")
+    # the create itself may wait up to RETRY_S for the scheduler to mark the earlier tests' backfill complete
+    wait_for(night_started, RETRY_S + 120, "the backfilled night to start")
     scheduler = next(p for p in psutil.Process().children() if p.cmdline()[-1:] == ["scheduler"])
     orphans = scheduler.children(recursive=True)  # its executor's workers and the task running now
     scheduler.kill()
