@@ -23,6 +23,10 @@ from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.services import MLFLOW_SERVER_ENV, answers
 
 BIN = Path(sys.executable).parent
+# The bound on one small DAG run under a real scheduler. Such a run takes 1-3 minutes on this 2-core machine in a
+# loaded suite, and took 7-10 minutes on a machine 2.3x slower, where 420 s failed a passing run. A bound is paid
+# only when the run is stuck, so it is generous; on timeout the task states are printed.
+RUN_TIMEOUT_S = 1200
 
 
 @dataclass
@@ -139,16 +143,21 @@ class AirflowEnv:
         wait_for(lambda: self._scalar("SELECT 1 FROM serialized_dag WHERE dag_id = :dag", dag=dag_id) is not None,
                  timeout, f"the dag-processor to serialise {dag_id}")
 
-    def _scalar(self, query: str, **params: str):
-        """One value from the metadata DB (None: no row)."""
+    def _rows(self, query: str, **params: str) -> list[tuple]:
+        """The rows of a query on the metadata DB."""
         import sqlalchemy as sa
 
         engine = sa.create_engine(self.sql_alchemy_conn)
         try:
             with engine.connect() as conn:
-                return conn.execute(sa.text(query), params).scalar()
+                return [tuple(row) for row in conn.execute(sa.text(query), params)]
         finally:
             engine.dispose()
+
+    def _scalar(self, query: str, **params: str):
+        """One value from the metadata DB (None: no row)."""
+        rows = self._rows(query, **params)
+        return rows[0][0] if rows else None
 
     def component_logs(self) -> str:
         return "\n".join(p.read_text()[-3000:] for p in self.home.glob("*.log"))
@@ -167,10 +176,16 @@ class AirflowEnv:
         return self._scalar("SELECT state FROM task_instance WHERE dag_id = :dag AND run_id = :run AND task_id = :task",
                             dag=dag_id, run=run_id, task=task_id)
 
+    def task_states(self, run_id: str, dag_id: str = "lepton_mnist1d") -> dict[str, str | None]:
+        """Every task instance's state in the run (map index appended to mapped tasks), from the metadata DB."""
+        rows = self._rows("SELECT task_id, map_index, state FROM task_instance WHERE dag_id = :dag AND run_id = :run "
+                          "ORDER BY task_id, map_index", dag=dag_id, run=run_id)
+        return {task if index < 0 else f"{task}[{index}]": state for task, index, state in rows}
+
     def finished_state(self, run_id: str, timeout: float, dag_id: str = "lepton_mnist1d") -> str:
         """Wait for the run to end (under a scheduler); its final state."""
         wait_for(lambda: self.run_state(run_id, dag_id) in ("success", "failed"), timeout,
-                 f"{dag_id} run {run_id} to finish")
+                 f"{dag_id} run {run_id} to finish", describe=lambda: self.task_states(run_id, dag_id))
         return self.run_state(run_id, dag_id)
 
     def runs(self, dag_id: str = "lepton_mnist1d") -> set[Path]:
@@ -230,15 +245,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float, what: str, every: float = 1.0) -> None:
-    """Poll `predicate` every `every` seconds until it holds; fail naming `what` after `timeout` seconds. A
-    predicate that starts an `airflow` process (seconds of CPU) polls every 3 s."""
+def wait_for(predicate, timeout: float, what: str, every: float = 1.0, describe=None) -> None:
+    """Poll `predicate` every `every` seconds until it holds; fail naming `what` after `timeout` seconds, with what
+    `describe()` says of the state then (task states, say). A predicate that starts an `airflow` process (seconds
+    of CPU) polls every 3 s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f": {describe()}" if describe else ""))
 
 
 def unique(prefix: str) -> str:

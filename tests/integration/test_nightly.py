@@ -31,14 +31,13 @@ from lepton_tasks.cluster import stop_run_cluster
 from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.demo_data import make_sensor_day, write_sensor_day
 from lepton_tasks.storage import RunPaths, read_json
-from tests.integration.airflow_env import BIN, AirflowEnv, free_port, read_report, wait_for
+from tests.integration.airflow_env import BIN, RUN_TIMEOUT_S, AirflowEnv, free_port, read_report, wait_for
 
 pytestmark = pytest.mark.slow
 
 DAG = "lepton_sensors"
 SCORE_DAG = "lepton_sensors_score"
 MODEL = "lepton-sensors"
-RUN_TIMEOUT_S = 420
 SMALL = {"num_shards": 2, "local_epochs": 2, "hidden_size": 16}
 
 
@@ -249,7 +248,8 @@ def test_each_new_champion_scores_its_night_in_the_pipelines_consumer_dag(nightl
     def scored() -> list:
         return [r for r in _score_runs(env) if r[2] == "asset_triggered" and r[1] == "success"]
 
-    wait_for(lambda: bool(scored()), 300, f"an asset-triggered {SCORE_DAG} run")
+    wait_for(lambda: bool(scored()), RUN_TIMEOUT_S, f"an asset-triggered {SCORE_DAG} run",
+             describe=lambda: _score_runs(env))
     run_id = scored()[0][0]
     predictions = pd.read_parquet(RunPaths.of(env.data_root, SCORE_DAG, run_id).stage("score") / "predictions.parquet")
     assert len(predictions) == 1500 and set(predictions["prediction"]) <= {"0", "1"}  # that night's rows
@@ -271,7 +271,8 @@ def test_late_file_waits_in_the_triggerer_and_warm_vs_scratch(nightly):
     champion_before = _registry(env).get_model_version_by_alias(MODEL, "champion")
     _trigger(env, extra, "late_night", "2026-11-20T03:00:00+00:00",
              {"wait_timeout_minutes": 5, "wait_poke_seconds": 2, "init_from": "champion"})
-    wait_for(lambda: env.task_state("late_night", "wait", DAG) == "deferred", 180, "the wait task to defer")
+    wait_for(lambda: env.task_state("late_night", "wait", DAG) == "deferred", 300, "the wait task to defer",
+             describe=lambda: env.task_states("late_night", DAG))
     assert env.run_state("late_night", DAG) == "running"
     write_sensor_day(env.data_root / "landing" / "sensors", "2026-11-20")  # the day lands while it waits
     state, warm = _finished(env, "late_night")
@@ -315,7 +316,7 @@ def test_a_night_that_never_lands_fails_cleanly(nightly):
         report["stages"]["wait"]["error"]
     assert report["stages"]["ingest"]["status"] == "not_run"
     assert len(_versions(env)) == versions and not _parent_runs(env, "never_lands")
-    wait_for(lambda: "failure" in inbox.events("never_lands"), 60, "the failure notification")
+    wait_for(lambda: "failure" in inbox.events("never_lands"), 120, "the failure notification")
 
 
 def test_drift_over_the_threshold_stops_before_training(nightly):
@@ -338,7 +339,7 @@ def test_drift_over_the_threshold_stops_before_training(nightly):
     assert report["stages"]["shard"]["status"] == "not_run"
     assert len(_versions(env)) == versions and not _parent_runs(env, "drifted_night")
     assert _registry(env).get_registered_model(MODEL).aliases["champion"] == champion
-    wait_for(lambda: {"drift", "failure"} <= inbox.events("drifted_night"), 60, "the drift and failure notices")
+    wait_for(lambda: {"drift", "failure"} <= inbox.events("drifted_night"), 120, "the drift and failure notices")
 
 
 def test_a_scheduler_killed_mid_backfill_is_named_not_waited_out(nightly):

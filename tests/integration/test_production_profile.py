@@ -30,12 +30,11 @@ import pytest
 from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.demo_data import EXAMPLES
 from lepton_tasks.services import DEFAULT_POSTGRES, Profile, ServiceError, ensure_databases
-from tests.integration.airflow_env import BIN, free_port, unscheduled_specs, wait_for, write_demo
+from tests.integration.airflow_env import BIN, RUN_TIMEOUT_S, free_port, unscheduled_specs, wait_for, write_demo
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
-RUN_TIMEOUT_S = 420
 ARTIFACTS = Path(os.environ.get("LEPTON_TEST_ARTIFACTS", REPO_ROOT / "var" / "test-artifacts")) / "browser"
 
 
@@ -142,7 +141,8 @@ def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(profile,
         try:
             _log_in(page, up, password)
             run_id = _trigger_from_form(page, up, token)
-            wait_for(lambda: _state(up, token, run_id) in ("success", "failed"), RUN_TIMEOUT_S, "the run")
+            wait_for(lambda: _state(up, token, run_id) in ("success", "failed"), RUN_TIMEOUT_S, "the run",
+                     describe=lambda: _task_states(up, token, run_id))
             assert _state(up, token, run_id) == "success", _task_states(up, token, run_id)
             version = _follow_model_version_link(page, context, up, run_id)
         finally:
@@ -152,8 +152,8 @@ def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(profile,
     assert conf["num_shards"] == 2 and conf["merge_rounds"] == 2  # the form's values reached the run
     assert version == "1"
     # the champion Asset started the consumer DAG, which scored a batch with the new champion
-    wait_for(lambda: any(r["state"] == "success" for r in _runs(up, token, "lepton_mnist1d_score")), 180,
-              "the asset-triggered lepton_mnist1d_score run")
+    wait_for(lambda: any(r["state"] == "success" for r in _runs(up, token, "lepton_mnist1d_score")), RUN_TIMEOUT_S,
+             "the asset-triggered lepton_mnist1d_score run", describe=lambda: _runs(up, token, "lepton_mnist1d_score"))
     scored = _runs(up, token, "lepton_mnist1d_score")[0]
     assert scored["run_type"] == "asset_triggered"
 
@@ -173,7 +173,8 @@ def test_every_bundled_pipeline_runs_from_the_api_with_its_defaults(profile, hou
     up, _, _ = profile
     token = _token(up)
     path = f"/api/v2/dags/lepton_house_prices/dagRuns/{urllib.parse.quote(house_prices_run, safe='')}"
-    wait_for(lambda: _api(up, path, token)["state"] in ("success", "failed"), RUN_TIMEOUT_S, "the house-prices run")
+    wait_for(lambda: _api(up, path, token)["state"] in ("success", "failed"), RUN_TIMEOUT_S, "the house-prices run",
+             describe=lambda: _task_states(up, token, house_prices_run, "lepton_house_prices"))
     assert _api(up, path, token)["state"] == "success", _task_states(up, token, house_prices_run,
                                                                      "lepton_house_prices")
 

@@ -13,12 +13,19 @@ import json
 
 import pytest
 
-from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, read_report, unscheduled_specs, wait_for, write_demo
+from tests.integration.airflow_env import (
+    RUN_TIMEOUT_S,
+    SMALL_CONF,
+    AirflowEnv,
+    read_report,
+    unscheduled_specs,
+    wait_for,
+    write_demo,
+)
 from tests.integration.faults import FaultDriver, local_cluster_workers
 
 pytestmark = pytest.mark.slow
 
-RUN_TIMEOUT_S = 420
 LOGICAL_DATE = "2026-07-01T00:00:00+00:00"
 RUN_ID = "triggered_by_test"
 

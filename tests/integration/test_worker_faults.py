@@ -21,12 +21,18 @@ import pytest
 from lepton_tasks.config import REPO_ROOT
 from lepton_tasks.services import Profile, dask_commands, dask_config_dir
 from lepton_tasks.storage import sha256_file
-from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, free_port, unscheduled_specs, write_demo
+from tests.integration.airflow_env import (
+    RUN_TIMEOUT_S,
+    SMALL_CONF,
+    AirflowEnv,
+    free_port,
+    unscheduled_specs,
+    write_demo,
+)
 from tests.integration.faults import FaultDriver, KillOnce, kill_tree, marker_written, supervised_child
 
 pytestmark = pytest.mark.slow
 
-RUN_TIMEOUT_S = 420
 CONF = {**SMALL_CONF, "merge_rounds": 3}
 
 
