@@ -116,9 +116,15 @@ def sha256_file(path: Path) -> str:
 
 def sha256_files(paths: list[Path]) -> str:
     """One checksum over several files, in the order given (names excluded, so a copy checks the same)."""
+    return combined_sha256([sha256_file(path) for path in paths])
+
+
+def combined_sha256(file_digests: list[str]) -> str:
+    """`sha256_files` from the files' own digests, in the same order: files hashed where they were written (on
+    the workers, in parallel) combine to the same checksum."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(bytes.fromhex(sha256_file(path)))
+    for file_digest in file_digests:
+        digest.update(bytes.fromhex(file_digest))
     return digest.hexdigest()
 
 
@@ -133,6 +139,48 @@ def parquet_dictionary_columns(schema) -> list[str]:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+PARTITION_BYTES = 256 << 20  # decoded bytes a partition holds at most (Dask's read_parquet blocksize)
+
+
+@dataclass(frozen=True)
+class ParquetPartition:
+    """Consecutive row groups of one Parquet file, read as one piece: `rows` rows from global row `start`."""
+
+    path: str
+    row_groups: tuple[int, ...]
+    rows: int
+    start: int
+
+    def read(self, columns: list[str] | None = None):
+        """These rows as a pyarrow Table (only `columns`, in that order, where given)."""
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.path).read_row_groups(list(self.row_groups), columns=columns)
+
+
+def parquet_partitions(parts: list[str], max_bytes: int = PARTITION_BYTES) -> list[ParquetPartition]:
+    """The Parquet `parts` as partitions of whole row groups, at most `max_bytes` decoded each (one row group may
+    be more), numbered with global row numbers in file order. Planned from the footers: no data read."""
+    import pyarrow.parquet as pq
+
+    partitions, start = [], 0
+    for part in parts:
+        metadata = pq.ParquetFile(part).metadata
+        groups: list[int] = []
+        rows = size = 0
+        for index in range(metadata.num_row_groups):
+            group = metadata.row_group(index)
+            if groups and size + group.total_byte_size > max_bytes:
+                partitions.append(ParquetPartition(str(part), tuple(groups), rows, start))
+                start, groups, rows, size = start + rows, [], 0, 0
+            groups.append(index)
+            rows, size = rows + group.num_rows, size + group.total_byte_size
+        if rows:
+            partitions.append(ParquetPartition(str(part), tuple(groups), rows, start))
+            start += rows
+    return partitions
 
 
 def decoded_bytes(parts: list[str]) -> int:

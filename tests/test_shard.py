@@ -46,11 +46,10 @@ def test_sharding_is_deterministic_given_the_seed(parts, tmp_path, dask_client):
 def test_the_same_rows_in_other_files_and_row_groups_make_the_same_shards(tmp_path, dask_client):
     """Rows are dealt by their global row number, which the partitions' sizes give: from the Parquet footers
     (no pass over the data), whatever the files and row groups."""
-    import dask.dataframe as dd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lepton_tasks.shard import _footer_sizes
+    from lepton_tasks.storage import parquet_partitions
     from tests.conftest import mnist_frame
 
     table = pa.Table.from_pandas(mnist_frame(900), preserve_index=False)
@@ -61,8 +60,9 @@ def test_the_same_rows_in_other_files_and_row_groups_make_the_same_shards(tmp_pa
         for index, (start, stop, row_group) in enumerate(files):
             paths.append(str(tmp_path / f"{name}-{index}.parquet"))
             pq.write_table(table.slice(start, stop - start), paths[-1], row_group_size=row_group)
-        frame = dd.read_parquet(paths)
-        assert _footer_sizes(frame) == [len(p) for p in dask_client.compute(frame.to_delayed(), sync=True)]
+        planned = parquet_partitions(paths, max_bytes=40_000)  # two row groups a partition, some split
+        assert [p.rows for p in planned] == [p.read().num_rows for p in planned]
+        assert [p.start for p in planned] == [sum(q.rows for q in planned[:i]) for i in range(len(planned))]
         made[name] = _shard(paths, tmp_path / name, dask_client)
 
     def rows(manifest):
