@@ -22,6 +22,7 @@ import shutil
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,11 +31,20 @@ from bench.common import REPEATS, RESULTS, Repeats, record, shared_cluster, writ
 from bench.quality import merge_vs_central
 
 
+def cpu_model() -> str | None:
+    """The processor's model name from /proc/cpuinfo (Linux; None elsewhere): the figures depend on it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+
+
 def machine() -> dict:
     import psutil
 
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": cpu_model() or platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
