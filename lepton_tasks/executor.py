@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # Airflow's default scheduler_idle_sleep_time: an idle scheduler loops as often as with it
 STAGE_LIBRARIES = ("pandas", "pyarrow.parquet", "torch", "onnxruntime", "mlflow", "great_expectations",
-                   "distributed", "dask.dataframe", "lepton_tasks.pipeline")
+                   "distributed", "lepton_tasks.pipeline")
 
 
 def preload_modules() -> tuple[str, ...]:

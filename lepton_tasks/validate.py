@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lepton_tasks.errors import BadSource, ValidationFailed
-from lepton_tasks.storage import atomic_dir, read_json
+from lepton_tasks.storage import ParquetPartition, atomic_dir, parquet_partitions, read_json
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def check_frame(frame, groups: SuiteGroups, expectations_on_values: list[dict], 
 
 
 def _check_partition(frame, groups: SuiteGroups, result_format: str) -> tuple[object, int]:
-    """One Dask partition: its suite result over the per-partition groups, and its row count."""
+    """One partition: its suite result over the per-partition groups, and its row count."""
     return check_frame(frame, groups, groups.per_partition, result_format), len(frame)
 
 
@@ -410,26 +410,23 @@ class _InMemory:
 
 
 class _Partitioned:
-    """The stage as Dask partitions, checked on the cluster's workers."""
+    """The stage as partitions of whole Parquet row groups (planned from the footers), each read and checked on a
+    worker of the cluster: with pyarrow, as in memory, so neither the task, the scheduler nor the workers import
+    dask.dataframe for it."""
 
     def __init__(self, parts: list[str], client):
-        import dask.dataframe as dd
-
         self.parts, self.client = parts, client
-        self.delayed = dd.read_parquet(parts).to_delayed()
-        self.partitions = len(self.delayed)
-        self.rows, self.starts = 0, []
+        self.plan = parquet_partitions(parts)
+        self.partitions = len(self.plan)
+        self.starts = [partition.start for partition in self.plan]
+        self.rows = sum(partition.rows for partition in self.plan)
         self.split_names = []
 
     def check(self, groups: SuiteGroups, result_format: str):
-        import dask
         from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResult
 
-        tasks = [dask.delayed(_check_partition)(p, groups, result_format) for p in self.delayed]
-        checked = self.client.gather(self.client.compute(tasks))
-        sizes = [rows for _, rows in checked]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-        self.rows = int(sum(sizes))
+        checked = self.client.gather(self.client.map(_check_stored_partition, self.plan, groups=groups,
+                                                     result_format=result_format, pure=False))
         added = _add_up([r for r, _ in checked], self.starts)
         per_partition = ExpectationSuiteValidationResult(success=all(o.success for o in added), results=added,
                                                          suite_name=groups.name, meta=checked[0][0].meta)
@@ -439,11 +436,22 @@ class _Partitioned:
                                                                          "rows": self.rows}})
 
     def split(self, reasons: dict[int, list[str]], out: Path) -> None:
-        import dask
+        futures = [self.client.submit(_split_stored_partition, partition, reasons, str(out), index, pure=False)
+                   for index, partition in enumerate(self.plan)]
+        self.split_names = list(self.client.gather(futures))
 
-        tasks = [dask.delayed(_split_rows)(p, start, reasons, str(out), index)
-                 for index, (p, start) in enumerate(zip(self.delayed, self.starts, strict=True))]
-        self.split_names = list(self.client.gather(self.client.compute(tasks)))
+
+def _read_partition(partition: ParquetPartition):
+    """A partition as a pandas frame numbered from 0, as `_InMemory` reads the whole stage."""
+    return partition.read().to_pandas().reset_index(drop=True)
+
+
+def _check_stored_partition(partition: ParquetPartition, groups: SuiteGroups, result_format: str):
+    return _check_partition(_read_partition(partition), groups, result_format)
+
+
+def _split_stored_partition(partition: ParquetPartition, reasons: dict[int, list[str]], out: str, index: int) -> str:
+    return _split_rows(_read_partition(partition), partition.start, reasons, out, index)
 
 
 def _quarantine(source, failures: list[Failure], max_fraction: float, rows: int, out: Path) -> int | None:
