@@ -146,12 +146,14 @@ PARTITION_BYTES = 256 << 20  # decoded bytes a partition holds at most (Dask's r
 
 @dataclass(frozen=True)
 class ParquetPartition:
-    """Consecutive row groups of one Parquet file, read as one piece: `rows` rows from global row `start`."""
+    """Consecutive row groups of one Parquet file, read as one piece: `rows` rows from global row `start`, about
+    `decoded_bytes` in memory."""
 
     path: str
     row_groups: tuple[int, ...]
     rows: int
     start: int
+    decoded_bytes: int
 
     def read(self, columns: list[str] | None = None):
         """These rows as a pyarrow Table (only `columns`, in that order, where given)."""
@@ -173,22 +175,16 @@ def parquet_partitions(parts: list[str], max_bytes: int = PARTITION_BYTES) -> li
         for index in range(metadata.num_row_groups):
             group = metadata.row_group(index)
             if groups and size + group.total_byte_size > max_bytes:
-                partitions.append(ParquetPartition(str(part), tuple(groups), rows, start))
+                partitions.append(ParquetPartition(str(part), tuple(groups), rows, start, size))
                 start, groups, rows, size = start + rows, [], 0, 0
             groups.append(index)
             rows, size = rows + group.num_rows, size + group.total_byte_size
         if rows:
-            partitions.append(ParquetPartition(str(part), tuple(groups), rows, start))
+            partitions.append(ParquetPartition(str(part), tuple(groups), rows, start, size))
             start += rows
     return partitions
 
 
 def decoded_bytes(parts: list[str]) -> int:
     """The uncompressed size of Parquet parts, from their footers (no data read): about what they take in memory."""
-    import pyarrow.parquet as pq
-
-    total = 0
-    for part in parts:
-        metadata = pq.ParquetFile(part).metadata
-        total += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-    return total
+    return sum(partition.decoded_bytes for partition in parquet_partitions(parts))

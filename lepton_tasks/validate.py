@@ -226,11 +226,6 @@ def check_frame(frame, groups: SuiteGroups, expectations_on_values: list[dict], 
                     groups.name)
 
 
-def _check_partition(frame, groups: SuiteGroups, result_format: str) -> tuple[object, int]:
-    """One partition: its suite result over the per-partition groups, and its row count."""
-    return check_frame(frame, groups, groups.per_partition, result_format), len(frame)
-
-
 def _add_up(partition_results: list, starts: list[int]):
     """Each per-partition expectation's outcome on the whole stage, from its outcome on every partition."""
     from great_expectations.core.expectation_validation_result import ExpectationValidationResult
@@ -418,7 +413,6 @@ class _Partitioned:
         self.parts, self.client = parts, client
         self.plan = parquet_partitions(parts)
         self.partitions = len(self.plan)
-        self.starts = [partition.start for partition in self.plan]
         self.rows = sum(partition.rows for partition in self.plan)
         self.split_names = []
 
@@ -427,9 +421,9 @@ class _Partitioned:
 
         checked = self.client.gather(self.client.map(_check_stored_partition, self.plan, groups=groups,
                                                      result_format=result_format, pure=False))
-        added = _add_up([r for r, _ in checked], self.starts)
+        added = _add_up(checked, [partition.start for partition in self.plan])
         per_partition = ExpectationSuiteValidationResult(success=all(o.success for o in added), results=added,
-                                                         suite_name=groups.name, meta=checked[0][0].meta)
+                                                         suite_name=groups.name, meta=checked[0].meta)
         whole_frame = _whole_stage_frame(self.parts, _named_columns(groups.whole), self.rows)
         whole = _Gx.here().run(groups.name, groups.whole, for_value_checks(whole_frame), result_format)
         return _combine([per_partition, whole], groups.name, {"lepton": {"partitions": self.partitions,
@@ -447,7 +441,8 @@ def _read_partition(partition: ParquetPartition):
 
 
 def _check_stored_partition(partition: ParquetPartition, groups: SuiteGroups, result_format: str):
-    return _check_partition(_read_partition(partition), groups, result_format)
+    """One partition's suite result over the per-partition groups."""
+    return check_frame(_read_partition(partition), groups, groups.per_partition, result_format)
 
 
 def _split_stored_partition(partition: ParquetPartition, reasons: dict[int, list[str]], out: str, index: int) -> str:
