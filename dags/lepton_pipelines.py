@@ -24,6 +24,7 @@ from airflow.sdk import DAG, Asset, Param, dag, get_parsing_context, setup, task
 from lepton_tasks import notify, pipeline
 from lepton_tasks.config import airflow_param_specs
 from lepton_tasks.errors import SpecError
+from lepton_tasks.prebuilt import build_once
 from lepton_tasks.specs import LoadedSpec, load_all
 from lepton_tasks.wait import WaitForWindow
 
@@ -172,6 +173,6 @@ class InvalidSpecs(DAG):
 
 valid, invalid = load_all(only=get_parsing_context().dag_id)  # a task's parse builds its own DAG only
 for each in valid:
-    globals()[each.name] = build(each)
+    globals()[each.name] = build_once(each, build, __file__)  # or takes the one its scheduler built (prebuilt.py)
 if invalid:
     invalid_specs = InvalidSpecs(invalid)

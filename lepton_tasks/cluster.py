@@ -256,9 +256,11 @@ def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | No
     workers = _default_workers(wanted_workers, settings)
     command = [sys.executable, "-m", "lepton_tasks.cluster", "--scheduler-file", str(scheduler_file),
                "--idle-timeout", str(RUN_CLUSTER_IDLE_S), *(["--workers", str(workers)] if workers else [])]
+    # nothing of the task's standard streams: under Airflow they are its supervisor's sockets, and a helper holding
+    # one keeps that supervisor (a LocalExecutor worker slot) waiting for the end of the cluster, not of the task
     with open(folder / "cluster.log", "ab") as out:
-        process = subprocess.Popen(command, start_new_session=True, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
-                                   env=_helper_env())
+        process = subprocess.Popen(command, start_new_session=True, cwd=folder, stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, env=_helper_env())
     _wait_for_file(scheduler_file, process)
     info = {**read_json(scheduler_file), "pid": process.pid, "host": socket.gethostname(),
             "pid_started": _started_at(process.pid)}
@@ -385,7 +387,8 @@ def _local_cluster_process(n_workers: int | None) -> Iterator[Path]:
         command = [sys.executable, "-m", "lepton_tasks.cluster", "--scheduler-file", str(scheduler_file)]
         if n_workers:
             command += ["--workers", str(n_workers)]
-        process = subprocess.Popen(command, start_new_session=True, cwd=tmp, env=_helper_env())
+        process = subprocess.Popen(command, start_new_session=True, cwd=tmp, stdin=subprocess.DEVNULL,
+                                   env=_helper_env())
         try:
             import distributed  # noqa: F401  (the client's import, while the helper starts: 0.4 s here)
 

@@ -1,18 +1,25 @@
-"""`PreloadingLocalExecutor`: Airflow's LocalExecutor, with the stage libraries imported before it forks, and a
-scheduler loop that wakes when a task ends.
+"""`PreloadingLocalExecutor`: Airflow's LocalExecutor, with the stage libraries imported and the pipeline DAGs
+built before it forks, and a scheduler loop that wakes when a task ends.
 
 LocalExecutor forks its worker processes from the scheduler, and each worker forks one process per task. A
 module imported in the scheduler before those forks is already imported in every task, so the stage libraries
 (torch, MLflow, Great Expectations, Dask, pyarrow: 1-5 s each on two cores) cost their import once per scheduler
-start instead of once per task: the same idea as gunicorn's `--preload`. The tasks, their isolation (one process
-each) and their retries are LocalExecutor's.
+start instead of once per task: the same idea as gunicorn's `--preload`. The pipeline DAGs are built there too
+(`prebuilt.py`), so a task's parse of its DAG file takes 10 ms rather than 65. The tasks, their isolation (one
+process each) and their retries are LocalExecutor's.
 
 The scheduler's loop sleeps `[scheduler] scheduler_idle_sleep_time` whenever it counts itself idle, and Airflow 3.3
 counts the loop that takes in a task's end as idle too (its `process_executor_events` returns the events left after
 taking out the tasks' ones), so the next task of a run waited out most of that second. Here the executor paces the
-idle loop instead: a heartbeat that sent no new work waits up to IDLE_WAIT_S (Airflow's default idle sleep) for the
-next result of a task process, and returns as soon as one comes. airflow.cfg then sets the scheduler's own sleep to
-50 ms: an idle scheduler still loops about once a second, and a task's end reaches the next loop at once.
+idle loop instead: a heartbeat that sent no new work waits up to IDLE_WAIT_S (Airflow's default idle sleep) for a
+task to end, and returns as soon as one does. airflow.cfg then sets the scheduler's own sleep to 5 ms: an idle
+scheduler still loops about once a second, and a task's end reaches the next loop at once.
+
+A task's end is told twice. The task process itself, once its state is committed, writes a byte to a pipe made
+here before the forks (`TaskEndListener`, an Airflow listener the Lepton plugin registers). The worker's result
+follows when the task's supervisor has reaped the process: usually 40 ms later, but a heartbeat interval later
+(`[workers] min_heartbeat_interval`: 5 s by default, 1 s in airflow.cfg) when the supervisor sees the process's
+sockets close before it can reap it, as it did for about one task in three of a pipeline run here.
 
 Set as `[core] executor` in airflow.cfg. LEPTON_PRELOAD_MODULES (comma-separated; empty for none) replaces
 the list; a module that fails to import is logged and skipped (the task that needs it imports it, as without
@@ -21,19 +28,26 @@ preloading).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import time
 from multiprocessing.connection import wait
+from pathlib import Path
 
+from airflow.configuration import conf
 from airflow.executors.local_executor import LocalExecutor
+from airflow.listeners import hookimpl
+
+from lepton_tasks.prebuilt import prebuild
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # Airflow's default scheduler_idle_sleep_time: an idle scheduler loops as often as with it
 STAGE_LIBRARIES = ("pandas", "pyarrow.parquet", "torch", "onnxruntime", "mlflow", "great_expectations",
                    "distributed", "lepton_tasks.pipeline")
+PREBUILT_DAG_FILES = ("lepton_pipelines.py",)  # in [core] dags_folder: the pipeline DAGs (see prebuilt.py)
 
 
 def preload_modules() -> tuple[str, ...]:
@@ -58,17 +72,67 @@ def preload(modules: tuple[str, ...]) -> dict[str, float]:
     return seconds
 
 
+_task_end_pipe: tuple[int, int] | None = None  # (read, write): made by the executor before its forks
+
+
+def _open_task_end_pipe() -> int:
+    """A non-blocking pipe that every task process forked from here inherits; its read end."""
+    global _task_end_pipe
+    if _task_end_pipe is None:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        _task_end_pipe = (read_end, write_end)
+    return _task_end_pipe[0]
+
+
+def _drain(read_end: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(read_end, 4096):
+            pass
+
+
+class TaskEndListener:
+    """Run in each task process as it finishes (after its state is committed): wakes the scheduler that forked
+    it. Nothing in any other process (no pipe there), and never an error: a full pipe means the scheduler is
+    awake already."""
+
+    @staticmethod
+    def _tell() -> None:
+        if _task_end_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.write(_task_end_pipe[1], b"\0")
+
+    @hookimpl
+    def on_task_instance_success(self, previous_state, task_instance) -> None:
+        self._tell()
+
+    @hookimpl
+    def on_task_instance_failed(self, previous_state, task_instance, error) -> None:
+        self._tell()
+
+    @hookimpl
+    def on_task_instance_skipped(self, previous_state, task_instance) -> None:
+        self._tell()
+
+
 class PreloadingLocalExecutor(LocalExecutor):
-    """LocalExecutor whose forked workers (and so every task process) start with the stage libraries loaded, and
-    whose idle heartbeat waits for a task's result rather than the scheduler sleeping a fixed time."""
+    """LocalExecutor whose forked workers (and so every task process) start with the stage libraries loaded and the
+    pipeline DAGs built, and whose idle heartbeat waits for a task to end rather than the scheduler sleeping a fixed
+    time."""
 
     idle_wait_s: float = IDLE_WAIT_S
     _sent_work = False  # since the last sync: a heartbeat that sent work leaves the scheduler to loop again at once
+    _task_ends: int | None = None  # the read end of the pipe the task processes write to as they finish
 
     def start(self) -> None:
         if self.is_mp_using_fork:  # with spawn, nothing is inherited: preloading would only cost
             seconds = preload(preload_modules())
             log.info("preloaded for the task processes: %s (%.1f s)", seconds, sum(seconds.values()))
+            dags_folder = Path(conf.get("core", "dags_folder"))
+            built = prebuild([dags_folder / name for name in PREBUILT_DAG_FILES if (dags_folder / name).is_file()])
+            log.info("prebuilt for the task processes: %s", built)
+            self._task_ends = _open_task_end_pipe()
         super().start()
 
     def _process_workloads(self, workload_list) -> None:
@@ -77,7 +141,9 @@ class PreloadingLocalExecutor(LocalExecutor):
 
     def sync(self) -> None:
         if not self._sent_work:
-            # a task process's result (running, success, failure) ends the wait: the pipe becomes readable
-            wait([self.result_queue._reader], timeout=self.idle_wait_s)
+            # a task process finishing, or a worker's result (running, success, failure), ends the wait
+            waited_on = [self.result_queue._reader] + ([self._task_ends] if self._task_ends is not None else [])
+            if self._task_ends in wait(waited_on, timeout=self.idle_wait_s):
+                _drain(self._task_ends)
         self._sent_work = False
         super().sync()

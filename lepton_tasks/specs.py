@@ -267,7 +267,9 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
     import yaml
 
     try:
-        raw = yaml.safe_load(text)
+        # libyaml's safe loader where PyYAML has it: the same documents, parsed about 10x faster (every task
+        # parses its spec)
+        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as err:
         raise SpecError(f"pipeline spec '{path}' is not valid YAML: {err}") from None
     if not isinstance(raw, dict):

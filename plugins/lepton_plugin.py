@@ -3,7 +3,7 @@
 The links (MLflow run, MLflow model version, data docs, drift report, Dask dashboard) are computed by the
 api-server from the manifests the run's tasks returned through XCom; a link stays greyed out until the task
 that knows it has run. The data docs and the drift report live in the run folder and are served here, under
-Airflow's own login.
+Airflow's own login. Its listener tells `PreloadingLocalExecutor`'s scheduler when a task process ends.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse
 
 from lepton_tasks import links
 from lepton_tasks.config import Settings
+from lepton_tasks.executor import TaskEndListener
 
 LEPTON_TAG = "lepton"
 
@@ -111,5 +112,6 @@ class LeptonPlugin(AirflowPlugin):
     name = "lepton"
     global_operator_extra_links = [MlflowRunLink(), ModelVersionLink(), DataDocsLink(), DriftReportLink(),
                                    DaskDashboardLink()]
+    listeners = [TaskEndListener()]  # wakes PreloadingLocalExecutor's scheduler as a task ends (see its docstring)
     fastapi_apps = [{"app": _data_docs_app(), "url_prefix": links.DATA_DOCS_PREFIX.rsplit("/", 1)[0],
                      "name": "Lepton data docs"}]

@@ -1,5 +1,6 @@
 """The local cluster runs in its own process and falls back to CPU, saying so."""
 
+import json
 import logging
 import os
 
@@ -122,3 +123,38 @@ def test_a_run_cluster_whose_teardown_never_came_stops_itself_when_idle(tmp_path
         assert time.monotonic() - started > 2
     finally:
         process.kill()
+
+
+SETUP_TASK = """
+import json, sys
+from pathlib import Path
+from lepton_tasks.cluster import start_run_cluster
+from lepton_tasks.config import Settings
+print(json.dumps(start_run_cluster(Settings(Path(sys.argv[1]), None, None, None), Path(sys.argv[1]) / "cluster", 1)))
+"""
+
+
+def test_the_run_cluster_outlives_the_setup_task_without_holding_its_standard_streams(tmp_path):
+    """Under Airflow a task's stdin, stdout and stderr are sockets to its supervisor, which reports the task ended
+    once they close: a cluster still holding one kept that supervisor (a LocalExecutor worker slot) to the run's
+    end."""
+    import socket
+    import subprocess
+    import sys
+
+    from lepton_tasks.cluster import stop_run_cluster
+
+    ours, the_tasks = socket.socketpair()
+    task = subprocess.Popen([sys.executable, "-c", SETUP_TASK, str(tmp_path)], stdin=the_tasks, stdout=the_tasks,
+                            stderr=subprocess.DEVNULL)
+    the_tasks.close()
+    ours.settimeout(120)
+    received = b""
+    while chunk := ours.recv(65536):  # ends at EOF: when no process holds the task's end any more
+        received += chunk
+    assert task.wait(timeout=60) == 0
+    run_cluster = json.loads(received.decode().strip().splitlines()[-1])
+    try:
+        assert _answers(run_cluster["address"])  # the task has ended, its streams are closed, its cluster runs on
+    finally:
+        stop_run_cluster(run_cluster)

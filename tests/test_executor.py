@@ -1,8 +1,10 @@
 """The preloading LocalExecutor's import list, its tolerance of a module that does not import, and its idle
-heartbeat, which ends when a task does (`tests/integration/test_scheduler.py` runs whole DAG runs under it)."""
+heartbeat, which ends when a task does, told by the task process itself or by its worker
+(`tests/integration/test_scheduler.py` runs whole DAG runs under it)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import threading
 import time
@@ -11,7 +13,8 @@ import pytest
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
 
-from lepton_tasks.executor import STAGE_LIBRARIES, PreloadingLocalExecutor, preload, preload_modules
+from lepton_tasks import prebuilt
+from lepton_tasks.executor import STAGE_LIBRARIES, PreloadingLocalExecutor, TaskEndListener, preload, preload_modules
 
 
 def test_the_list_is_the_stage_libraries_unless_the_environment_says_otherwise(monkeypatch):
@@ -33,6 +36,7 @@ def test_a_module_that_does_not_import_is_skipped_and_logged(caplog):
 def executor(monkeypatch):
     """A started PreloadingLocalExecutor (real LocalExecutor worker processes), preloading nothing."""
     monkeypatch.setenv("LEPTON_PRELOAD_MODULES", "")
+    monkeypatch.setattr(prebuilt, "_prebuilt", {})  # what it prebuilds stays with this test
     started = PreloadingLocalExecutor(parallelism=1)
     started.start()
     yield started
@@ -60,3 +64,44 @@ def test_an_idle_heartbeat_with_no_task_ending_waits_as_long_as_the_scheduler_us
     started = time.monotonic()
     executor.heartbeat()
     assert time.monotonic() - started >= 0.3 and not executor.get_event_buffer()
+
+
+def _a_task_process_ends(after_s: float) -> None:
+    """A process forked from the scheduler, as task processes are, whose task ends `after_s` from now."""
+    time.sleep(after_s)
+    TaskEndListener().on_task_instance_success(previous_state=None, task_instance=None)
+
+
+def test_an_idle_heartbeat_returns_as_soon_as_a_task_process_says_it_ended_before_its_worker_does(executor):
+    executor.idle_wait_s = 120
+    task_process = multiprocessing.get_context("fork").Process(target=_a_task_process_ends, args=(0.2,))
+    task_process.start()
+    started = time.monotonic()
+    executor.heartbeat()  # no result from a worker comes: the task process's word alone ends the wait
+    assert time.monotonic() - started < 60
+    task_process.join()
+    assert not executor.get_event_buffer()  # the task's state is the worker's to report, later
+    started = time.monotonic()
+    executor.idle_wait_s = 0.3
+    executor.heartbeat()  # what the task process wrote was read: the next idle heartbeat waits again
+    assert time.monotonic() - started >= 0.3
+
+
+def test_telling_never_blocks_nor_fails_a_task_process(monkeypatch):
+    import os
+
+    from lepton_tasks import executor as module
+
+    monkeypatch.setattr(module, "_task_end_pipe", None)  # run by another executor, or by `airflow dags test`
+    assert TaskEndListener().on_task_instance_failed(previous_state=None, task_instance=None, error=None) is None
+    monkeypatch.setattr(module, "_task_end_pipe", None)
+    read_end = module._open_task_end_pipe()
+    started = time.monotonic()
+    for _ in range(100_000):  # more than the pipe holds, as when the scheduler has stopped reading
+        TaskEndListener().on_task_instance_success(previous_state=None, task_instance=None)
+    assert time.monotonic() - started < 30
+    held = len(os.read(read_end, 1 << 20))
+    assert 0 < held < 100_000
+    module._drain(read_end)
+    for end in module._task_end_pipe:
+        os.close(end)
