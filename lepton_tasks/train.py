@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lepton_tasks.cluster import recovering
+from lepton_tasks.cluster import call_by_name, recovering
 from lepton_tasks.config import stable_json
 from lepton_tasks.errors import TrainingError
 from lepton_tasks.features import Encoder
@@ -279,6 +279,11 @@ def train_shard(job: ShardJob) -> dict:
     return {**_result(job, sha, epochs, False, str(device)), **_control_result(job, control_sha)}
 
 
+def train_shard_fields(fields: dict) -> dict:
+    """`train_shard` of the job whose fields (`dataclasses.asdict`) these are; what the train stage submits."""
+    return train_shard(ShardJob(**{**fields, "shape": ModelShape(**fields["shape"])}))
+
+
 def _result(job: ShardJob, sha: str, epochs: list[dict], resumed: bool, device: str) -> dict:
     return {"shard": job.shard, "round": job.round, "path": job.out_path, "sha256": sha, "rows": job.rows,
             "epochs": epochs, "resumed": resumed, "device": device,
@@ -388,7 +393,8 @@ def _attempt_round(jobs: list[ShardJob], client, attempt: int) -> list[dict]:
         if results[job.shard] is not None:
             log.info("round %d %s: resumed from %s", job.round, job.shard, job.out_path)
     check_memory(todo, client)
-    futures = [client.submit(train_shard, job, pure=False,
+    # by name, the job as plain data: the scheduler that unpickles the task then never imports torch
+    futures = [client.submit(call_by_name, f"{__name__}:train_shard_fields", asdict(job), pure=False,
                              key=f"train-r{job.round}-{job.shard}-{job.params_digest}-a{attempt}") for job in todo]
     try:
         for job, future in zip(todo, futures, strict=True):

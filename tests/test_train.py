@@ -93,6 +93,22 @@ def test_rounds_on_the_cluster_are_bit_equal_and_resume(tmp_path, shard_files, d
     assert not torch.equal(state["net.0.weight"], init_weights(shape, params.seed)["net.0.weight"])
 
 
+def test_the_clusters_scheduler_never_imports_the_training_stack(tmp_path, shard_files):
+    """Dask's scheduler unpickles every task it is given: a train task that named its module (or carried a ShardJob)
+    made the scheduler import torch, 1.4 s here before any shard could start."""
+    import sys
+
+    from lepton_tasks.cluster import dask_client
+    from lepton_tasks.config import Settings
+
+    shape = ModelShape("mlp", 40, 10, 16)
+    params = RunParams(source_uri="x", local_epochs=1, merge_rounds=1, model_kind="mlp", hidden_size=16)
+    with dask_client(Settings(tmp_path, None, None, 2), 2) as client:  # the scheduler in its own process
+        trained = train(shard_files, ENCODER, shape, params, tmp_path / "t", client)
+        on_scheduler = client.run_on_scheduler(lambda: sorted({"torch", "lepton_tasks.train"} & set(sys.modules)))
+    assert on_scheduler == [] and [c["shard"] for c in trained.final_round] == ["shard-000", "shard-001"]
+
+
 def _distance(state, start):
     return sum(float(((state[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
 
