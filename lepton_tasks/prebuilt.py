@@ -17,13 +17,14 @@ process is a fork, so whatever Airflow sets on the DAG while it runs the task st
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+from lepton_tasks.storage import sha256_file
 
 if TYPE_CHECKING:
     from lepton_tasks.specs import LoadedSpec
@@ -37,14 +38,12 @@ _prebuilt: dict[Key, object] = {}
 _storing = False  # true only while `prebuild` executes the DAG files
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def build_once(loaded: LoadedSpec, build: Callable[[LoadedSpec], DAG], dag_file: str) -> DAG:
     """The DAG `build(loaded)` returns: the one `prebuild` built from the same DAG file and spec where there is
-    one, else a new one."""
-    key = (file_sha256(dag_file), str(loaded.path), loaded.sha256)
+    one, else a new one. A process with nothing prebuilt (the dag-processor, a test) does not even hash the file."""
+    if not (_prebuilt or _storing):
+        return build(loaded)
+    key = (sha256_file(Path(dag_file)), str(loaded.path), loaded.sha256)
     if key in _prebuilt:
         return _prebuilt[key]
     dag = build(loaded)
