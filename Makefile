@@ -7,8 +7,8 @@ DEMO_SAMPLES ?= 5000
 # three test files at a time on the 2 cores, in tests/conftest.py's order: the slowest first (xdist's default reorders
 # files by their number of tests, which left the long one-test integration files for last). The integration files
 # spend much of their time waiting on Airflow's and Dask's loops, and a third file fills those waits (two at a time
-# left a fifth of the 2 cores idle)
-PYTEST_ARGS ?= -n 3 --dist loadfile --no-loadscope-reorder --durations=30
+# left a fifth of the 2 cores idle). -rs: every skip's reason in the summary (only what is not configured skips)
+PYTEST_ARGS ?= -n 3 --dist loadfile --no-loadscope-reorder --durations=30 -rs
 TORCH_VERSION := 2.13.0
 UV_VERSION := 0.13.9
 UV_INSTALL = UV_NATIVE_TLS=1 $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python
@@ -54,10 +54,11 @@ var/secrets.env: $(VENV)/.installed
 run: setup
 	$(BIN)/lepton run lepton_mnist1d --samples $(DEMO_SAMPLES)
 
-# Debian's Chromium for the browser test (no browser download); skipped with a note where it cannot be installed
+# Debian's Chromium for the browser test (no browser download); where it cannot be installed the test skips, saying
+# why in the summary, except in CI, where it fails
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get install -y -q chromium >/dev/null 2>&1; } || echo "chromium not installed: the browser test will skip"
+	  apt-get install -y -q chromium >/dev/null 2>&1; } || echo "chromium not installed: the browser test will skip (and fail where CI is set)"
 
 test: setup browser
 	source var/secrets.env && $(BIN)/ruff check . && $(BIN)/pytest $(PYTEST_ARGS)

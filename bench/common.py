@@ -71,12 +71,15 @@ def interleaved(value: Measurement, baseline: Measurement, repeats: int = REPEAT
 def record(measured: Repeats, goal: str, unit: str, higher_is_better: bool, met: Callable[[float], bool],
            **detail) -> dict:
     """One benchmark in summary.json's shape: medians of value and baseline, `ratio` the median of the per-repeat
-    ratios (value / baseline), `spread` their min and max, and whether the median ratio meets the goal."""
+    ratios (value / baseline), `spread` their min and max, whether the median ratio meets the goal (`met`), and
+    the worst repeat's ratio and whether it does too (`worst_met`): a goal met by the median is no floor."""
     ratios = measured.ratios
     ratio = statistics.median(ratios)
+    worst = min(ratios) if higher_is_better else max(ratios)
     return {"value": statistics.median(measured.values), "baseline": statistics.median(measured.baselines),
             "ratio": ratio, "repeats": len(ratios), "spread": [min(ratios), max(ratios)], "goal": goal,
-            "unit": unit, "higher_is_better": higher_is_better, "met": bool(met(ratio)), **detail}
+            "unit": unit, "higher_is_better": higher_is_better, "met": bool(met(ratio)), "worst": worst,
+            "worst_met": bool(met(worst)), **detail}
 
 
 def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:

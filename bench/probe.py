@@ -6,8 +6,8 @@
 - `shard-baseline PARTS_DIR OUT_DIR SHARDS`: pyarrow read, a seeded stratified split, pyarrow write;
 - `train-stage OUT_DIR EPOCHS SHARD_FILE...`: the train stage on a fresh 2-worker cluster (started beforehand:
   the run's cluster is up before train, its start is counted in shard);
-- `train-script OUT_DIR EPOCHS SHARD_FILE...`: a plain PyTorch script doing the same work, from `import torch`;
-- `plain-run SPEC_NAME CONF_JSON`: the whole pipeline as a plain script (its data root from the environment).
+- `train-script OUT_DIR EPOCHS SHARD_FILE...`: a plain PyTorch script doing the same work, one process per shard
+  (`concurrent.futures`, the same threads per process as the stage's workers), from `import torch`;
 """
 
 from __future__ import annotations
@@ -108,55 +108,61 @@ def train_stage(out_dir: Path, epochs: int, files: list[str]) -> dict:
     return {"seconds": seconds, "epoch_s": [sum(e["seconds"] for e in c["epochs"]) for c in manifest.final_round]}
 
 
-def train_script(out_dir: Path, epochs: int, files: list[str]) -> dict:
-    """What a person would write: for each shard file, read it, train the same model from the same seeded
-    initialisation with Adam for `epochs`, save a safetensors checkpoint; torch on every core."""
-    encoder, params = _mnist_setup(files, epochs)
-    feature_columns = [c.name for c in encoder.columns]
-    started = time.perf_counter()
+def _train_one_shard(path: str, out_file: str, feature_columns: list[str], target: str, shape, params,
+                     epochs: int, threads: int) -> int:
+    """One process's work in the script: read the shard, train the same model from the same seeded initialisation
+    with Adam for `epochs`, save a safetensors checkpoint; its pid."""
+    import os
+
     import pandas as pd
     import torch
     from safetensors.torch import save_file
 
     from lepton_tasks.models import build_model
+
+    torch.set_num_threads(threads)
+    frame = pd.read_parquet(path)
+    x = torch.from_numpy(frame[feature_columns].to_numpy(np.float32, copy=True))
+    y = torch.from_numpy(frame[target].to_numpy(np.int64))
+    torch.manual_seed(params.seed)
+    model = build_model(shape).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(params.batch_size):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_file)
+    return os.getpid()
+
+
+def train_script(out_dir: Path, epochs: int, files: list[str]) -> dict:
+    """What a person with N cores and N shards would write: one process per shard (a `ProcessPoolExecutor`, forked
+    after `import torch`), each training its shard with the threads a stage worker has (`Settings.train_threads`)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lepton_tasks.config import Settings
+
+    encoder, params = _mnist_setup(files, epochs)
+    threads = Settings.from_env().train_threads
+    started = time.perf_counter()
+    import torch  # noqa: F401  (the script's own import, timed; the forked processes share it)
+
     from lepton_tasks.train import model_shape
 
     shape = model_shape(encoder, params.model_kind, params.hidden_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for index, path in enumerate(files):
-        frame = pd.read_parquet(path)
-        x = torch.from_numpy(frame[feature_columns].to_numpy(np.float32, copy=True))
-        y = torch.from_numpy(frame[encoder.target].to_numpy(np.int64))
-        torch.manual_seed(params.seed)
-        model = build_model(shape).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(y)).split(params.batch_size):
-                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / f"shard-{index}.st"))
-    return {"seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
-
-
-def plain_run(spec_name: str, conf: dict) -> dict:
-    """The whole pipeline as a plain script: the same `lepton_tasks.pipeline` functions the DAG's tasks call, one
-    after the other in one process, one Dask cluster for the run; seconds per stage. LEPTON_DATA_ROOT,
-    LEPTON_PIPELINES_DIR and MLFLOW_TRACKING_URI come from the environment; `conf` names the source."""
-    from lepton_tasks import pipeline
-    from lepton_tasks.specs import find_spec
-
-    ctx = pipeline.context(find_spec(spec_name), f"plain_{time.time_ns()}", conf)
-    _, seconds = pipeline.run_in_process(ctx)
-    return {"stages": seconds, "total": sum(seconds.values())}
+    jobs = [(path, str(out_dir / f"shard-{index}.st"), [c.name for c in encoder.columns], encoder.target, shape,
+             params, epochs, threads) for index, path in enumerate(files)]
+    with ProcessPoolExecutor(max_workers=len(files)) as pool:
+        pids = list(pool.map(_train_one_shard, *zip(*jobs, strict=True)))
+    return {"seconds": time.perf_counter() - started, "threads_per_process": threads, "processes": len(set(pids))}
 
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    if command == "plain-run":
-        result = plain_run(args[0], json.loads(args[1]))
-    elif command in ("train-stage", "train-script"):
+    if command in ("train-stage", "train-script"):
         run = train_stage if command == "train-stage" else train_script
         result = run(Path(args[0]), int(args[1]), args[2:])
     else:

@@ -3,6 +3,11 @@
 Drift is measured against the champion's data profile and a warm start begins from its weights and encoder. Both
 read one snapshot taken once per run (`{run}/champion/`), so a champion that moves while this run trains changes
 nothing about it, and a retry sees the same files.
+
+Every file is read from the model version itself (`models:/NAME/VERSION/extra_files/...`, logged with the model
+when it was registered), never from its MLflow run's artifacts, which a later attempt could log again. A champion
+whose files cannot be read is "no usable champion": the run goes on from scratch and says so; a registry that
+cannot be reached still fails the stage (retryable).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from lepton_tasks.storage import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-WEIGHTS, ENCODER, PROFILE = "merged/merged.safetensors", "model/encoder.json", "drift/profile.json"
+# the files logged with each model version (its `extra_files`): what the gate, drift, warm start and scoring read
+WEIGHTS, ENCODER, PROFILE, VARIANTS = "merged.safetensors", "encoder.json", "profile.json", "variants.json"
 SNAPSHOT = "snapshot.json"
 CHAMPION = "champion"  # the registry alias of the model in service
 
@@ -40,20 +46,56 @@ class ChampionSnapshot:
         return json.loads(Path(self.encoder).read_text())
 
 
-def snapshot(tracking_uri: str, model_name: str, folder: Path) -> ChampionSnapshot | None:
-    """The champion of `model_name`, copied into `folder` once (a retry reuses the copy); None when the model
-    has no champion yet. A registry that cannot be reached raises: nothing may be decided without it."""
+@dataclass(frozen=True)
+class Snapshot:
+    """What a run found at `champion`: a usable champion, or None with why not (`unusable` when there is one whose
+    files cannot be read: the run goes on from scratch, and says so in its report, its log and MLflow)."""
+
+    champion: ChampionSnapshot | None
+    unusable: str | None = None
+
+    @property
+    def note(self) -> str:
+        if self.champion:
+            return f"champion version {self.champion.version}"
+        return f"no usable champion: {self.unusable}" if self.unusable else "no champion yet"
+
+
+def snapshot(tracking_uri: str, model_name: str, folder: Path) -> Snapshot:
+    """The champion of `model_name`, copied into `folder` once (a retry reuses the copy). A registry that cannot
+    be reached raises: nothing may be decided without it."""
     done = folder / SNAPSHOT
     if done.exists():
         saved = read_json(done)
-        return ChampionSnapshot(**saved) if saved else None
+        return Snapshot(ChampionSnapshot(**saved["champion"]) if saved.get("champion") else None,
+                        saved.get("unusable"))
     from mlflow import MlflowClient
 
-    champion = current_champion(MlflowClient(tracking_uri), model_name)
+    client = MlflowClient(tracking_uri)
+    champion = current_champion(client, model_name)
     with atomic_dir(folder) as tmp:
-        found = _download(tracking_uri, model_name, champion, tmp, folder) if champion else None
-        write_json(tmp / SNAPSHOT, found.to_dict() if found else {})
+        found = _download(client, model_name, champion, tmp, folder) if champion else Snapshot(None)
+        write_json(tmp / SNAPSHOT, {"champion": found.champion.to_dict() if found.champion else None,
+                                    "unusable": found.unusable})
     return found
+
+
+def version_file(model_name: str, version: str, name: str, into: Path) -> Path:
+    """One file logged with a model version (its `extra_files`), downloaded into `into`."""
+    import mlflow
+
+    uri = f"models:/{model_name}/{version}/extra_files/{name}"
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
+
+
+def is_unreachable(err: Exception) -> bool:
+    """Whether a failed registry call says the registry could not be reached (try again later), rather than that
+    what was asked for is gone or broken (a decision can be made now: no usable champion)."""
+    import requests
+
+    said = str(err)
+    return isinstance(err, requests.RequestException | ConnectionError | TimeoutError) or any(
+        part in said for part in ("Max retries exceeded", "Connection refused", "TEMPORARILY_UNAVAILABLE"))
 
 
 def current_champion(client, model_name: str):
@@ -70,21 +112,28 @@ def current_champion(client, model_name: str):
     return None if version is None else client.get_model_version(model_name, str(version))
 
 
-def _download(tracking_uri: str, model_name: str, version, tmp: Path, final: Path) -> ChampionSnapshot:
+def _download(client, model_name: str, version, tmp: Path, final: Path) -> Snapshot:
+    """The champion version's files, or why they cannot be read (the registry unreachable raises)."""
     import mlflow
-    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(client.tracking_uri)
 
-    def fetch(artifact: str) -> str:  # the file's path once the snapshot folder is in place
-        local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=artifact, dst_path=str(tmp))
-        return str(final / Path(local).relative_to(tmp))
+    def fetch(name: str) -> str:  # the file's path once the snapshot folder is in place
+        return str(final / version_file(model_name, str(version.version), name, tmp).relative_to(tmp))
 
-    weights, encoder = fetch(WEIGHTS), fetch(ENCODER)
+    try:
+        weights, encoder = fetch(WEIGHTS), fetch(ENCODER)
+        params = dict(client.get_run(version.run_id).data.params)
+    except Exception as err:
+        if is_unreachable(err):
+            raise
+        why = f"champion version {version.version} of {model_name} cannot be read ({type(err).__name__}: {err})"
+        log.warning("no usable champion: %s; this run starts from scratch and is not compared with it", why)
+        return Snapshot(None, why)
     try:
         profile = fetch(PROFILE)
-    except Exception as err:  # an older champion: no profile, so no drift comparison
+    except Exception as err:  # a champion trained without a drift profile: no drift comparison
         log.warning("champion version %s has no %s: %s", version.version, PROFILE, err)
         profile = None
-    params = dict(MlflowClient(tracking_uri).get_run(version.run_id).data.params)
-    return ChampionSnapshot(model_name, str(version.version), version.run_id, weights, encoder, params, profile)
+    found = ChampionSnapshot(model_name, str(version.version), version.run_id, weights, encoder, params, profile)
+    return Snapshot(found)

@@ -31,6 +31,9 @@ DriftAction = Literal["fail", "warn"]
 MergeStrategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "median", "trimmed_mean",
                         "greedy_soup"]  # see lepton_tasks.strategies
 LOCAL_STRATEGIES = ("fedprox", "scaffold")  # strategies that change local training, not only the server's merge
+# strategies that choose among trained models -> the share of the training side set apart to choose on (the
+# shard stage's selection split), so that no choice ever looks at the held-out rows the champion gate compares on
+SELECT_FRACTION = {"greedy_soup": 0.1}
 TemplatedUri = Annotated[str, AfterValidator(check_template)]  # may hold {ds}, ...; other placeholders refused
 
 
@@ -124,6 +127,12 @@ class RunParams(BaseModel):
     )
     drift_action: DriftAction = Field(
         "warn", title="On drift", description="`fail`: stop before training; `warn`: notify and go on.")
+    replace_unusable_champion: bool = Field(
+        False, title="Replace an unusable champion",
+        description="When the champion cannot be re-scored on this run's held-out rows (its files are gone, or it "
+        "was trained on other columns), promote this run's model in its place (promotion outcome "
+        "`replaced_unusable`). Off: such a champion stays, and no model is promoted without a comparison.",
+    )
     quarantine_max_fraction: float = Field(
         0.0, ge=0, le=0.5, title="Quarantine up to",
         description="Rows failing row-level expectations go to a run-scoped quarantine file (with reasons) and the "

@@ -8,8 +8,9 @@
 The files land in a landing folder and the pipeline ingests them like any other source:
 `lepton demo-data lepton_house_prices` writes `{data_root}/landing/house_prices/sales-2026-0*.csv`.
 - Machine sensors (`lepton_sensors`, the nightly example): one Parquet partition a day,
-  `{data_root}/landing/sensors/YYYY-MM-DD/readings.parquet` for November 2026, with a slow temperature trend and
-  an abrupt pressure shift on line C from 2026-11-12 (what the drift alarm catches).
+  `{data_root}/landing/sensors/YYYY-MM-DD/readings.parquet` from 2026-11-01 up to today (UTC; each call tops
+  up the days that have passed since, so a nightly run triggered today with its defaults finds its day), with a
+  slow temperature trend and an abrupt pressure shift on line C from 2026-11-12 (what the drift alarm catches).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def write_house_prices(landing_dir: Path, rows: int = 6000, seed: int = 42, file
     return Path(landing_dir)
 
 
-SENSOR_DAYS = ("2026-11-01", "2026-11-30")  # the nightly example's daily partitions, first and last
+SENSOR_FIRST_DAY = "2026-11-01"  # the nightly example's first daily partition; the last is today's (UTC)
+SENSOR_MIN_LAST_DAY = "2026-11-30"  # the tests' and README's nights lie in November 2026, whatever today is
 SENSOR_SHIFT_DAY = "2026-11-12"  # line C's pressure sensors are swapped for ones reading 35% high from this day
 MACHINES = {"press": (64.0, 2.4), "lathe": (58.0, 1.6), "mill": (61.0, 2.0)}  # base temperature C, vibration mm/s
 
@@ -120,7 +122,7 @@ def make_sensor_day(day: str, rows: int = 1500, seed: int = 42):
     import pandas as pd
 
     date = dt.date.fromisoformat(day)
-    age = (date - dt.date.fromisoformat(SENSOR_DAYS[0])).days
+    age = (date - dt.date.fromisoformat(SENSOR_FIRST_DAY)).days
     rng = np.random.default_rng([seed, date.toordinal()])
     machine = rng.choice(list(MACHINES), rows, p=[.4, .35, .25])
     line = rng.choice(["A", "B", "C"], rows, p=[.35, .35, .3])
@@ -138,9 +140,11 @@ def make_sensor_day(day: str, rows: int = 1500, seed: int = 42):
                          "load_pct": load.round(1), "fault": fault})
 
 
-def sensor_days(first: str = SENSOR_DAYS[0], last: str = SENSOR_DAYS[1]) -> list[str]:
+def sensor_days(first: str = SENSOR_FIRST_DAY, last: str | None = None) -> list[str]:
+    """Every day from `first` to `last` (default: today in UTC, and at least SENSOR_MIN_LAST_DAY)."""
     import datetime as dt
 
+    last = last or max(dt.datetime.now(dt.UTC).date().isoformat(), SENSOR_MIN_LAST_DAY)
     start, end = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
     return [(start + dt.timedelta(days=n)).isoformat() for n in range((end - start).days + 1)]
 
@@ -154,9 +158,11 @@ def write_sensor_day(landing_dir: Path, day: str, rows: int = 1500) -> Path:
 
 
 def write_sensors(landing_dir: Path, rows: int = 1500) -> Path:
-    """Every day of SENSOR_DAYS, `rows` readings each; returns the landing folder."""
+    """Every day of `sensor_days()` not written yet, `rows` readings each; returns the landing folder. A day
+    already there is kept as it is (a run may have read it)."""
     for day in sensor_days():
-        write_sensor_day(landing_dir, day, rows)
+        if not (Path(landing_dir) / day / "readings.parquet").exists():
+            write_sensor_day(landing_dir, day, rows)
     return Path(landing_dir)
 
 
@@ -174,10 +180,16 @@ def ensure_example_data(pipeline: str, data_root: Path, rows: int | None = None)
         return None
     folder, writer, default_rows = EXAMPLES[pipeline]
     landing = Path(data_root) / folder
-    if not any(landing.rglob("*.*")):
+    if writer is write_sensors:  # a rolling window: top up the days since the last call
+        days = sensor_days()
+        missing = [day for day in days if not (landing / day / "readings.parquet").exists()]
+        if missing:
+            writer(landing, rows or default_rows)
+            print(f"wrote {rows or default_rows} demo rows a day for {missing[0]}..{days[-1]} for {pipeline} "
+                  f"to {landing}")
+    elif not any(landing.rglob("*.*")):
         writer(landing, rows or default_rows)
-        per_day = f" a day, {SENSOR_DAYS[0]}..{SENSOR_DAYS[1]}," if writer is write_sensors else ""
-        print(f"wrote {rows or default_rows} demo rows{per_day} for {pipeline} to {landing}")
+        print(f"wrote {rows or default_rows} demo rows for {pipeline} to {landing}")
     return landing
 
 

@@ -63,13 +63,13 @@ def _plots(rounds: list[list[dict]], epochs_per_round: int, round_scores: list[f
                                            out / "confusion_matrix.png")]
 
 
-def _soup(final_round: list[dict], merged: dict[str, torch.Tensor], shape: ModelShape, eval_data, metric: str):
-    """Greedy soup over the last round's shard models and the strategy's merged model, scored on the held-out
-    split (which the soup is then also reported on: its held-out figure is optimistic by that choice)."""
+def _soup(final_round: list[dict], merged: dict[str, torch.Tensor], shape: ModelShape, select_data, metric: str):
+    """Greedy soup over the last round's shard models and the strategy's merged model, chosen on the selection
+    split: never on the held-out rows that the soup is reported on and the champion gate compares on."""
     from lepton_tasks.metrics import HIGHER_IS_BETTER
     from lepton_tasks.strategies import greedy_soup
 
-    features, targets = eval_data
+    features, targets = select_data
     candidates = [("merged", merged), *((c["shard"], _state(c)) for c in final_round)]
     return greedy_soup(candidates, lambda state: evaluate(load_model(shape, state), shape, features, targets)[metric],
                        HIGHER_IS_BETTER[metric])
@@ -77,15 +77,19 @@ def _soup(final_round: list[dict], merged: dict[str, torch.Tensor], shape: Model
 
 def merge(rounds: list[list[dict]], merged_rounds: list[dict], shape: ModelShape,
           eval_data: tuple[torch.Tensor, torch.Tensor], stage_dir: Path, metric: str, epochs_per_round: int,
-          classes: list[str], shards: list[dict], strategy: str = "fedavg") -> MergeManifest:
+          classes: list[str], shards: list[dict], strategy: str = "fedavg",
+          select_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> MergeManifest:
     """The final model: the train stage's last global model (`merged_rounds`: one {"path", "sha256"} per round),
-    or for `greedy_soup` a soup of it and the last round's shard models. Score it (and the global model after
-    every round, and each shard model) on the held-out split; draw the plots."""
+    or for `greedy_soup` a soup of it and the last round's shard models, chosen on `select_data` (the shard
+    stage's selection split). Score it (and the global model after every round, and each shard model) on the
+    held-out split; draw the plots."""
     features, targets = eval_data
     final_round = rounds[-1]
     merged_state, soup = _state(merged_rounds[-1]), None
     if strategy == "greedy_soup":
-        merged_state, soup = _soup(final_round, merged_state, shape, eval_data, metric)
+        if select_data is None:
+            raise ValueError("greedy_soup chooses on a selection split: shard with a select_fraction")
+        merged_state, soup = _soup(final_round, merged_state, shape, select_data, metric)
     outputs = predict(load_model(shape, merged_state), features).numpy()  # scored and plotted from one pass
     merged_metrics = metrics.evaluate(shape.task, outputs, targets.numpy())
     round_scores = [evaluate(load_model(shape, _state(r)), shape, features, targets)[metric]

@@ -19,7 +19,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from lepton_tasks.config import RunParams, Settings, mlflow_auth_env, mlflow_tracking_uri, parse_params
+from lepton_tasks.config import (
+    SELECT_FRACTION,
+    RunParams,
+    Settings,
+    mlflow_auth_env,
+    mlflow_tracking_uri,
+    parse_params,
+)
 from lepton_tasks.errors import LeptonError
 from lepton_tasks.specs import LoadedSpec, PipelineSpec
 from lepton_tasks.storage import RunPaths, read_json, write_json
@@ -136,10 +143,10 @@ def summary_table(summary: dict, width: int = 72) -> str:
     return "\n".join([rule, *(f"| {k:<{key_width}} | {v:<{width}} |" for k, v in rows), rule])
 
 
-def _eval_tensors(shards: dict, max_rows: int | None = None):
+def _eval_tensors(shards: dict, max_rows: int | None = None, split: str = "eval"):
     from lepton_tasks.train import load_xy
 
-    return load_xy(shards["eval"]["files"], shards["encoder"], max_rows=max_rows)
+    return load_xy(shards[split]["files"], shards["encoder"], max_rows=max_rows)
 
 
 CALIBRATION_ROWS = 1024
@@ -265,15 +272,19 @@ def drift(ctx: RunContext, validated: dict, on_alarm: Callable[[str], None] = la
 
     def body() -> dict:
         os.environ.update(mlflow_auth_env())
-        snap = champion.snapshot(mlflow_tracking_uri(ctx.settings), ctx.spec.registered_model_name,
-                                 ctx.paths.root / "champion")
+        found = champion.snapshot(mlflow_tracking_uri(ctx.settings), ctx.spec.registered_model_name,
+                                  ctx.paths.root / "champion")
+        snap = found.champion
         reference = {"model_version": snap.version, "mlflow_run_id": snap.mlflow_run_id} if snap else None
         measured = stage.measure(validated["parts"], ctx.spec, ctx.stage_dir("drift"),
                                  Path(snap.profile) if snap and snap.profile else None, reference,
                                  ctx.params.drift_max, ctx.params.drift_action)
+        if found.unusable:  # not "no champion yet": there is one, and it cannot be read
+            measured.note = f"{found.note}: nothing to compare, training starts from scratch"
         verdict = stage.verdict(measured)
         log.info("%s", verdict)
-        manifest = {**measured.to_dict(), "champion": snap.to_dict() if snap else None}
+        manifest = {**measured.to_dict(), "champion": snap.to_dict() if snap else None,
+                    "champion_unusable": found.unusable}
         if measured.alarm:
             on_alarm(verdict)
             if measured.action == "fail":
@@ -286,8 +297,8 @@ def drift(ctx: RunContext, validated: dict, on_alarm: Callable[[str], None] = la
 
 
 def _drift_figures(manifest: dict) -> dict:
-    return {k: manifest[k] for k in ("max_psi", "worst", "threshold", "action", "alarm", "columns", "reference",
-                                     "report_path", "note")}
+    return {k: manifest.get(k) for k in ("max_psi", "worst", "threshold", "action", "alarm", "columns", "reference",
+                                         "report_path", "note", "champion_unusable")}
 
 
 def warm_start(ctx: RunContext, drifted: dict) -> tuple[dict | None, str]:
@@ -298,7 +309,8 @@ def warm_start(ctx: RunContext, drifted: dict) -> tuple[dict | None, str]:
     if ctx.params.init_from == "scratch":
         return None, "init_from is scratch"
     if not drifted.get("champion"):
-        return None, "no champion yet"
+        unusable = drifted.get("champion_unusable")
+        return None, f"no usable champion ({unusable})" if unusable else "no champion yet"
     snap = ChampionSnapshot(**drifted["champion"])
     encoder, spec = Encoder.from_dict(snap.encoder_dict()), ctx.spec
     theirs = [(c.name, c.kind) for c in encoder.columns] + [(encoder.target, encoder.task)]
@@ -326,7 +338,8 @@ def shard(ctx: RunContext, validated: dict, drifted: dict | None = None, run_clu
         with dask_client(ctx.settings, ctx.params.num_shards, run_cluster) as client:
             manifest = recovering(client, "shard", lambda attempt: stage.shard(
                 validated["parts"], ctx.stage_dir("shard"), ctx.params.num_shards, ctx.params.eval_fraction,
-                ctx.params.seed, ctx.spec, client, encoder, ctx.params.shard_by))
+                ctx.params.seed, ctx.spec, client, encoder, ctx.params.shard_by,
+                SELECT_FRACTION.get(ctx.params.merge_strategy, 0.0)))
         manifest.warm_start = {"init_from": ctx.params.init_from, "reason": reason,
                                **({"version": snap["version"], "weights": snap["weights"]} if snap else {})}
         return manifest
@@ -363,7 +376,8 @@ def merge(ctx: RunContext, shards: dict, trained: dict) -> dict:
                       lambda: stage.merge(trained["rounds"], trained["merged"], _shape(ctx, shards),
                                           _eval_tensors(shards), ctx.stage_dir("merge"), ctx.spec.metric,
                                           ctx.params.local_epochs, shards["encoder"].get("classes", []),
-                                          shards["shards"], ctx.params.merge_strategy),
+                                          shards["shards"], ctx.params.merge_strategy,
+                                          _eval_tensors(shards, split="select") if shards.get("select") else None),
                       lambda m: {"metric": m["metric"], "merged_metrics": m["merged_metrics"],
                                  "round_scores": m["round_scores"], "shard_metrics": m["shard_metrics"],
                                  "strategy": m["strategy"], "soup": m["soup"]})

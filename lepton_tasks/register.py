@@ -1,10 +1,16 @@
 """Register: log the run's artifacts and metrics in MLflow and register the merged model.
 
-Idempotent by design: the parent run is found by its DAG-run tags before one is created, shard runs by their
-shard tag, and the model version by its DAG-run tag, so a retried task completes the same run and version
-instead of making new ones. Order matters for safety: everything is logged first, the version registered
-second, aliases moved last; `champion` moves only when the new version's held-out metric is at least as good
-as the current champion's.
+Idempotent by design: the parent run is found by its DAG-run tags and its merged model's checksum before one is
+created, shard runs by their shard tag under it, and the model version by its run, so a retried task completes
+the same run and version instead of making new ones. A registration, once complete, is never written again: a
+rerun of the same DAG run with the same model changes nothing, and one whose model differs (the night rerun on
+changed data) makes a new MLflow run and a new version, which goes through the gate like any other.
+
+A version carries its own files (`extra_files`: weights, encoder, chosen ONNX model, drift profile), which the
+gate, drift, the warm start and scoring read through `models:/NAME/VERSION`; the run's artifacts are for people.
+
+Order matters for safety: everything is logged first, the version registered second, aliases moved last;
+`champion` moves only when the new version's held-out metric is at least as good as the current champion's.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lepton_tasks import champion as champions
 from lepton_tasks.champion import CHAMPION, current_champion
 from lepton_tasks.config import redact_uri
 from lepton_tasks.errors import RegistryError
@@ -29,6 +36,9 @@ TAG_METRIC = "lepton.metric"
 TAG_SPEC, TAG_SPEC_SHA = "lepton.spec", "lepton.spec_sha256"
 TAG_SOURCE, TAG_DATA_SHA = "lepton.source_uri", "lepton.data_sha256"
 TAG_COMPLETE = "lepton.complete"
+TAG_MODEL_SHA = "lepton.model_sha256"  # the merged checkpoint's: with the DAG-run tags, it names a registration
+TAG_SUPERSEDES = "lepton.supersedes"  # earlier MLflow runs of the same DAG run, from another model
+TAG_CHAMPION_UNUSABLE = "lepton.champion_unusable"  # why the champion could not be read when this run started
 TAG_WINDOW, TAG_INIT, TAG_INIT_FALLBACK = "lepton.window", "lepton.init_from", "lepton.warm_start_fallback"
 CANDIDATE = "candidate"
 
@@ -77,6 +87,8 @@ def _lineage(record: RunRecord) -> dict[str, str]:
         tags[TAG_WINDOW] = f"{days[0]}..{days[-1]}"
     if start.get("init_from") == "champion" and "version" not in start:
         tags[TAG_INIT_FALLBACK] = start.get("reason", "")[:5000]
+    if record.drift and record.drift.get("champion_unusable"):
+        tags[TAG_CHAMPION_UNUSABLE] = record.drift["champion_unusable"][:5000]
     return tags
 
 
@@ -110,7 +122,7 @@ def open_run(client, experiment_id: str, tags: dict[str, str], name: str, parent
 def _find_or_create_run(client, experiment_id: str, tags: dict[str, str], name: str,
                         parent: str | None = None) -> tuple[str, bool]:
     """(run id, whether it was created now)."""
-    run_id = _find_run(client, experiment_id, tags)
+    run_id = _find_run(client, experiment_id, {**tags, "mlflow.parentRunId": parent} if parent else tags)
     if run_id is not None:
         return run_id, False
     extra = {"mlflow.parentRunId": parent} if parent else {}
@@ -167,7 +179,8 @@ def _log_shard_runs(client, experiment_id: str, parent: str, record: RunRecord) 
                 log_metrics(client, run_id, {"loss": epoch["loss"]}, step)
     spent = {c["shard"]: c["epsilon"] for c in record.train["rounds"][-1] if c.get("epsilon") is not None}
     for shard, info in by_shard.items():
-        run_id = _find_run(client, experiment_id, {TAG_RUN: record.run_id, TAG_DAG: record.dag_id, TAG_SHARD: shard})
+        run_id = _find_run(client, experiment_id, {TAG_RUN: record.run_id, TAG_DAG: record.dag_id, TAG_SHARD: shard,
+                                                   "mlflow.parentRunId": parent})
         client.log_param(run_id, "rows", info["rows"])
         if info.get("keys"):
             client.log_param(run_id, "shard_by_values", ",".join(info["keys"])[:6000])  # MLflow's param limit
@@ -217,8 +230,28 @@ def _log_dataset(run_id: str, record: RunRecord) -> None:
 EXAMPLE_ROWS = 2  # the model's input example: pt2 export needs a batch of at least 2
 
 
+def _version_files(record: RunRecord, folder: Path) -> list[str]:
+    """The files a version carries for the gate, drift, the warm start and scoring (champion.WEIGHTS, ...)."""
+    import json
+    import shutil
+
+    files = {champions.WEIGHTS: record.merge["merged_path"], champions.VARIANTS: None, champions.ENCODER: None,
+             Path(record.compress["chosen_path"]).name: record.compress["chosen_path"]}
+    if record.drift:
+        files[champions.PROFILE] = record.drift["profile_path"]
+    (folder / champions.ENCODER).write_text(json.dumps(record.shards["encoder"]))
+    (folder / champions.VARIANTS).write_text(json.dumps(record.compress))
+    for name, source in files.items():
+        if source is not None:
+            shutil.copyfile(source, folder / name)
+    return [str(folder / name) for name in files]
+
+
 def _log_model(run_id: str, record: RunRecord, example_features) -> str:
-    """Log the merged model (pt2, with signature and a 2-row input example); returns its model URI."""
+    """Log the merged model (pt2, with signature and a 2-row input example) and its files; returns its model
+    URI."""
+    import tempfile
+
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -228,16 +261,18 @@ def _log_model(run_id: str, record: RunRecord, example_features) -> str:
     example = example_features[:EXAMPLE_ROWS].numpy()
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="lepton-version-") as tmp:
         info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                        serialization_format="pt2",
+                                        serialization_format="pt2", extra_files=_version_files(record, Path(tmp)),
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     return info.model_uri
 
 
-def _existing_version(client, model_name: str, record: RunRecord):
+def _existing_version(client, model_name: str, record: RunRecord, run_id: str):
+    """The version this MLflow run registered, if it did."""
     query = f"name = '{model_name}' and tags.`{TAG_RUN}` = '{record.run_id}'"
-    versions = [v for v in client.search_model_versions(query) if v.tags.get(TAG_DAG) == record.dag_id]
+    versions = [v for v in client.search_model_versions(query)
+                if v.tags.get(TAG_DAG) == record.dag_id and v.run_id == run_id]
     return versions[0] if versions else None
 
 
@@ -263,33 +298,35 @@ def _register_version(client, model_name: str, model_uri: str, run_id: str, reco
 
 
 def _champion_on_this_data(client, champion, record: RunRecord, metric: str) -> tuple[float | None, str | None]:
-    """The champion re-scored on this run's held-out rows, with its own encoder and weights (safetensors: no
-    pickle), or (None, why) when its artifacts are missing or its columns no longer fit the data."""
+    """The champion re-scored on this run's held-out rows, with its version's own encoder and weights
+    (safetensors: no pickle), or (None, why) when its files are gone or its columns no longer fit the data. A
+    registry that cannot be reached raises (retryable): that decides nothing."""
     import json
     import tempfile
-
-    import mlflow
 
     from lepton_tasks.models import evaluate
     from lepton_tasks.train import load_xy, model_shape
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            fetch = mlflow.artifacts.download_artifacts
-            weights = fetch(run_id=champion.run_id, artifact_path="merged/merged.safetensors", dst_path=tmp)
-            encoder = json.loads(Path(fetch(run_id=champion.run_id, artifact_path="model/encoder.json",
-                                            dst_path=tmp)).read_text())
+            version = str(champion.version)
+            weights = champions.version_file(champion.name, version, champions.WEIGHTS, Path(tmp))
+            encoder = json.loads(champions.version_file(champion.name, version, champions.ENCODER,
+                                                        Path(tmp)).read_text())
             params = client.get_run(champion.run_id).data.params
             shape = model_shape(encoder, params["model_kind"], int(params["hidden_size"]))
-            model = load_model(shape, load_checkpoint(Path(weights))[0])
+            model = load_model(shape, load_checkpoint(weights)[0])
             features, targets = load_xy(record.shards["eval"]["files"], encoder)
             return evaluate(model, shape, features, targets)[metric], None
-    except Exception as err:  # an older champion, or another schema: no comparison, so no promotion
+    except Exception as err:  # files gone, or another schema: no comparison, so no promotion
+        if champions.is_unreachable(err):
+            raise
         log.warning("could not re-score champion version %s on this run's held-out rows: %s", champion.version, err)
         return None, f"{type(err).__name__}: {err}"
 
 
 PROMOTED, KEPT, NOT_COMPARED = "promoted", "kept_champion", "not_compared"  # tag lepton.promotion
+REPLACED = "replaced_unusable"  # a person asked (replace_unusable_champion) to replace a champion that can't be scored
 
 
 def _compare(client, champion, version, record: RunRecord) -> dict:
@@ -306,6 +343,10 @@ def _compare(client, champion, version, record: RunRecord) -> dict:
         return {**comparison, "outcome": PROMOTED, "reason": "already champion (a retry of this registration)"}
     same_data, why_not = _champion_on_this_data(client, champion, record, metric)
     comparison["champion_score_same_data"] = same_data
+    if same_data is None and record.params.get("replace_unusable_champion"):
+        return {**comparison, "outcome": REPLACED,
+                "reason": f"champion version {champion.version} could not be re-scored on this run's held-out rows "
+                          f"({why_not}); replaced as param 'replace_unusable_champion' asks"}
     if same_data is None:
         return {**comparison, "outcome": NOT_COMPARED,
                 "reason": f"champion version {champion.version} could not be re-scored on this run's held-out rows "
@@ -352,7 +393,7 @@ def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: s
         raise _alias_contended(CANDIDATE, model_name)
     for _ in range(ALIAS_TRIES):
         comparison = _compare(client, current_champion(client, model_name), version, record)
-        comparison["promoted"] = comparison["outcome"] == PROMOTED
+        comparison["promoted"] = comparison["outcome"] in (PROMOTED, REPLACED)
         if comparison.get("champion_score_same_data") is not None:
             log_metrics(client, run_id,
                         {f"champion_eval_{comparison['metric']}": comparison["champion_score_same_data"]})
@@ -368,13 +409,13 @@ def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: s
     return sorted(aliases), comparison
 
 
-RERUN = "rerun"  # outcome of a DAG run registered before: nothing is compared or moved again
+RERUN = "rerun"  # outcome of a DAG run registered before with the same model: nothing is logged, compared or moved
 
 
 def _aliases_as_they_are(client, model_name: str, version) -> tuple[list[str], dict]:
-    """A DAG run that completed its registration before and runs again (a rerun night) moves no alias: its
-    decision was made (promotion.json and tag `lepton.promotion` of its MLflow run keep it), and moving
-    `champion` now could take it back from a newer night."""
+    """A DAG run that completed its registration of the same model before and runs again (a rerun night) writes
+    nothing and moves no alias: its decision was made (promotion.json and tag `lepton.promotion` of its MLflow run
+    keep it), and moving `champion` now could take it back from a newer night."""
     champion = current_champion(client, model_name)
     promotion = {"outcome": RERUN, "promoted": False, "candidate_version": str(version.version),
                  "champion_version": str(champion.version) if champion else None,
@@ -421,19 +462,23 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
     client = MlflowClient(tracking_uri)
     try:
         experiment_id = ensure_experiment(client, experiment_name, artifact_root)
-        run_id, created = _find_or_create_run(client, experiment_id, {TAG_RUN: record.run_id, TAG_DAG: record.dag_id},
-                                              record.run_id)
-        rerun = not created and client.get_run(run_id).data.tags.get(TAG_COMPLETE) == "true"
+        run_id, created = _find_or_create_run(client, experiment_id, {
+            TAG_RUN: record.run_id, TAG_DAG: record.dag_id, TAG_MODEL_SHA: record.merge["merged_sha256"]},
+            record.run_id)
+        registered = None if created else _completed_version(client, run_id, model_name, record)
+        if registered is not None:  # the same DAG run and model again (a rerun night): nothing is written
+            aliases, promotion = _aliases_as_they_are(client, model_name, registered)
+            return RegisterManifest(where, experiment_id, run_id, model_name, str(registered.version), aliases,
+                                    promotion["champion_version"], promotion)
+        if created:
+            _note_superseded(client, experiment_id, run_id, record)
         _reopen(client, run_id, created)
     except Exception as err:
         raise RegistryError(f"MLflow at {where} cannot be reached or refused the run: {type(err).__name__}: "
                             f"{err}") from err
     try:
         version = _log_and_register(client, experiment_id, run_id, record, model_name, example_features)
-        if rerun:  # the same DAG run again (a rerun night): its version stays, and so do the aliases
-            aliases, promotion = _aliases_as_they_are(client, model_name, version)
-        else:
-            aliases, promotion = _move_aliases(client, model_name, version, record, run_id)
+        aliases, promotion = _move_aliases(client, model_name, version, record, run_id)
         client.set_tag(run_id, TAG_COMPLETE, "true")
         client.set_terminated(run_id, "FINISHED")
     except Exception as err:
@@ -445,6 +490,26 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
                             f"{err}") from err
     return RegisterManifest(where, experiment_id, run_id, model_name, str(version.version), aliases,
                             promotion["champion_version"], promotion)
+
+
+def _completed_version(client, run_id: str, model_name: str, record: RunRecord):
+    """The version a complete registration of this run made, or None while it is not complete."""
+    if client.get_run(run_id).data.tags.get(TAG_COMPLETE) != "true":
+        return None
+    return _existing_version(client, model_name, record, run_id)
+
+
+def _note_superseded(client, experiment_id: str, run_id: str, record: RunRecord) -> None:
+    """Where this DAG run was registered before from another model (rerun on changed data), say so: the earlier
+    MLflow runs and their versions stay exactly as they were, and this model is gated as a new version."""
+    query = (f"tags.`{TAG_RUN}` = '{record.run_id}' and tags.`{TAG_DAG}` = '{record.dag_id}' and "
+             "tags.`mlflow.parentRunId` IS NULL")
+    earlier = [r.info.run_id for r in client.search_runs([experiment_id], query) if r.info.run_id != run_id]
+    if earlier:
+        client.set_tag(run_id, TAG_SUPERSEDES, ",".join(earlier))
+        log.warning("DAG run %s was registered before from another model (MLflow run(s) %s): this model is "
+                    "registered as a new version and gated; the earlier run(s) and version(s) are left as they "
+                    "were", record.run_id, ", ".join(earlier))
 
 
 def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord, model_name: str, example_features):
@@ -463,7 +528,7 @@ def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord
     _log_shard_runs(client, experiment_id, run_id, record)
     _log_artifacts(client, run_id, record)
     _log_dataset(run_id, record)
-    version = _existing_version(client, model_name, record)
+    version = _existing_version(client, model_name, record, run_id)
     if version is None:
         version = _register_version(client, model_name, _log_model(run_id, record, example_features), run_id, record)
     return version

@@ -55,20 +55,20 @@ class Champion:
 
 
 def fetch_champion(tracking_uri: str, model_name: str, into: Path) -> Champion:
-    """Download the version aliased `champion`: its chosen ONNX file and its encoder."""
+    """Download the version aliased `champion`: the ONNX file and the encoder registered with that version
+    (`models:/NAME/VERSION`), never its run's artifacts, which a later attempt of the run could log again."""
     import mlflow
     from mlflow import MlflowClient
 
+    from lepton_tasks.champion import CHAMPION, ENCODER, VARIANTS, version_file
+
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        version = MlflowClient(tracking_uri).get_model_version_by_alias(model_name, "champion")
-        fetch = mlflow.artifacts.download_artifacts
-        chosen = json.loads(Path(fetch(run_id=version.run_id, artifact_path="onnx/variants.json",
-                                       dst_path=str(into))).read_text())
-        onnx_path = Path(fetch(run_id=version.run_id, artifact_path=f"onnx/{Path(chosen['chosen_path']).name}",
-                               dst_path=str(into)))
-        encoder = json.loads(Path(fetch(run_id=version.run_id, artifact_path="model/encoder.json",
-                                        dst_path=str(into))).read_text())
+        version = MlflowClient(tracking_uri).get_model_version_by_alias(model_name, CHAMPION)
+        number = str(version.version)  # resolved once: the alias may move while the files download
+        chosen = json.loads(version_file(model_name, number, VARIANTS, into).read_text())
+        onnx_path = version_file(model_name, number, Path(chosen["chosen_path"]).name, into)
+        encoder = json.loads(version_file(model_name, number, ENCODER, into).read_text())
     except Exception as err:
         raise RegistryError(f"cannot load the champion of registered model '{model_name}': "
                             f"{type(err).__name__}: {err}") from err

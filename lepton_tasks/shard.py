@@ -1,7 +1,9 @@
 """Shard: split the validated stage on a Dask cluster into N Parquet shards plus a held-out split.
 
 Deterministic given the seed and the data, whatever the partitioning:
-- a row is held out when a seeded hash of its global row number falls under `eval_fraction`;
+- a row is held out when a seeded hash of its global row number falls under `eval_fraction`; with a
+  `select_fraction` (greedy soup), the next slice of hash values, that share of the remaining rows, becomes a
+  selection split: held out from training too, so that a choice among models never looks at the held-out rows;
 - by default the remaining rows of each label are dealt round-robin to the shards, so every shard gets the same
   label mix (a regression target has one stratum: rows are dealt in order);
 - with `shard_by` (a column), data that lives apart stays apart: one shard per value of the column (the values in
@@ -36,6 +38,7 @@ from lepton_tasks.storage import (
 )
 
 EVAL_NAME = "eval"
+SELECT_NAME = "select"  # rows a choice among trained models is made on (greedy soup), apart from `eval`
 NULL_KEY = "__null__"  # the shard_by key of rows where that column is missing
 
 
@@ -65,24 +68,40 @@ class ShardManifest:
     encoder: dict  # features.Encoder, fitted on the training rows (or the champion's, on a warm start)
     warm_start: dict | None = None  # {"version", "weights"} of the champion round 1 starts from; None: scratch
     shard_by: str | None = None  # the column shards follow; None: stratified by label
+    select: ShardInfo | None = None  # with a select_fraction: the selection split (neither trained on nor eval)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict) -> ShardManifest:
-        fields = {**raw, "shards": [ShardInfo(**s) for s in raw["shards"]], "eval": ShardInfo(**raw["eval"])}
+        fields = {**raw, "shards": [ShardInfo(**s) for s in raw["shards"]], "eval": ShardInfo(**raw["eval"]),
+                  "select": ShardInfo(**raw["select"]) if raw.get("select") else None}
         return cls(**fields)
 
 
-def held_out_mask(row_numbers: np.ndarray, seed: int, eval_fraction: float) -> np.ndarray:
-    """Seeded, order-free choice of held-out rows: a SplitMix64 hash of (seed, global row number)."""
+def _row_hash(row_numbers: np.ndarray, seed: int) -> np.ndarray:
+    """A SplitMix64 hash of (seed, global row number), as a float in [0, 1): seeded and order-free."""
     with np.errstate(over="ignore"):
         z = row_numbers.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < eval_fraction
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def held_out_mask(row_numbers: np.ndarray, seed: int, eval_fraction: float) -> np.ndarray:
+    """Seeded, order-free choice of held-out rows."""
+    return _row_hash(row_numbers, seed) < eval_fraction
+
+
+def split_masks(row_numbers: np.ndarray, seed: int, eval_fraction: float,
+                select_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(held out, selection): the selection split is `select_fraction` of the rows not held out, drawn from the
+    same hash, so the held-out rows are those of a run without one."""
+    unit = _row_hash(row_numbers, seed)
+    held_out = unit < eval_fraction
+    return held_out, ~held_out & (unit < eval_fraction + select_fraction * (1 - eval_fraction))
 
 
 def _strata(frame, spec: PipelineSpec) -> tuple[np.ndarray, list]:
@@ -100,7 +119,7 @@ def _key_codes(values) -> tuple[np.ndarray, list[str]]:
 
 
 def _count_partition(partition: ParquetPartition, spec: PipelineSpec, seed: int, eval_fraction: float,
-                     shard_by: str | None = None) -> tuple[dict, dict]:
+                     shard_by: str | None = None, select_fraction: float = 0.0) -> tuple[dict, dict]:
     """Per-stratum and (with `shard_by`) per-key counts of one partition's training rows (the first pass, which
     reads the label column, and the `shard_by` one, only)."""
     table = partition.read(list(dict.fromkeys([spec.target.column, *([shard_by] if shard_by else [])])))
@@ -108,7 +127,9 @@ def _count_partition(partition: ParquetPartition, spec: PipelineSpec, seed: int,
         raise ShardError(f"'{partition.path}' holds {table.num_rows} rows in row groups {list(partition.row_groups)}"
                          f" where its footer said {partition.rows}: the validated stage changed while sharding")
     frame = table.to_pandas()
-    training = ~held_out_mask(np.arange(partition.start, partition.start + partition.rows), seed, eval_fraction)
+    held_out, selected = split_masks(np.arange(partition.start, partition.start + partition.rows), seed,
+                                     eval_fraction, select_fraction)
+    training = ~held_out & ~selected
     codes, keys = _strata(frame, spec)
     counts = np.bincount(codes[training], minlength=len(keys))
     key_counts = {}
@@ -121,13 +142,14 @@ def _count_partition(partition: ParquetPartition, spec: PipelineSpec, seed: int,
 
 def _write_partition(partition: ParquetPartition, index: int, columns: list[str], offsets: dict, out_dir: str,
                      num_shards: int, spec: PipelineSpec, seed: int, eval_fraction: float,
-                     layout: KeyLayout | None, fit_encoder: bool) -> tuple[list[tuple[str, str, dict, int, str]],
-                                                                         dict | None]:
+                     layout: KeyLayout | None, fit_encoder: bool, select_fraction: float = 0.0
+                     ) -> tuple[list[tuple[str, str, dict, int, str]], dict | None]:
     """Write one partition's slice of every shard and of the held-out split (the second pass), each file hashed
     here; with `fit_encoder`, the statistics of its training rows that fit the encoder."""
     table = partition.read(columns)
-    held_out = held_out_mask(np.arange(partition.start, partition.start + len(table)), seed, eval_fraction)
-    train_index = np.flatnonzero(~held_out)
+    held_out, selected = split_masks(np.arange(partition.start, partition.start + len(table)), seed, eval_fraction,
+                                     select_fraction)
+    train_index = np.flatnonzero(~held_out & ~selected)
     frame = table.select(spec.feature_columns + [spec.target.column]).to_pandas() if fit_encoder else \
         table.select([spec.target.column]).to_pandas()
     codes, keys = _strata(frame, spec)
@@ -144,7 +166,9 @@ def _write_partition(partition: ParquetPartition, index: int, columns: list[str]
             shard_of[members] = (offsets.get(key, 0) + np.arange(len(members))) % num_shards
     written = []
     dictionary_columns = parquet_dictionary_columns(table.schema)
-    for name, mask in [(EVAL_NAME, held_out)] + [(f"shard-{i:03d}", shard_of == i) for i in range(num_shards)]:
+    splits = [(EVAL_NAME, held_out), *([(SELECT_NAME, selected)] if select_fraction else []),
+              *((f"shard-{i:03d}", shard_of == i) for i in range(num_shards))]
+    for name, mask in splits:
         if mask.any():
             path = Path(out_dir) / name / f"part-{index:05d}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,10 +239,12 @@ def _check_shard_by(parts: list[str], column: str) -> None:
 
 
 def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: float, seed: int,
-          spec: PipelineSpec, client, encoder: dict | None = None, shard_by: str | None = None) -> ShardManifest:
+          spec: PipelineSpec, client, encoder: dict | None = None, shard_by: str | None = None,
+          select_fraction: float = 0.0) -> ShardManifest:
     """Split the Parquet `parts` into shards on the Dask `client`; write them under `stage_dir`. The rows are
     encoded with `encoder` where given (a warm start keeps the champion's), else with one fitted here. With
-    `shard_by`, shards follow that column's values (see the module docstring)."""
+    `shard_by`, shards follow that column's values; with `select_fraction`, a selection split is set apart too
+    (see the module docstring)."""
     label, features = spec.target.column, spec.feature_columns
     columns = [*features, label]
     if shard_by is not None:
@@ -226,7 +252,8 @@ def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: flo
         columns += [] if shard_by in columns else [shard_by]
     partitions = parquet_partitions(parts)
     counted = client.gather(client.map(_count_partition, partitions, spec=spec, seed=seed,
-                                       eval_fraction=eval_fraction, shard_by=shard_by, pure=False))
+                                       eval_fraction=eval_fraction, shard_by=shard_by,
+                                       select_fraction=select_fraction, pure=False))
     counts = [c for c, _ in counted]
     layout = key_layout(shard_by, [k for _, k in counted], num_shards, spec) if shard_by else None
     shards_made = layout.num_shards if layout else num_shards
@@ -235,17 +262,20 @@ def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: flo
     with atomic_dir(stage_dir) as tmp:
         written_parts = client.gather([
             client.submit(_write_partition, partition, index, columns, offsets[index], str(tmp), shards_made, spec,
-                          seed, eval_fraction, layout, encoder is None, pure=False)
+                          seed, eval_fraction, layout, encoder is None, select_fraction, pure=False)
             for index, partition in enumerate(partitions)])
         written = [item for part, _ in written_parts for item in part]
         fitted = encoder or fit(spec, merge_stats([stats for _, stats in written_parts])).to_dict()
-    infos = _summarise(written, Path(tmp), Path(stage_dir), shards_made)
+    splits = [EVAL_NAME, *([SELECT_NAME] if select_fraction else [])]
+    infos = _summarise(written, Path(tmp), Path(stage_dir), splits + [f"shard-{i:03d}" for i in range(shards_made)])
+    held, shards = infos[:len(splits)], infos[len(splits):]
     if layout is not None:
-        for index, info in enumerate(infos[1:]):
+        for index, info in enumerate(shards):
             info.keys = layout.keys_of(index)
     return ShardManifest(
         stage_dir=str(stage_dir), seed=seed, eval_fraction=eval_fraction, label_column=label,
-        feature_columns=list(features), shards=infos[1:], eval=infos[0], encoder=fitted, shard_by=shard_by,
+        feature_columns=list(features), shards=shards, eval=held[0], encoder=fitted, shard_by=shard_by,
+        select=held[1] if select_fraction else None,
     )
 
 
@@ -256,10 +286,10 @@ def _check_enough_rows(counts: list[dict], num_shards: int) -> None:
                          "every shard needs at least one row")
 
 
-def _summarise(written: list, tmp: Path, final: Path, num_shards: int) -> list[ShardInfo]:
-    """Gather per-partition results into one ShardInfo per shard (held-out split first), with final paths."""
+def _summarise(written: list, tmp: Path, final: Path, names: list[str]) -> list[ShardInfo]:
+    """Gather per-partition results into one ShardInfo per split named, in that order, with final paths."""
     infos = []
-    for name in [EVAL_NAME] + [f"shard-{i:03d}" for i in range(num_shards)]:
+    for name in names:
         mine = sorted((Path(str(path).replace(str(tmp), str(final), 1)), hist, rows, digest)
                       for written_name, path, hist, rows, digest in written if written_name == name)
         if not mine:

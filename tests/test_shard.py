@@ -72,6 +72,22 @@ def test_the_same_rows_in_other_files_and_row_groups_make_the_same_shards(tmp_pa
     assert rows(made["one"]) == rows(made["three"])
 
 
+def test_a_selection_split_comes_from_the_training_side_and_leaves_the_held_out_rows_as_they_were(parts, tmp_path,
+                                                                                                  dask_client):
+    plain = _shard(parts, tmp_path / "plain", dask_client)
+    with_select = shard(parts, tmp_path / "select", 3, 0.2, 1, MNIST_SPEC.spec, dask_client, select_fraction=0.1)
+    assert plain.select is None and with_select.eval.sha256 == plain.eval.sha256  # the gate's rows: untouched
+
+    def frame(info):
+        return pd.concat(pd.read_parquet(f) for f in info.files)
+
+    trained = pd.concat(frame(s) for s in with_select.shards)
+    selected = frame(with_select.select)
+    assert 30 <= len(selected) <= 115  # about a tenth of the 720 training-side rows
+    assert len(trained) + len(selected) == sum(s.rows for s in plain.shards)
+    assert selected.merge(trained).empty and selected.merge(frame(with_select.eval)).empty
+
+
 def test_held_out_mask_is_seeded_and_near_the_fraction():
     import numpy as np
 

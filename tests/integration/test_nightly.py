@@ -5,7 +5,8 @@ pipeline reading one daily partition per night:
   the shifted night raises the drift alarm (warn) and tells a real SMTP server and a real HTTP receiver; a
   rerun of one night changes only that night and duplicates nothing in MLflow;
 - a night whose file lands while its run is deferred in the triggerer: it waits, then succeeds (warm start);
-  the same night from scratch, side by side; a champion whose shape no longer fits falls back to scratch;
+  the same night from scratch, side by side; and, in this process on the snapshot that night took (not under the
+  scheduler), a champion whose shape no longer fits falls back to scratch;
 - a night that never lands: a clean failure naming the day, nothing registered, a failure notification;
 - drift over `drift_max` with `drift_action: fail`: the run stops before training, nothing registered;
 - the scheduler killed (SIGKILL) while `lepton backfill` waits: it fails naming the pending night.
@@ -298,8 +299,8 @@ def test_late_file_waits_in_the_triggerer_and_warm_vs_scratch(nightly):
     # a champion whose shape no longer fits this run (another hidden size): scratch, and the reason said
     loaded = load_spec(Path(extra["LEPTON_PIPELINES_DIR"]) / f"{DAG}.yaml")
     ctx = pipeline.context(loaded, "what_if", {"init_from": "champion", "hidden_size": 24}, DAG, "2026-11-20")
-    drifted = json.loads((env.data_root / DAG / "late_night" / "champion" / "snapshot.json").read_text())
-    snap, reason = pipeline.warm_start(ctx, {"champion": drifted})
+    taken = json.loads((env.data_root / DAG / "late_night" / "champion" / "snapshot.json").read_text())
+    snap, reason = pipeline.warm_start(ctx, {"champion": taken["champion"]})
     assert snap is None and "hidden_size 16, this run 24" in reason
 
 

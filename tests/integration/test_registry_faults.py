@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from lepton_tasks import pipeline
 from lepton_tasks.errors import RegistryError
 from lepton_tasks.specs import find_spec
+from lepton_tasks.storage import sha256_file
 from tests.integration.airflow_env import SMALL_CONF, TrackingServer, write_demo
 
 pytestmark = pytest.mark.slow
@@ -82,9 +84,7 @@ def test_the_champion_gate_fails_closed_when_the_champion_cannot_be_rescored(sta
     client = MlflowClient(server.uri)
     first = _register(loaded, "nightly_1", manifests)
     assert first["promotion"]["outcome"] == "promoted" and "no champion yet" in first["promotion"]["reason"]
-    champion = client.get_model_version_by_alias("lepton-mnist1d", "champion")
-    [encoder] = [p for p in server.root.rglob("encoder.json") if champion.run_id in str(p)]
-    encoder.unlink()  # the champion can no longer turn this run's rows into model input
+    _version_file(server, client, "1", "encoder.json").unlink()  # it can no longer turn rows into model input
     second = _register(loaded, "nightly_2", manifests)  # same model, same score: it would have been promoted
     promotion = second["promotion"]
     assert promotion["outcome"] == "not_compared" and not promotion["promoted"]
@@ -92,6 +92,75 @@ def test_the_champion_gate_fails_closed_when_the_champion_cannot_be_rescored(sta
     assert second["aliases"] == ["candidate"]
     assert str(client.get_model_version_by_alias("lepton-mnist1d", "champion").version) == "1"
     assert client.get_run(second["run_id"]).data.tags["lepton.promotion"] == "not_compared"
+
+
+def _version_file(server: TrackingServer, client, version: str, name: str) -> Path:
+    """Where the tracking server keeps a file registered with a model version (its logged model's extra_files)."""
+    model_id = client.get_model_version("lepton-mnist1d", version).source.removeprefix("models:/")
+    [path] = [p for p in (server.root / "artifacts").rglob(f"extra_files/{name}") if model_id in str(p)]
+    return path
+
+
+def test_a_champion_whose_files_are_gone_stops_nothing_and_a_person_can_replace_it(stages, server):
+    """Drift and the warm start say "no usable champion" and go on from scratch; the gate still fails closed; a run
+    triggered with replace_unusable_champion promotes its model in the champion's place."""
+    from mlflow import MlflowClient
+
+    _, loaded, manifests = stages
+    client = MlflowClient(server.uri)
+    _register(loaded, "nightly_1", manifests)
+    _version_file(server, client, "1", "merged.safetensors").unlink()  # the champion's weights are gone
+
+    night = pipeline.context(loaded, "nightly_2", {**SMALL_CONF, "init_from": "champion"})
+    drifted = pipeline.drift(night, manifests["validate"])  # took the snapshot: not wedged
+    assert drifted["champion"] is None and "champion version 1 of lepton-mnist1d cannot be read" in \
+        drifted["champion_unusable"]
+    assert drifted["note"].startswith("no usable champion")
+    start, reason = pipeline.warm_start(night, drifted)
+    assert start is None and reason.startswith("no usable champion (champion version 1")
+    registered = pipeline.register(night, {**manifests, "drift": drifted})
+    assert registered["promotion"]["outcome"] == "not_compared"
+    tags = client.get_run(registered["run_id"]).data.tags
+    assert "cannot be read" in tags["lepton.champion_unusable"]
+    summary = json.loads(night.summary_path("drift").read_text())
+    assert "cannot be read" in summary["champion_unusable"]
+
+    asked = pipeline.context(loaded, "manual_replace", {**SMALL_CONF, "replace_unusable_champion": True})
+    replaced = pipeline.register(asked, manifests)
+    assert replaced["promotion"]["outcome"] == "replaced_unusable" and "champion" in replaced["aliases"]
+    assert client.get_model_version_by_alias("lepton-mnist1d", "champion").version == replaced["model_version"]
+
+
+def test_a_rerun_on_changed_data_is_a_new_gated_version_and_the_champion_keeps_its_own_files(stages, server,
+                                                                                              tmp_path, monkeypatch):
+    """The champion's night run again over other rows: its MLflow run and version are not written again; the new
+    model is a new version that goes through the gate; scoring reads the champion's own files."""
+    from mlflow import MlflowClient
+
+    from lepton_tasks.score import fetch_champion
+
+    _, loaded, manifests = stages
+    client = MlflowClient(server.uri)
+    first = _register(loaded, "nightly_1", manifests)
+    run_files = {p: p.read_bytes() for p in (server.root / "artifacts").rglob("*") if p.is_file()}
+
+    monkeypatch.setenv("LEPTON_DATA_ROOT", str(tmp_path / "changed"))
+    write_demo(tmp_path / "changed", 700)  # the night's data changed
+    changed, _ = pipeline.run_in_process(pipeline.context(loaded, "nightly_1", SMALL_CONF), last="compress")
+    assert changed["merge"]["merged_sha256"] != manifests["merge"]["merged_sha256"]
+    again = _register(loaded, "nightly_1", changed)
+
+    assert again["run_id"] != first["run_id"] and again["model_version"] == "2"
+    assert again["promotion"]["outcome"] in ("promoted", "kept_champion")  # compared on the new held-out rows
+    assert again["promotion"]["champion_score_same_data"] is not None
+    assert client.get_run(again["run_id"]).data.tags["lepton.supersedes"] == first["run_id"]
+    assert {p: p.read_bytes() for p in run_files} == run_files  # nothing registered before was written again
+    with tempfile.TemporaryDirectory() as into:
+        served = fetch_champion(server.uri, "lepton-mnist1d", Path(into))
+        version = client.get_model_version_by_alias("lepton-mnist1d", "champion").version
+        mine = (changed if version == "2" else manifests)["compress"]["chosen_sha256"]
+        assert served.version == version and sha256_file(served.onnx_path) == mine
+    assert _register(loaded, "nightly_1", changed)["promotion"]["outcome"] == "rerun"  # and now it is a rerun
 
 
 KILLABLE = """

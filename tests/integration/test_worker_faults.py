@@ -29,7 +29,17 @@ from tests.integration.airflow_env import (
     unscheduled_specs,
     write_demo,
 )
-from tests.integration.faults import FaultDriver, KillOnce, kill_tree, marker_written, supervised_child
+from tests.integration.faults import (
+    FaultDriver,
+    KillOnce,
+    first_difference,
+    kill_dask_worker_process,
+    kill_tree,
+    killed_worker,
+    left,
+    supervised_child,
+    watch,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,20 +63,14 @@ def make_up_dask(tmp_path):
         process.wait(timeout=60)
 
 
-def _first_difference(run_a, run_b) -> str | None:
-    """The first output (shard data, then each round's checkpoints, then the merged model) whose content differs
-    between two runs of the same params, or None: the determinism policy says there is none."""
-    from lepton_tasks.models import load_checkpoint
+def _kill_the_dask_scheduler(supervisor_pid: int) -> str:
+    """SIGKILL the `dask scheduler` process its supervisor runs now; its pid."""
+    import psutil
 
-    for part in sorted((run_a / "shard").rglob("*.parquet")):
-        if sha256_file(part) != sha256_file(run_b / part.relative_to(run_a)):
-            return str(part.relative_to(run_a))
-    checkpoints = sorted((run_a / "train").rglob("*.safetensors")) + [run_a / "merge/merged.safetensors"]
-    for path in checkpoints:
-        (mine, _), (theirs, _) = load_checkpoint(path), load_checkpoint(run_b / path.relative_to(run_a))
-        if any(not mine[k].equal(theirs[k]) for k in mine):
-            return str(path.relative_to(run_a))
-    return None
+    pid = supervised_child(supervisor_pid)
+    assert "scheduler" in " ".join(psutil.Process(pid).cmdline()), "not the dask scheduler"
+    kill_tree(pid)
+    return str(pid)
 
 
 def _fault_free_run(env: AirflowEnv, profile: Profile, monkeypatch, pipelines) -> Path:
@@ -98,14 +102,15 @@ def test_a_run_survives_killed_workers_and_a_restarted_scheduler_with_the_same_m
     markers.mkdir()
     with Client(profile.dask_address, timeout="60s") as monitor:
         monitor.wait_for_workers(2, timeout=120)
-        monitor.register_plugin(KillOnce("_write_partition", str(markers / "shard"), delay_s=0.0))
-        monitor.register_plugin(KillOnce("train-r1-shard-000", str(markers / "round1"), delay_s=0.5))
+    watch(profile.dask_address, markers / "left", [
+        KillOnce("_write_partition", str(markers / "shard"), delay_s=0.0),
+        KillOnce("train-r1-shard-000", str(markers / "round1"), delay_s=0.5)])
     faulty = env.data_root / "lepton_mnist1d" / "faulty"
     steps = [
         ("a whole dask worker in round 2", lambda: (faulty / "train/round-01/merged.safetensors").exists(),
-         lambda: kill_tree(supervised_child(supervisors["dask-worker-2"].pid))),
+         lambda: kill_dask_worker_process(supervised_child(supervisors["dask-worker-2"].pid), profile.dask_address)),
         ("the dask scheduler in round 3", lambda: (faulty / "train/round-02/merged.safetensors").exists(),
-         lambda: kill_tree(supervised_child(supervisors["dask-scheduler"].pid))),
+         lambda: _kill_the_dask_scheduler(supervisors["dask-scheduler"].pid)),
     ]
     connection = json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": profile.dask_port})
     pipelines = unscheduled_specs(tmp_path / "pipelines")
@@ -114,10 +119,16 @@ def test_a_run_survives_killed_workers_and_a_restarted_scheduler_with_the_same_m
         with FaultDriver(steps) as driver:
             ended = _trigger(env, extra, "faulty")
         assert ended == "success", f"run ended {ended}; component logs:\n{env.component_logs()}"
-        assert marker_written(markers / "shard") and marker_written(markers / "round1")
-        assert len(driver.done) == 2, driver.done  # every fault really happened
+        assert set(driver.done) == {s[0] for s in steps}, (driver.done, driver.retried)  # both faults happened
+    # each kill hit Dask workers, in the task it names, and the scheduler saw them leave (before its own kill)
+    gone = left(markers / "left")
+    for marker, key in (("shard", "_write_partition"), ("round1", "train-r1-shard-000")):
+        _, address, killed_key = killed_worker(markers / marker)
+        assert key in killed_key and address in gone, (marker, killed_key, gone)
+    assert set(driver.done["a whole dask worker in round 2"].split()) <= gone, (driver.done, gone)
+    assert supervised_child(supervisors["dask-scheduler"].pid) != int(driver.done["the dask scheduler in round 3"])
     clean = _fault_free_run(env, profile, monkeypatch, pipelines)
-    assert _first_difference(faulty, clean) is None
+    assert first_difference(faulty, clean) is None
     # and byte for byte: a checkpoint's bytes are a function of its content (models.save_checkpoint)
     assert sha256_file(faulty / "merge/merged.safetensors") == sha256_file(clean / "merge/merged.safetensors")
     logs = env.task_logs("run_id=faulty")
