@@ -63,9 +63,12 @@ T = TypeVar("T")
 #   and restart thresholds are still met, half a second later at most). An idle 2-worker cluster here took 3.8%
 #   of a core with the settings above, 1.4-1.7% with these too: the run's cluster idles through validate, drift,
 #   compress and register.
+# - every worker imports torch and the train stage as it starts (`lepton_tasks.dask_preload`), not in its first
+#   shard: the run's cluster starts beside ingest.
 WORKER_DASK_CONFIG = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None,
                                                                       "MKL_CBWR": "AUTO,STRICT"}},
                                       "worker": {"profile": {"enabled": False},
+                                                 "preload": ["lepton_tasks.dask_preload"],
                                                  "memory": {"monitor-interval": "500ms"}},
                                       "admin": {"tick": {"interval": "1s"}, "system-monitor": {"interval": "2s"}}}}
 
