@@ -13,12 +13,18 @@ samples, never on training rows. Central training of the same training rows is t
   (FedAvg, FedProx) run by Flower (`bench/flower_app.py`, its simulation engine, in `.venv-flower`): Lepton's
   cluster start, train and merge stages' seconds over Flower's `run_simulation` wall (Ray's start included), 3
   interleaved repeats; both accuracies, and the ratio without Lepton's cluster start.
+- `flower_parity`: each strategy Flower also ships (FedAvg, FedProx, FedAvgM, FedAdam, FedMedian, FedTrimmedAvg),
+  Lepton's and Flower's own, on the same shards, initial weights and local loop (each strategy's paper's local
+  optimizer, `RunParams.optimizer`), on two splits (Dirichlet 0.3, and two labels per site), 3 seeds: each
+  strategy's median accuracy within 1 point of Flower's; and the best strategy's share of the gap between FedAvg
+  and central training closed.
 
 The scenarios' stage runs share one 2-worker Dask cluster (an external scheduler, as `make up` gives the DAGs), so
 they pay no cluster start; the Lepton side of `flower_side_by_side` starts its own, as Flower starts Ray.
 
 Each scenario runs for every seed in SEEDS (a new split and initialisation each); the results give every seed's
-accuracy and the median. Where a strategy does not help, the table says so: nothing here is tuned per strategy.
+accuracy and the median. Where a strategy does not help, the table says so: nothing here is tuned per strategy
+(one learning rate per local optimizer, LEARNING_RATE; each strategy trains with its paper's, `RunParams.optimizer`).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import numpy as np
 import torch
 import yaml
 
-from bench.common import environ, interleaved, record, shared_cluster
+from bench.common import Repeats, environ, interleaved, record, shared_cluster
 from bench.quality import FRESH_ROWS, _train, fresh_samples
 from lepton_tasks.config import EXPECTATIONS_DIR, PIPELINES_DIR, REPO_ROOT
 from lepton_tasks.models import evaluate, init_weights, load_checkpoint, load_model
@@ -61,6 +67,13 @@ SCENARIOS = {
 SPEC_NAME = "lepton_mnist1d_sites"
 FLOWER_PYTHON = REPO_ROOT / ".venv-flower" / "bin" / "python"
 FLOWER_STRATEGIES = {"fedavg": {}, "fedprox": {"merge_strategy": "fedprox", "fedprox_mu": 0.01}}
+PARITY_STRATEGIES = {"fedavg": {}, "fedprox": {"merge_strategy": "fedprox", "fedprox_mu": 0.01},
+                     "fedavgm": {"merge_strategy": "fedavgm"}, "fedadam": {"merge_strategy": "fedadam"},
+                     "median": {"merge_strategy": "median"},
+                     "trimmed_mean": {"merge_strategy": "trimmed_mean", "trim_fraction": 0.2}}
+# one learning rate per local optimizer, none per strategy: Adam's usual, and SGD's as the papers' MNIST runs
+LEARNING_RATE = {"adam": 0.01, "sgd": 0.1}
+SPLITS = ("dirichlet_0.3", "two_labels_per_site")
 
 
 def dirichlet_sites(labels: np.ndarray, sites: int, alpha: float, seed: int) -> np.ndarray:
@@ -75,12 +88,26 @@ def dirichlet_sites(labels: np.ndarray, sites: int, alpha: float, seed: int) -> 
     return site
 
 
-def sites_frame(rows: int, seed: int, poisoned: bool = False):
-    """MNIST-1D rows with a label-skewed `site` column; `poisoned`: POISONED_SITE's labels shuffled."""
+def two_labels_per_site(labels: np.ndarray, sites: int, seed: int) -> np.ndarray:
+    """McMahan et al. 2017's pathological split: rows sorted by label, cut into 2 x `sites` runs, two per site."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(labels, kind="stable")
+    runs = np.array_split(order, 2 * sites)
+    site = np.empty(len(labels), dtype=object)
+    for index, run in enumerate(rng.permutation(len(runs))):
+        site[runs[run]] = f"site-{index // 2}"
+    return site
+
+
+def sites_frame(rows: int, seed: int, poisoned: bool = False, split: str = "dirichlet_0.3"):
+    """MNIST-1D rows with a label-skewed `site` column (`split`: Dirichlet(ALPHA) shares per label, or two labels
+    per site); `poisoned`: POISONED_SITE's labels shuffled."""
     from lepton_tasks.demo_data import mnist1d_frame
 
     frame = mnist1d_frame(rows, seed)
-    frame["site"] = dirichlet_sites(frame["label"].to_numpy(), SITES, ALPHA, seed)
+    labels = frame["label"].to_numpy()
+    frame["site"] = two_labels_per_site(labels, SITES, seed) if split == "two_labels_per_site" else \
+        dirichlet_sites(labels, SITES, ALPHA, seed)
     if poisoned:
         mine = np.flatnonzero(frame["site"].to_numpy() == POISONED_SITE)
         frame.loc[mine, "label"] = np.random.default_rng(seed).permutation(frame.loc[mine, "label"].to_numpy())
@@ -230,8 +257,9 @@ def _scenarios(work: Path, loaded, seeds) -> dict:
                     if scenario == "privacy" and name == "off":
                         runs[scenario][name].append(runs["non_iid"]["fedavg"][-1])  # the same run
                         continue
-                    result = stage_run(work, loaded, None, {**base, **conf}, f"{scenario}-{name.replace(' ', '-')}-"
-                                       f"{seed}", done=poisoned_shards if scenario == "poisoned" else clean_shards)
+                    label = f"{scenario}-{name.replace(' ', '-')}-{seed}"
+                    result = stage_run(work, loaded, None, _parity_conf(conf, seed), label,
+                                       done=poisoned_shards if scenario == "poisoned" else clean_shards)
                     runs[scenario][name].append({**result, "seed": seed})
                     print(f"{scenario} {name} seed {seed}: accuracy {result['accuracy']:.3f}, train+merge "
                           f"{result['train_merge_s']:.1f}s", flush=True)
@@ -260,30 +288,49 @@ def plot(detail: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _flower(work: Path, run: Path, conf: dict, strategy: str, repeat: int) -> tuple[float, dict]:
-    """Flower trains what the Lepton run exported to `run`; its seconds and the accuracy of its final model."""
+def _flower_run(conf: dict, out: Path) -> dict:
+    """One strategy's run for `flower_app.py`, with Lepton's resolved settings for `conf`: the strategy, its local
+    optimizer and learning rate, its server hyperparameters."""
+    from lepton_tasks.config import RunParams
+    from lepton_tasks.strategies import ADAM_BETA2, ADAM_TAU, Server
+
+    params = RunParams(source_uri="bench", **{k: v for k, v in conf.items() if k in RunParams.model_fields})
+    server = Server(params.merge_strategy, params.server_learning_rate, params.server_momentum, params.trim_fraction)
+    return {"strategy": params.merge_strategy, "out": str(out), "optimizer": params.optimizer,
+            "learning_rate": params.learning_rate, "momentum": params.local_momentum,
+            "fedprox_mu": params.fedprox_mu, "server_learning_rate": server.server_learning_rate,
+            "server_momentum": params.server_momentum, "trim_fraction": params.trim_fraction,
+            "adam_beta2": ADAM_BETA2, "adam_tau": ADAM_TAU}
+
+
+def _flower_many(work: Path, run: Path, conf: dict, runs: list[dict], name: str) -> tuple[float, list[float]]:
+    """Flower trains what the Lepton run exported to `run`, once per entry of `runs` (`_flower_run`), in one
+    simulation; its seconds and each final model's accuracy on the fresh samples."""
+    from lepton_tasks.train import model_shape
+
     exported = json.loads((run / "run.json").read_text())
-    out = work / f"flower-{strategy}-{repeat}.safetensors"
-    job = {**exported, "out": str(out), "strategy": strategy, "rounds": conf["merge_rounds"],
-           "local_epochs": conf["local_epochs"], "batch_size": conf["batch_size"],
-           "learning_rate": conf["learning_rate"], "seed": conf["seed"], "fedprox_mu": conf.get("fedprox_mu", 0.0),
-           "cpus": os.cpu_count()}
-    job_path = work / f"flower-{strategy}-{repeat}.json"
+    job = {**exported, "runs": runs, "rounds": conf["merge_rounds"], "local_epochs": conf["local_epochs"],
+           "batch_size": conf["batch_size"], "seed": conf["seed"], "cpus": os.cpu_count()}
+    job_path = work / f"flower-{name}.json"
     job_path.write_text(json.dumps(job))
-    started = time.perf_counter()
     done = subprocess.run([str(FLOWER_PYTHON), str(REPO_ROOT / "bench" / "flower_app.py"), str(job_path)],
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_DEDUP_LOGS": "0"},
                           capture_output=True, text=True, timeout=1800, cwd=work)
     if done.returncode != 0:
         raise RuntimeError(f"the Flower run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
-    from lepton_tasks.train import model_shape
-
     encoder = exported["encoder"]
     shape = model_shape(encoder, exported["shape"]["kind"], exported["shape"]["hidden"])
     xt, yt = fresh_samples(encoder)
-    state, _ = load_checkpoint(out)
-    accuracy = evaluate(load_model(shape, state), shape, xt, yt)["accuracy"]
+    accuracies = [evaluate(load_model(shape, load_checkpoint(Path(r["out"]))[0]), shape, xt, yt)["accuracy"]
+                  for r in runs]
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"], accuracies
+
+
+def _flower(work: Path, run: Path, conf: dict, strategy: str, repeat: int) -> tuple[float, dict]:
+    """Flower trains what the Lepton run exported to `run`; its seconds and the accuracy of its final model."""
+    started = time.perf_counter()
+    seconds, [accuracy] = _flower_many(work, run, conf, [_flower_run(conf, work / f"flower-{strategy}-{repeat}.st")],
+                                       f"{strategy}-{repeat}")
     return seconds, {"accuracy": accuracy, "process_wall_s": time.perf_counter() - started}
 
 
@@ -308,7 +355,7 @@ def flower_side_by_side(work: Path, seed: int = SEEDS[0]) -> tuple[dict, dict]:
     with sites_pipeline(work) as loaded, \
             prepared(work, loaded, frame, {**BASE_CONF, "seed": seed}, "flower-shards") as shards:
         for strategy, extra in FLOWER_STRATEGIES.items():
-            conf = {**BASE_CONF, **extra, "seed": seed}
+            conf = _parity_conf(extra, seed)
             run = work / f"export-{strategy}"
             measured = interleaved(partial(_lepton_side, work, loaded, shards, conf, strategy, run),
                                    partial(_flower_side, work, run, conf, strategy, count(1)),
@@ -328,4 +375,68 @@ def flower_side_by_side(work: Path, seed: int = SEEDS[0]) -> tuple[dict, dict]:
                 rows=ROWS, sites=SITES, conf=conf, flower="flwr 1.42 simulation engine (Ray), one CPU per client")
             detail[strategy] = {"lepton": [d["value"] for d in measured.details],
                                 "flower": [d["baseline"] for d in measured.details]}
+    return summaries, detail
+
+
+def _parity_conf(extra: dict, seed: int) -> dict:
+    """The bench's run params for one strategy: its paper's local optimizer (`auto`), that optimizer's rate."""
+    from lepton_tasks.config import RunParams
+
+    optimizer = RunParams(source_uri="bench", **extra).optimizer
+    return {**BASE_CONF, **extra, "seed": seed, "learning_rate": LEARNING_RATE[optimizer]}
+
+
+def _parity_seed(work: Path, loaded, split: str, seed: int) -> dict:
+    """Every parity strategy, Lepton's stages and Flower's, on one split and seed; central training beside them."""
+    frame = sites_frame(ROWS, seed, split=split)
+    found = {"central": central(loaded, frame, {**BASE_CONF, "learning_rate": LEARNING_RATE["adam"]}, seed)}
+    export, flower_runs = work / f"parity-export-{split}-{seed}", []
+    with prepared(work, loaded, frame, {**BASE_CONF, "seed": seed}, f"parity-{split}-{seed}") as shards:
+        for name, extra in PARITY_STRATEGIES.items():
+            conf = _parity_conf(extra, seed)
+            result = stage_run(work, loaded, None, conf, f"parity-{split}-{name}-{seed}", done=shards,
+                               export=None if (export / "run.json").exists() else export)
+            found[name] = {"lepton": result["accuracy"], "learning_rate": conf["learning_rate"]}
+            flower_runs.append(_flower_run(conf, work / f"parity-{split}-{name}-{seed}.st"))
+    _, accuracies = _flower_many(work, export, {**BASE_CONF, "seed": seed}, flower_runs, f"parity-{split}-{seed}")
+    for name, accuracy in zip(PARITY_STRATEGIES, accuracies, strict=True):
+        found[name]["flower"] = accuracy
+        print(f"parity {split} seed {seed} {name}: Lepton {found[name]['lepton']:.3f}, Flower {accuracy:.3f}",
+              flush=True)
+    shutil.rmtree(export, ignore_errors=True)
+    return found
+
+
+def flower_parity(work: Path, seeds=SEEDS) -> tuple[dict, dict]:
+    """`flower_parity` (see the module docstring): {name: summary}, detail."""
+    by_split = {}
+    with sites_pipeline(work) as loaded:
+        for split in SPLITS:
+            by_split[split] = [_parity_seed(work, loaded, split, seed) for seed in seeds]
+    summaries, detail = {}, {"seeds": list(seeds), "rows": ROWS, "sites": SITES, "conf": BASE_CONF,
+                             "learning_rate": LEARNING_RATE, "strategies": PARITY_STRATEGIES, "splits": {}}
+    for split, runs in by_split.items():
+        lepton = {n: statistics.median(r[n]["lepton"] for r in runs) for n in PARITY_STRATEGIES}
+        flower = {n: statistics.median(r[n]["flower"] for r in runs) for n in PARITY_STRATEGIES}
+        gaps = {n: abs(lepton[n] - flower[n]) for n in PARITY_STRATEGIES}
+        central_median = statistics.median(r["central"] for r in runs)
+        best = max(lepton, key=lepton.get)
+        closed = (lepton[best] - lepton["fedavg"]) / (central_median - lepton["fedavg"]) \
+            if central_median > lepton["fedavg"] else None
+        detail["splits"][split] = {"lepton": lepton, "flower": flower, "gap": gaps, "central": central_median,
+                                   "best": best, "gap_closed": closed, "runs": runs}
+        summaries[f"flower_parity_{split}"] = record(
+            Repeats([lepton[n] for n in PARITY_STRATEGIES], [flower[n] for n in PARITY_STRATEGIES]),
+            "every strategy's median accuracy (3 seeds) within 1 point of Flower's own implementation", "accuracy",
+            True, lambda r, g=gaps: max(g.values()) <= 0.01, max_gap=max(gaps.values()), gaps=gaps,
+            lepton=lepton, flower=flower, central=central_median, best=best, gap_closed=closed,
+            strategies=list(PARITY_STRATEGIES))
+    dirichlet = detail["splits"][SPLITS[0]]
+    runs = by_split[SPLITS[0]]
+    summaries["federated_gap_closed"] = record(
+        Repeats([r[dirichlet["best"]]["lepton"] for r in runs], [r["fedavg"]["lepton"] for r in runs]),
+        f"the best strategy closes >= 30% of the gap between FedAvg and central training ({SPLITS[0]}, medians)",
+        "accuracy", True, lambda r, c=dirichlet["gap_closed"]: c is not None and c >= 0.3,
+        best=dirichlet["best"], gap_closed=dirichlet["gap_closed"], central=dirichlet["central"],
+        fedavg=dirichlet["lepton"]["fedavg"], best_accuracy=dirichlet["lepton"][dirichlet["best"]])
     return summaries, detail

@@ -1,11 +1,13 @@
-"""The Flower side of `flower_side_by_side`, run as `python bench/flower_app.py JOB.json` in Flower's own virtual
-environment (`make bench` builds it: flwr[simulation] pins FastAPI, Starlette and protobuf versions that
-Airflow's api-server cannot share).
+"""The Flower side of `flower_side_by_side` and `flower_parity`, run as `python bench/flower_app.py JOB.json` in
+Flower's own virtual environment (`make bench` builds it: flwr[simulation] pins FastAPI, Starlette and protobuf
+versions that Airflow's api-server cannot share).
 
 It trains what the Lepton run trained: the same encoded shards (written by `bench.federated`), the same model
-from the same initial weights, the same local loop (Adam, the same seeded shuffles, FedProx's proximal term), the
-same rounds; Flower's own FedAvg or FedProx strategy aggregates, in Flower's simulation engine (Ray, one CPU per
-client). Prints {"seconds"}: the wall time of `run_simulation`, Ray's start included; writes the final weights.
+from the same initial weights, the same local loop (the same optimizer, Adam or SGD as the strategy's paper
+trains, the same seeded shuffles, FedProx's proximal term), the same rounds; Flower's own strategies aggregate
+(FedAvg, FedProx, FedAvgM, FedAdam, FedMedian, FedTrimmedAvg), one after another in one run of Flower's
+simulation engine (Ray, one CPU per client), each from the same initial weights. Prints {"seconds"}: the wall
+time of `run_simulation`, Ray's start included; writes each strategy's final weights.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg
 from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
@@ -28,6 +30,12 @@ from lepton_tasks.models import ModelShape, build_model, load_checkpoint, loss_f
 JOB = json.loads(Path(sys.argv[1]).read_text()) if __name__ == "__main__" else {}
 client = ClientApp()
 server = ServerApp()
+
+
+def _optimizer(config, parameters) -> torch.optim.Optimizer:
+    if config.get("optimizer", "adam") == "sgd":
+        return torch.optim.SGD(parameters, lr=float(config["lr"]), momentum=float(config.get("momentum", 0.0)))
+    return torch.optim.Adam(parameters, lr=float(config["lr"]))
 
 
 @client.train()
@@ -44,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     model.train()
     mu = float(config.get("proximal-mu", 0.0))
     start = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.Adam(model.parameters(), lr=JOB["learning_rate"])
+    optimizer = _optimizer(config, model.parameters())
     generator = torch.Generator().manual_seed(JOB["seed"] * 1_000_003 + int(config["server-round"]) * 1_009 + index)
     for _ in range(JOB["local_epochs"]):
         for idx in torch.randperm(len(y), generator=generator).split(JOB["batch_size"]):
@@ -58,15 +66,36 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _strategy(run: dict, nodes: dict):
+    """Flower's own strategy for Lepton's name, with the same hyperparameters."""
+    name = run["strategy"]
+    if name == "fedprox":
+        return FedProx(proximal_mu=run["fedprox_mu"], **nodes)
+    if name == "fedavgm":
+        return FedAvgM(server_learning_rate=run["server_learning_rate"], server_momentum=run["server_momentum"],
+                       **nodes)
+    if name == "fedadam":
+        return FedAdam(eta=run["server_learning_rate"], beta_1=run["server_momentum"], beta_2=run["adam_beta2"],
+                       tau=run["adam_tau"], **nodes)
+    if name == "median":
+        return FedMedian(**nodes)
+    if name == "trimmed_mean":
+        return FedTrimmedAvg(beta=run["trim_fraction"], **nodes)
+    return FedAvg(**nodes)
+
+
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     shards = len(JOB["shards"])
     nodes = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": shards,
              "min_available_nodes": shards}
-    strategy = FedProx(proximal_mu=JOB["fedprox_mu"], **nodes) if JOB["strategy"] == "fedprox" else FedAvg(**nodes)
-    initial = ArrayRecord(load_checkpoint(Path(JOB["init"]))[0])
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=JOB["rounds"], train_config=ConfigRecord())
-    save_checkpoint(Path(JOB["out"]), result.arrays.to_torch_state_dict(), {"strategy": JOB["strategy"]})
+    for run in JOB["runs"]:
+        initial = ArrayRecord(load_checkpoint(Path(JOB["init"]))[0])
+        local = ConfigRecord({"optimizer": run["optimizer"], "lr": run["learning_rate"],
+                              "momentum": run.get("momentum", 0.0)})
+        result = _strategy(run, nodes).start(grid=grid, initial_arrays=initial, num_rounds=JOB["rounds"],
+                                             train_config=local)
+        save_checkpoint(Path(run["out"]), result.arrays.to_torch_state_dict(), {"strategy": run["strategy"]})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ merge_vs_central, compression (compression_size, compression_latency, compressio
 scheduler (orchestration_overhead and whole_run_10m_memory, on one Airflow; details in orchestration.json and
 whole_run_10m_memory.json), federated (merge strategies on non-IID, poisoned and private
 shards: federated.json and federated.png, accuracies without a ratio) and flower (flower_side_by_side,
-flower_side_by_side_fedprox: the same work run by Flower in .venv-flower).
+flower_side_by_side_fedprox: the same work run by Flower in .venv-flower; flower_parity_SPLIT and
+federated_gap_closed: six strategies against Flower's own on two non-IID splits).
 CPU figures here are not GPU claims; see the README for the GPU path.
 """
 
@@ -112,7 +113,9 @@ def bench_federated(work) -> dict:
 def bench_flower(work) -> dict:
     summaries, detail = federated.flower_side_by_side(work)
     write_json("flower_side_by_side.json", detail)
-    return summaries
+    parity, parity_detail = federated.flower_parity(work)
+    write_json("flower_parity.json", parity_detail)
+    return {**summaries, **parity}
 
 
 def bench_scheduler(work) -> dict:

@@ -140,15 +140,22 @@ def external_scheduler_address(settings: Settings) -> str | None:
     return f"tcp://{conn.host}:{conn.port or 8786}"
 
 
-def make_local_cluster(n_workers: int | None, threads_per_worker: int):
-    """A `LocalCUDACluster` where GPUs exist, else a `LocalCluster`; returns (cluster, kind)."""
+VALIDATION_PRELOAD = "lepton_tasks.dask_preload_validation"  # GX on the workers: for partitioned validation
+
+
+def make_local_cluster(n_workers: int | None, threads_per_worker: int, preload: tuple[str, ...] = ()):
+    """A `LocalCUDACluster` where GPUs exist, else a `LocalCluster`; returns (cluster, kind). `preload`: modules
+    every worker imports as it starts, beside Lepton's own (WORKER_DASK_CONFIG)."""
+    import dask
+
     gpus = gpu_count()
+    extra = {"preload": [*dask.config.get("distributed.worker.preload", []), *preload]} if preload else {}
     if gpus:
         try:
             from dask_cuda import LocalCUDACluster
 
             return LocalCUDACluster(n_workers=n_workers or gpus, threads_per_worker=threads_per_worker,
-                                    dashboard_address=":0"), "LocalCUDACluster"
+                                    dashboard_address=":0", **extra), "LocalCUDACluster"
         except Exception as err:  # an NVML or CUDA error: run on CPU rather than not at all
             log.warning("LocalCUDACluster failed (%s); falling back to a CPU LocalCluster", err)
     elif nvml_gpu_count():
@@ -161,7 +168,7 @@ def make_local_cluster(n_workers: int | None, threads_per_worker: int):
     from distributed import LocalCluster
 
     return LocalCluster(n_workers=_cpu_workers(n_workers), threads_per_worker=threads_per_worker, processes=True,
-                        dashboard_address=":0"), "LocalCluster"
+                        dashboard_address=":0", **extra), "LocalCluster"
 
 
 def _default_workers(wanted: int | None, settings: Settings) -> int | None:
@@ -238,10 +245,11 @@ def _external_cluster(settings: Settings) -> dict | None:
     return {"address": address, "kind": "external", "n_workers": None, "pid": None, "host": None} if address else None
 
 
-def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | None) -> dict:
+def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | None, validation: bool = False) -> dict:
     """Start the run's cluster: `python -m lepton_tasks.cluster` in its own session, outliving this task, its
     scheduler file and log in `folder`. Returns what tasks connect with (and `stop_run_cluster` stops): address,
     kind, workers, dashboard, pid, host. With an external scheduler, that scheduler (nothing is started).
+    `validation`: the workers import GX as they start (the run's validation will be partitioned on them).
     A retry finds the cluster it started still answering and keeps it."""
     external = _external_cluster(settings)
     if external:
@@ -258,7 +266,8 @@ def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | No
     folder.mkdir(parents=True, exist_ok=True)
     workers = _default_workers(wanted_workers, settings)
     command = [sys.executable, "-m", "lepton_tasks.cluster", "--scheduler-file", str(scheduler_file),
-               "--idle-timeout", str(RUN_CLUSTER_IDLE_S), *(["--workers", str(workers)] if workers else [])]
+               "--idle-timeout", str(RUN_CLUSTER_IDLE_S), *(["--workers", str(workers)] if workers else []),
+               *(["--preload", VALIDATION_PRELOAD] if validation else [])]
     # nothing of the task's standard streams: under Airflow they are its supervisor's sockets, and a helper holding
     # one keeps that supervisor (a LocalExecutor worker slot) waiting for the end of the cluster, not of the task
     with open(folder / "cluster.log", "ab") as out:
@@ -451,14 +460,16 @@ def _terminate(process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int, idle_timeout_s: float | None) -> None:
-    """Start a local cluster, publish its address in `scheduler_file`, and hold it until SIGTERM (or until it has
-    had no client and no task for `idle_timeout_s`)."""
+def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int, idle_timeout_s: float | None,
+          preload: tuple[str, ...] = ()) -> None:
+    """Start a local cluster (its workers also importing the `preload` modules as they start), publish its address
+    in `scheduler_file`, and hold it until SIGTERM (or until it has had no client and no task for
+    `idle_timeout_s`)."""
     import dask
 
     logging.basicConfig(level=logging.INFO, format="[lepton.cluster] %(message)s")
     dask.config.update(dask.config.config, WORKER_DASK_CONFIG, priority="new")
-    cluster, kind = make_local_cluster(n_workers, threads_per_worker)
+    cluster, kind = make_local_cluster(n_workers, threads_per_worker, preload)
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
     # written atomically: the parent waits for this name and reads it at once
@@ -486,8 +497,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--threads-per-worker", type=int, default=1)
     parser.add_argument("--idle-timeout", type=float, default=None, help="stop after this many idle seconds")
+    parser.add_argument("--preload", action="append", default=[], help="a module every worker imports as it starts")
     args = parser.parse_args(argv)
-    serve(args.scheduler_file, args.workers, args.threads_per_worker, args.idle_timeout)
+    serve(args.scheduler_file, args.workers, args.threads_per_worker, args.idle_timeout, tuple(args.preload))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ DriftAction = Literal["fail", "warn"]
 MergeStrategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "median", "trimmed_mean",
                         "greedy_soup"]  # see lepton_tasks.strategies
 LOCAL_STRATEGIES = ("fedprox", "scaffold")  # strategies that change local training, not only the server's merge
+LocalOptimizer = Literal["auto", "sgd", "adam"]
+# the local optimizer of each strategy whose paper's server step or local correction is defined on local SGD steps
+# (FedProx's proximal steps, FedAvgM's and FedAdam's pseudo-gradient, SCAFFOLD's corrected gradient); `auto` takes
+# it, and Adam for the others (FedAvg and the robust means average whatever the shards trained)
+PAPER_LOCAL_OPTIMIZER = {"fedprox": "sgd", "fedavgm": "sgd", "fedadam": "sgd", "scaffold": "sgd"}
 # strategies that choose among trained models -> the share of the training side set apart to choose on (the
 # shard stage's selection split), so that no choice ever looks at the held-out rows the champion gate compares on
 SELECT_FRACTION = {"greedy_soup": 0.1}
@@ -95,7 +100,16 @@ class RunParams(BaseModel):
         "of the shard; empty: off.")
     dp_max_grad_norm: float = Field(1.0, gt=0, le=1000, title="DP clipping norm",
                                     description="Per-sample gradient norm DP-SGD clips to.")
-    learning_rate: float = Field(0.01, gt=0, le=1, title="Learning rate", description="Adam learning rate.")
+    learning_rate: float = Field(0.01, gt=0, le=1, title="Learning rate",
+                                 description="The local optimizer's learning rate (SGD usually wants more than Adam: "
+                                 "0.05-0.1).")
+    local_optimizer: LocalOptimizer = Field(
+        "auto", title="Local optimizer",
+        description="How each shard trains locally. `auto`: the optimizer of the merge strategy's paper where its "
+        "server step or local correction assumes one (SGD for fedprox, fedavgm, fedadam and scaffold), else "
+        "Adam; `sgd` (with 'Local momentum') or `adam` for every strategy.")
+    local_momentum: float = Field(0.0, ge=0, lt=1, title="Local momentum",
+                                  description="Momentum of the local SGD (the papers' SGD has none); unused by Adam.")
     batch_size: int = Field(64, ge=1, le=65536, title="Batch size", description="Mini-batch size per shard.")
     model_kind: ModelKind = Field(
         "mlp", title="Model kind", description="`mlp`, or `cnn` (a 1-D conv net over the features in order)."
@@ -146,6 +160,13 @@ class RunParams(BaseModel):
                              "per-sample gradients, and this strategy's local correction would bypass it; use one of "
                              f"{', '.join(s for s in get_args(MergeStrategy) if s not in LOCAL_STRATEGIES)}")
         return self
+
+    @property
+    def optimizer(self) -> str:
+        """The local optimizer this run trains with: `local_optimizer`, `auto` resolved for the merge strategy."""
+        if self.local_optimizer != "auto":
+            return self.local_optimizer
+        return PAPER_LOCAL_OPTIMIZER.get(self.merge_strategy, "adam")
 
     def digest(self) -> str:
         """Short content hash, used to tell whether a checkpoint was made with these params."""

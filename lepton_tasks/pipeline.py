@@ -213,10 +213,35 @@ def ingest(ctx: RunContext) -> dict:
 
 
 def start_cluster(ctx: RunContext) -> dict:
-    """The run's Dask cluster (the DAG's setup task), shared by partitioned validation, shard and train."""
+    """The run's Dask cluster (the DAG's setup task), shared by partitioned validation, shard and train. Its workers
+    import GX as they start, beside ingest, when the source is big enough for validation to be partitioned."""
     from lepton_tasks.cluster import start_run_cluster
 
-    return start_run_cluster(ctx.settings, _cluster_dir(ctx), ctx.params.num_shards)
+    return start_run_cluster(ctx.settings, _cluster_dir(ctx), ctx.params.num_shards,
+                             validation=validation_partitioned(ctx))
+
+
+def validation_partitioned(ctx: RunContext) -> bool:
+    """Whether validate will likely partition this run's rows on the cluster (its own rule, on the source)."""
+    return source_decoded_bytes(ctx) > ctx.settings.validate_memory_bytes
+
+
+def source_decoded_bytes(ctx: RunContext) -> int:
+    """About what the run's source takes decoded, before ingest has read it: Parquet files' uncompressed size from
+    their footers, text files' size on disk (text is no smaller than its decoded values); 0 where the source cannot
+    be listed (ingest then says why)."""
+    from lepton_tasks.ingest import list_source_files, resolve_uri
+    from lepton_tasks.storage import parquet_decoded_bytes
+
+    total = 0
+    for day in window(ctx):
+        try:
+            fs, files = list_source_files(resolve_uri(day.uri, ctx.settings.data_root), ctx.spec.source.format)
+            for path in files:
+                total += parquet_decoded_bytes(fs, path) if path.endswith(".parquet") else fs.size(path)
+        except Exception as err:  # a missing or unreadable source: the cluster starts plain, ingest fails clearly
+            log.debug("could not size %s: %s", day.uri, err)
+    return total
 
 
 def await_cluster(ctx: RunContext) -> dict | None:

@@ -32,7 +32,8 @@ SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@mo
 METRICS = {"classification": ("accuracy",), "regression": ("r2", "mae", "rmse", "mse")}
 PARAM_SECTIONS = {
     "training": ("num_shards", "shard_by", "model_kind", "hidden_size", "local_epochs", "learning_rate",
-                 "batch_size", "eval_fraction", "seed", "init_from", "dp_epsilon", "dp_max_grad_norm"),
+                 "local_optimizer", "local_momentum", "batch_size", "eval_fraction", "seed", "init_from", "dp_epsilon",
+                 "dp_max_grad_norm"),
     "merge": ("merge_rounds", "merge_strategy", "fedprox_mu", "server_learning_rate", "server_momentum",
               "trim_fraction"),
     "compression": ("prune_sparsity", "compression_tolerance"),

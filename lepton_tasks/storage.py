@@ -188,3 +188,12 @@ def parquet_partitions(parts: list[str], max_bytes: int = PARTITION_BYTES) -> li
 def decoded_bytes(parts: list[str]) -> int:
     """The uncompressed size of Parquet parts, from their footers (no data read): about what they take in memory."""
     return sum(partition.decoded_bytes for partition in parquet_partitions(parts))
+
+
+def parquet_decoded_bytes(fs, path: str) -> int:
+    """The uncompressed size of one Parquet file on any fsspec filesystem, from its footer (no data read)."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as handle:
+        metadata = pq.ParquetFile(handle).metadata
+        return sum(metadata.row_group(index).total_byte_size for index in range(metadata.num_row_groups))

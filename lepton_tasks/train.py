@@ -114,6 +114,8 @@ class ShardJob:
     control: dict | None = None  # SCAFFOLD: {"server", "own"} ({"path", "sha256"} or None: zeros) from the last round
     control_out: str | None = None  # SCAFFOLD: where this shard's control variate for the next round goes
     privacy: dict | None = None  # DP-SGD (see `privacy`): noise_multiplier, max_grad_norm, sample_rate, ...
+    optimizer: str = "adam"  # the local optimizer, "sgd" or "adam" (RunParams.optimizer)
+    momentum: float = 0.0  # SGD's momentum
 
     def metadata(self) -> dict[str, str]:
         """What the checkpoint was made from; a checkpoint is reused only when all of it matches."""
@@ -166,13 +168,20 @@ def _controls(job: ShardJob, device) -> tuple[dict, dict] | None:
     return ({k: v.to(device) for k, v in loaded[0].items()}, {k: v.to(device) for k, v in own.items()})
 
 
+def local_optimizer(job: ShardJob, parameters) -> torch.optim.Optimizer:
+    """The job's local optimizer: plain (or momentum) SGD, as the strategies' papers train, or Adam."""
+    if job.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=job.learning_rate, momentum=job.momentum)
+    return torch.optim.Adam(parameters, lr=job.learning_rate)
+
+
 def _fit(job: ShardJob, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> tuple[dict, list[dict]]:
     """Train from `job.start` for `job.epochs` (with FedProx's proximal term and SCAFFOLD's correction where the
     job has them); returns the final state and per-epoch records (the data loss)."""
     from lepton_tasks.strategies import proximal_term, scaffold_correction
 
     model = _start_model(job, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=job.learning_rate)
+    optimizer = local_optimizer(job, model.parameters())
     generator = torch.Generator().manual_seed(job.seed)
     start = [p.detach().clone() for p in model.parameters()] if job.prox_mu else None
     controls = _controls(job, device)
@@ -204,7 +213,7 @@ def _fit_private(job: ShardJob, x: torch.Tensor, y: torch.Tensor, batch_size: in
     generator = torch.Generator().manual_seed(job.seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=generator)
     private, optimizer, private_loader = PrivacyEngine(accountant="rdp").make_private(
-        module=model, optimizer=torch.optim.Adam(model.parameters(), lr=job.learning_rate), data_loader=loader,
+        module=model, optimizer=local_optimizer(job, model.parameters()), data_loader=loader,
         noise_multiplier=job.privacy["noise_multiplier"], max_grad_norm=job.privacy["max_grad_norm"],
         noise_generator=generator)
     epochs = []
@@ -557,5 +566,5 @@ def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, pa
         control={"server": (controls or {}).get("server"), "own": (controls or {}).get("own", {}).get(shard["name"])}
         if scaffold else None,
         control_out=str(round_dir / f"{shard['name']}.control.safetensors") if scaffold else None,
-        privacy=private,
+        privacy=private, optimizer=params.optimizer, momentum=params.local_momentum,
     )

@@ -158,3 +158,40 @@ def test_the_run_cluster_outlives_the_setup_task_without_holding_its_standard_st
         assert _answers(run_cluster["address"])  # the task has ended, its streams are closed, its cluster runs on
     finally:
         stop_run_cluster(run_cluster)
+
+
+def _imported(client, module: str) -> set[bool]:
+    import sys
+
+    return set(client.run(lambda: module in sys.modules).values())
+
+
+def test_a_run_whose_validation_will_be_partitioned_gets_workers_that_imported_gx_as_they_started(tmp_path,
+                                                                                                  monkeypatch):
+    """Every worker imports torch and the train stage as it starts; GX too when the source, sized before ingest
+    (Parquet footers), is over the validation memory budget, as validate will then partition on them."""
+    from distributed import Client
+
+    from lepton_tasks import pipeline
+    from lepton_tasks.cluster import stop_run_cluster
+    from lepton_tasks.specs import find_spec
+    from tests.conftest import mnist_frame
+
+    monkeypatch.setenv("LEPTON_DATA_ROOT", str(tmp_path))
+    (tmp_path / "landing" / "mnist1d").mkdir(parents=True)
+    mnist_frame(300).to_parquet(tmp_path / "landing" / "mnist1d" / "mnist1d.parquet", index=False)
+    ctx = pipeline.context(find_spec("lepton_mnist1d"), "sized", {"num_shards": 2})
+    decoded = pipeline.source_decoded_bytes(ctx)
+    assert 300 * 40 * 4 <= decoded < 300 * 41 * 8 + 4096  # 40 float32 features and a label, from the footer
+    assert not pipeline.validation_partitioned(ctx)  # far under the 512 MiB default
+
+    monkeypatch.setenv("LEPTON_VALIDATE_MEMORY_BYTES", str(decoded - 1))
+    small_budget = pipeline.context(find_spec("lepton_mnist1d"), "sized", {"num_shards": 2})
+    assert pipeline.validation_partitioned(small_budget)
+    run_cluster = pipeline.start_cluster(small_budget)
+    try:
+        with Client(run_cluster["address"], timeout="60s") as client:
+            assert _imported(client, "torch") == _imported(client, "lepton_tasks.train") == {True}
+            assert _imported(client, "great_expectations") == {True}
+    finally:
+        stop_run_cluster(run_cluster)

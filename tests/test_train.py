@@ -115,7 +115,8 @@ def _distance(state, start):
 
 def test_fedprox_keeps_shard_models_near_the_global_model(tmp_path, shard_files, dask_client):
     shape = ModelShape("mlp", 40, 10, 16)
-    base = {"source_uri": "x", "local_epochs": 2, "merge_rounds": 1, "model_kind": "mlp", "hidden_size": 16}
+    base = {"source_uri": "x", "local_epochs": 2, "merge_rounds": 1, "model_kind": "mlp", "hidden_size": 16,
+            "local_optimizer": "sgd", "learning_rate": 0.05}  # FedProx's paper trains with SGD: both alike
     plain = train(shard_files, ENCODER, shape, RunParams(**base), tmp_path / "plain", dask_client)
     prox = train(shard_files, ENCODER, shape, RunParams(**base, merge_strategy="fedprox", fedprox_mu=10.0),
                  tmp_path / "prox", dask_client)
@@ -127,7 +128,8 @@ def test_fedprox_keeps_shard_models_near_the_global_model(tmp_path, shard_files,
 
 def test_scaffold_writes_control_variates_corrects_round_two_and_resumes(tmp_path, shard_files, dask_client):
     shape = ModelShape("mlp", 40, 10, 16)
-    base = {"source_uri": "x", "local_epochs": 1, "merge_rounds": 2, "model_kind": "mlp", "hidden_size": 16}
+    base = {"source_uri": "x", "local_epochs": 1, "merge_rounds": 2, "model_kind": "mlp", "hidden_size": 16,
+            "local_optimizer": "sgd"}  # SCAFFOLD's correction is defined on SGD steps; FedAvg alike to compare
     scaffold = train(shard_files, ENCODER, shape, RunParams(**base, merge_strategy="scaffold"), tmp_path / "s",
                      dask_client)
     fedavg = train(shard_files, ENCODER, shape, RunParams(**base), tmp_path / "f", dask_client)
@@ -178,3 +180,21 @@ def test_a_run_goes_on_from_another_runs_shards_without_running_the_stages_befor
     assert set(seconds) == {"cluster", "train", "merge"} and manifests["shard"] == shards["shard"]
     assert not median.stage_dir("ingest").exists() and median.stage_dir("merge").exists()
     assert manifests["merge"]["strategy"] == "median"
+
+
+def test_each_strategy_trains_locally_with_its_papers_optimizer_unless_told_otherwise():
+    from lepton_tasks.train import local_optimizer
+
+    def optimizer(**params):
+        return RunParams(source_uri="x", **params).optimizer
+
+    assert optimizer() == "adam" and optimizer(merge_strategy="median") == "adam"
+    assert {optimizer(merge_strategy=s) for s in ("fedprox", "fedavgm", "fedadam", "scaffold")} == {"sgd"}
+    assert optimizer(merge_strategy="scaffold", local_optimizer="adam") == "adam"
+    assert optimizer(local_optimizer="sgd") == "sgd"
+    job = ShardJob("shard-000", 1, [], 1, {}, ModelShape("mlp", 4, 2, 4), {}, "", 1, 0.05, 8, 0, "", "",
+                   optimizer="sgd", momentum=0.9)
+    made = local_optimizer(job, [torch.zeros(2, requires_grad=True)])
+    assert isinstance(made, torch.optim.SGD) and made.defaults["momentum"] == 0.9 and made.defaults["lr"] == 0.05
+    adam = local_optimizer(ShardJob(**{**job.__dict__, "optimizer": "adam"}), [torch.zeros(2, requires_grad=True)])
+    assert isinstance(adam, torch.optim.Adam)

@@ -1,0 +1,16 @@
+"""What the workers of a run whose validation will be partitioned import as they start: Great Expectations and the
+validate stage (Dask's worker preload, added by `cluster.start_run_cluster(..., validation=True)`).
+
+GX's import is seconds of CPU per process. A run whose source is big enough for its validation to be partitioned
+(`pipeline.start_cluster` decides from the source's size on disk) has its workers pay it while ingest runs, beside
+which the run's cluster starts, instead of inside the first partition of validate. Smaller runs validate in the
+task process and never need GX on a worker, so their workers do not import it.
+"""
+
+from __future__ import annotations
+
+
+def dask_setup(worker) -> None:  # Dask calls this once the module is imported
+    import great_expectations  # noqa: F401
+
+    import lepton_tasks.validate  # noqa: F401
