@@ -89,8 +89,10 @@ def main(grid: Grid, context: Context) -> None:
     shards = len(JOB["shards"])
     nodes = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": shards,
              "min_available_nodes": shards}
+    saved = load_checkpoint(Path(JOB["init"]))[0]
+    order = build_model(ModelShape(**JOB["shape"])).state_dict()  # the clients' order: FedAvgM pairs arrays by it
     for run in JOB["runs"]:
-        initial = ArrayRecord(load_checkpoint(Path(JOB["init"]))[0])
+        initial = ArrayRecord({name: saved[name] for name in order})
         local = ConfigRecord({"optimizer": run["optimizer"], "lr": run["learning_rate"],
                               "momentum": run.get("momentum", 0.0)})
         result = _strategy(run, nodes).start(grid=grid, initial_arrays=initial, num_rounds=JOB["rounds"],

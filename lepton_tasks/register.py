@@ -235,16 +235,15 @@ def _version_files(record: RunRecord, folder: Path) -> list[str]:
     import json
     import shutil
 
-    files = {champions.WEIGHTS: record.merge["merged_path"], champions.VARIANTS: None, champions.ENCODER: None,
-             Path(record.compress["chosen_path"]).name: record.compress["chosen_path"]}
-    if record.drift:
-        files[champions.PROFILE] = record.drift["profile_path"]
     (folder / champions.ENCODER).write_text(json.dumps(record.shards["encoder"]))
     (folder / champions.VARIANTS).write_text(json.dumps(record.compress))
-    for name, source in files.items():
-        if source is not None:
-            shutil.copyfile(source, folder / name)
-    return [str(folder / name) for name in files]
+    copied = {champions.WEIGHTS: record.merge["merged_path"],
+              Path(record.compress["chosen_path"]).name: record.compress["chosen_path"]}
+    if record.drift:
+        copied[champions.PROFILE] = record.drift["profile_path"]
+    for name, source in copied.items():
+        shutil.copyfile(source, folder / name)
+    return [str(folder / name) for name in (champions.ENCODER, champions.VARIANTS, *copied)]
 
 
 def _log_model(run_id: str, record: RunRecord, example_features) -> str:
