@@ -102,8 +102,12 @@ def train_stage(out_dir: Path, epochs: int, files: list[str]) -> dict:
     shape = model_shape(encoder, params.model_kind, params.hidden_size)
     infos = [{"name": f"shard-{i:03d}", "files": [f], "rows": pq.ParquetFile(f).metadata.num_rows,
               "sha256": sha256_files([f])} for i, f in enumerate(files)]
+    from lepton_tasks import dask_preload
+
     starting = time.perf_counter()
     with dask_client(Settings(out_dir, None, None, 2), len(files)) as client:
+        # the workers' imports (their preload thread) end before train, as during a run's stages before it
+        assert all(client.run(dask_preload.preloaded, 120).values())
         started = time.perf_counter()
         manifest = train(infos, encoder.to_dict(), shape, params, out_dir, client)
         seconds = time.perf_counter() - started

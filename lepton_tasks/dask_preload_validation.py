@@ -2,15 +2,32 @@
 validate stage (Dask's worker preload, added by `cluster.start_run_cluster(..., validation=True)`).
 
 GX's import is seconds of CPU per process. A run whose source is big enough for its validation to be partitioned
-(`pipeline.start_cluster` decides from the source's size on disk) has its workers pay it while ingest runs, beside
-which the run's cluster starts, instead of inside the first partition of validate. Smaller runs validate in the
-task process and never need GX on a worker, so their workers do not import it.
+(`pipeline.start_cluster` decides from the source's size) has its workers pay it while ingest runs, beside which
+the run's cluster starts, instead of inside the first partition of validate. It runs on a thread of its own, as
+`dask_preload` does. Smaller runs validate in the task process and never need GX on a worker, so their workers do
+not import it.
 """
 
 from __future__ import annotations
 
+import threading
+
+_done = threading.Event()
+
 
 def dask_setup(worker) -> None:  # Dask calls this once the module is imported
-    import great_expectations  # noqa: F401
+    threading.Thread(target=_import, name="lepton-preload-validation", daemon=True).start()
 
-    import lepton_tasks.validate  # noqa: F401
+
+def preloaded(timeout: float | None = None) -> bool:
+    """Whether this worker's GX preload has finished (waiting up to `timeout` seconds for it)."""
+    return _done.wait(timeout)
+
+
+def _import() -> None:
+    try:
+        import great_expectations  # noqa: F401
+
+        import lepton_tasks.validate  # noqa: F401
+    finally:
+        _done.set()

@@ -191,6 +191,11 @@ def test_a_run_whose_validation_will_be_partitioned_gets_workers_that_imported_g
     run_cluster = pipeline.start_cluster(small_budget)
     try:
         with Client(run_cluster["address"], timeout="60s") as client:
+            from lepton_tasks import dask_preload, dask_preload_validation
+
+            # on threads of their own: the workers answered before the imports finished
+            assert set(client.run(dask_preload.preloaded, 120).values()) == {True}
+            assert set(client.run(dask_preload_validation.preloaded, 120).values()) == {True}
             assert _imported(client, "torch") == _imported(client, "lepton_tasks.train") == {True}
             assert _imported(client, "great_expectations") == {True}
     finally:
