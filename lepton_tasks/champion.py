@@ -67,6 +67,8 @@ def snapshot(tracking_uri: str, model_name: str, folder: Path) -> Snapshot:
     done = folder / SNAPSHOT
     if done.exists():
         saved = read_json(done)
+        if "model_name" in saved:  # a snapshot taken before unusable champions were recorded: the champion itself
+            saved = {"champion": saved}
         return Snapshot(ChampionSnapshot(**saved["champion"]) if saved.get("champion") else None,
                         saved.get("unusable"))
     from mlflow import MlflowClient
