@@ -90,6 +90,13 @@ def version_file(model_name: str, version: str, name: str, into: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
 
 
+def version_model(client, version, into: Path) -> tuple[Path, Path, dict]:
+    """What rebuilds a model version: its weights' and encoder's files (downloaded into `into`) and its run's params
+    (which MLflow never lets change)."""
+    weights, encoder = (version_file(version.name, str(version.version), name, into) for name in (WEIGHTS, ENCODER))
+    return weights, encoder, dict(client.get_run(version.run_id).data.params)
+
+
 def is_unreachable(err: Exception) -> bool:
     """Whether a failed registry call says the registry could not be reached (try again later), rather than that
     what was asked for is gone or broken (a decision can be made now: no usable champion)."""
@@ -120,12 +127,11 @@ def _download(client, model_name: str, version, tmp: Path, final: Path) -> Snaps
 
     mlflow.set_tracking_uri(client.tracking_uri)
 
-    def fetch(name: str) -> str:  # the file's path once the snapshot folder is in place
-        return str(final / version_file(model_name, str(version.version), name, tmp).relative_to(tmp))
+    def placed(path: Path) -> str:  # the file's path once the snapshot folder is in place
+        return str(final / path.relative_to(tmp))
 
     try:
-        weights, encoder = fetch(WEIGHTS), fetch(ENCODER)
-        params = dict(client.get_run(version.run_id).data.params)
+        weights, encoder, params = version_model(client, version, tmp)
     except Exception as err:
         if is_unreachable(err):
             raise
@@ -133,9 +139,10 @@ def _download(client, model_name: str, version, tmp: Path, final: Path) -> Snaps
         log.warning("no usable champion: %s; this run starts from scratch and is not compared with it", why)
         return Snapshot(None, why)
     try:
-        profile = fetch(PROFILE)
+        profile = placed(version_file(model_name, str(version.version), PROFILE, tmp))
     except Exception as err:  # a champion trained without a drift profile: no drift comparison
         log.warning("champion version %s has no %s: %s", version.version, PROFILE, err)
         profile = None
-    found = ChampionSnapshot(model_name, str(version.version), version.run_id, weights, encoder, params, profile)
+    found = ChampionSnapshot(model_name, str(version.version), version.run_id, placed(weights), placed(encoder),
+                             params, profile)
     return Snapshot(found)

@@ -149,9 +149,19 @@ def sensor_days(first: str = SENSOR_FIRST_DAY, last: str | None = None) -> list[
     return [(start + dt.timedelta(days=n)).isoformat() for n in range((end - start).days + 1)]
 
 
+def sensor_day_file(landing_dir: Path, day: str) -> Path:
+    """Where one day's partition lands: `{landing_dir}/{day}/readings.parquet`."""
+    return Path(landing_dir) / day / "readings.parquet"
+
+
+def missing_sensor_days(landing_dir: Path) -> list[str]:
+    """The days of `sensor_days()` not written yet."""
+    return [day for day in sensor_days() if not sensor_day_file(landing_dir, day).exists()]
+
+
 def write_sensor_day(landing_dir: Path, day: str, rows: int = 1500) -> Path:
-    """One daily partition, `{landing_dir}/{day}/readings.parquet`, written atomically (it lands whole)."""
-    target = Path(landing_dir) / day / "readings.parquet"
+    """One daily partition (`sensor_day_file`), written atomically (it lands whole)."""
+    target = sensor_day_file(landing_dir, day)
     with atomic_file(target) as tmp:
         make_sensor_day(day, rows).to_parquet(tmp, index=False)
     return target
@@ -160,9 +170,8 @@ def write_sensor_day(landing_dir: Path, day: str, rows: int = 1500) -> Path:
 def write_sensors(landing_dir: Path, rows: int = 1500) -> Path:
     """Every day of `sensor_days()` not written yet, `rows` readings each; returns the landing folder. A day
     already there is kept as it is (a run may have read it)."""
-    for day in sensor_days():
-        if not (Path(landing_dir) / day / "readings.parquet").exists():
-            write_sensor_day(landing_dir, day, rows)
+    for day in missing_sensor_days(landing_dir):
+        write_sensor_day(landing_dir, day, rows)
     return Path(landing_dir)
 
 
@@ -181,11 +190,10 @@ def ensure_example_data(pipeline: str, data_root: Path, rows: int | None = None)
     folder, writer, default_rows = EXAMPLES[pipeline]
     landing = Path(data_root) / folder
     if writer is write_sensors:  # a rolling window: top up the days since the last call
-        days = sensor_days()
-        missing = [day for day in days if not (landing / day / "readings.parquet").exists()]
+        missing = missing_sensor_days(landing)
         if missing:
             writer(landing, rows or default_rows)
-            print(f"wrote {rows or default_rows} demo rows a day for {missing[0]}..{days[-1]} for {pipeline} "
+            print(f"wrote {rows or default_rows} demo rows a day for {missing[0]}..{missing[-1]} for {pipeline} "
                   f"to {landing}")
     elif not any(landing.rglob("*.*")):
         writer(landing, rows or default_rows)

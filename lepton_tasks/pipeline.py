@@ -322,8 +322,8 @@ def drift(ctx: RunContext, validated: dict, on_alarm: Callable[[str], None] = la
 
 
 def _drift_figures(manifest: dict) -> dict:
-    return {k: manifest.get(k) for k in ("max_psi", "worst", "threshold", "action", "alarm", "columns", "reference",
-                                         "report_path", "note", "champion_unusable")}
+    return {k: manifest[k] for k in ("max_psi", "worst", "threshold", "action", "alarm", "columns", "reference",
+                                     "report_path", "note", "champion_unusable")}
 
 
 def warm_start(ctx: RunContext, drifted: dict) -> tuple[dict | None, str]:

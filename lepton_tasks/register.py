@@ -308,11 +308,8 @@ def _champion_on_this_data(client, champion, record: RunRecord, metric: str) -> 
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            version = str(champion.version)
-            weights = champions.version_file(champion.name, version, champions.WEIGHTS, Path(tmp))
-            encoder = json.loads(champions.version_file(champion.name, version, champions.ENCODER,
-                                                        Path(tmp)).read_text())
-            params = client.get_run(champion.run_id).data.params
+            weights, encoder_file, params = champions.version_model(client, champion, Path(tmp))
+            encoder = json.loads(encoder_file.read_text())
             shape = model_shape(encoder, params["model_kind"], int(params["hidden_size"]))
             model = load_model(shape, load_checkpoint(weights)[0])
             features, targets = load_xy(record.shards["eval"]["files"], encoder)
