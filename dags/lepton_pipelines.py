@@ -9,7 +9,7 @@ wait (deferred until the run's window of data has landed) → ingest → validat
 (against the champion's data) → shard (Dask) → train (one model per shard on Dask workers, R rounds of the run's
 merge strategy, from scratch or the champion) → merge → compress (pruning, ONNX, int8) → register (MLflow;
 `champion` moves only on a better model) → publish_champion (the Asset `NAME.champion`, only when `champion`
-moved) → report.
+moved), and beside it report.
 Beside ingest and validate, the setup task dask_cluster starts the run's Dask cluster, used by shard, train and
 validate (which waits for it only when it partitions); the teardown stop_dask_cluster stops it after train,
 whatever happened.
@@ -153,7 +153,8 @@ def build(loaded: LoadedSpec) -> DAG:
         compressed = compress(shards, merged)
         registered = register({"ingest": ingested, "validate": validated, "drift": drifted, "shard": shards,
                                "train": trained, "merge": merged, "compress": compressed})
-        publish_champion(registered) >> report()
+        publish_champion(registered)
+        registered >> report()  # beside publish_champion, not after it: the run ends a scheduling step sooner
 
     return lepton_pipeline()
 

@@ -45,8 +45,11 @@ from lepton_tasks.prebuilt import prebuild
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # Airflow's default scheduler_idle_sleep_time: an idle scheduler loops as often as with it
+# the libraries the stages use, and the stage modules themselves (`pipeline` imports each inside its task)
 STAGE_LIBRARIES = ("pandas", "pyarrow.parquet", "torch", "onnxruntime", "mlflow", "great_expectations",
-                   "distributed", "lepton_tasks.pipeline")
+                   "distributed", "lepton_tasks.pipeline", "lepton_tasks.ingest", "lepton_tasks.validate",
+                   "lepton_tasks.drift", "lepton_tasks.champion", "lepton_tasks.shard", "lepton_tasks.cluster",
+                   "lepton_tasks.train", "lepton_tasks.merge", "lepton_tasks.compress", "lepton_tasks.register")
 PREBUILT_DAG_FILES = ("lepton_pipelines.py",)  # in [core] dags_folder: the pipeline DAGs (see prebuilt.py)
 
 
