@@ -299,13 +299,14 @@ def _flower_run(conf: dict, out: Path) -> dict:
     """One strategy's run for `flower_app.py`, with Lepton's resolved settings for `conf`: the strategy, its local
     optimizer and learning rate, its server hyperparameters."""
     from lepton_tasks.config import RunParams
-    from lepton_tasks.strategies import ADAM_BETA2, ADAM_TAU, Server
+    from lepton_tasks.strategies import for_params
+    from lepton_tasks.strategies.fedadam import ADAM_BETA2, ADAM_TAU
 
     params = RunParams(source_uri="bench", **{k: v for k, v in conf.items() if k in RunParams.model_fields})
-    server = Server(params.merge_strategy, params.server_learning_rate, params.server_momentum, params.trim_fraction)
+    strategy = for_params(params)
     return {"strategy": params.merge_strategy, "out": str(out), "optimizer": params.optimizer,
             "learning_rate": params.learning_rate, "momentum": params.local_momentum,
-            "fedprox_mu": params.fedprox_mu, "server_learning_rate": server.server_learning_rate,
+            "fedprox_mu": params.fedprox_mu, "server_learning_rate": getattr(strategy, "learning_rate", 1.0),
             "server_momentum": params.server_momentum, "trim_fraction": params.trim_fraction,
             "adam_beta2": ADAM_BETA2, "adam_tau": ADAM_TAU}
 

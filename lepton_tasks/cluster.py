@@ -350,6 +350,33 @@ def is_cluster_fault(err: BaseException) -> bool:
     return isinstance(err, (CancelledError, CommClosedError, ConnectionError))
 
 
+def release_unused_memory() -> None:
+    """Give the memory a finished task freed back to the OS: Arrow's pool and glibc's heap keep it otherwise
+    (Dask's "memory not released back to the OS"), and the next stage's peak on the worker would sit on top of
+    it. Runs on a worker (`release_worker_memory`)."""
+    import ctypes
+
+    import pyarrow
+
+    pyarrow.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
+        pass
+
+
+def release_worker_memory(client) -> None:
+    """`release_unused_memory` on every worker of `client`'s cluster, after a stage that read a lot of data on
+    them (validate's partitions, shard's); best effort: a worker that left has nothing to give back. Submitted
+    as a task to each worker, not `client.run`: Arrow's allocator (mimalloc) keeps a heap per thread, and only
+    the thread that ran the stage's tasks can give its heap back (`client.run` calls from the event loop's)."""
+    try:
+        client.gather([client.submit(release_unused_memory, workers=[address], allow_other_workers=False,
+                                     pure=False) for address in client.scheduler_info(n_workers=-1)["workers"]])
+    except Exception as err:
+        log.info("could not release the workers' unused memory: %s", err)
+
+
 def call_by_name(target: str, *args):
     """Call `target` ("module:function") with `args` on a Dask worker. Dask's scheduler unpickles every task it is
     given, so a task that names its function's module, or carries an instance of a class from it, makes the

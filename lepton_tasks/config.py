@@ -14,11 +14,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lepton_tasks.errors import BadParam
+from lepton_tasks.strategies import STRATEGIES
 from lepton_tasks.window import check_template
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,17 +29,9 @@ PIPELINES_DIR = REPO_ROOT / "dags" / "pipelines"  # one YAML spec per pipeline; 
 ModelKind = Literal["mlp", "cnn"]
 InitFrom = Literal["scratch", "champion"]
 DriftAction = Literal["fail", "warn"]
-MergeStrategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "median", "trimmed_mean",
-                        "greedy_soup"]  # see lepton_tasks.strategies
-LOCAL_STRATEGIES = ("fedprox", "scaffold")  # strategies that change local training, not only the server's merge
+# the merge strategies, one module each in lepton_tasks.strategies: names, help and local optimizers come from there
+MergeStrategy = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
 LocalOptimizer = Literal["auto", "sgd", "adam"]
-# the local optimizer of each strategy whose paper's server step or local correction is defined on local SGD steps
-# (FedProx's proximal steps, FedAvgM's and FedAdam's pseudo-gradient, SCAFFOLD's corrected gradient); `auto` takes
-# it, and Adam for the others (FedAvg and the robust means average whatever the shards trained)
-PAPER_LOCAL_OPTIMIZER = {"fedprox": "sgd", "fedavgm": "sgd", "fedadam": "sgd", "scaffold": "sgd"}
-# strategies that choose among trained models -> the share of the training side set apart to choose on (the
-# shard stage's selection split), so that no choice ever looks at the held-out rows the champion gate compares on
-SELECT_FRACTION = {"greedy_soup": 0.1}
 TemplatedUri = Annotated[str, AfterValidator(check_template)]  # may hold {ds}, ...; other placeholders refused
 
 
@@ -79,16 +72,16 @@ class RunParams(BaseModel):
     )
     merge_strategy: MergeStrategy = Field(
         "fedavg", title="Merge strategy",
-        description="fedavg: sample-weighted mean; fedprox: plus a proximal term in local training; fedavgm / "
-        "fedadam: a server optimizer over the averaged update; scaffold: control variates against client drift; "
-        "median / trimmed_mean: coordinate-wise, robust to a bad shard; greedy_soup: the final model a greedy "
-        "soup of the shard and merged models by held-out score.",
+        description="; ".join(f"{name}: {strategy.summary} ({strategy.paper})" for name, strategy in STRATEGIES.items())
+        + ".",
     )
     fedprox_mu: float = Field(0.01, ge=0, le=100, title="FedProx mu",
                               description="Weight of FedProx's proximal term mu/2 * ||w - w_global||^2.")
     server_learning_rate: float | None = Field(
         None, gt=0, le=10, title="Server learning rate",
-        description="fedavgm / fedadam step size; empty: 1.0 for fedavgm, 0.01 for fedadam.")
+        description="The server optimizer's step size; empty: " + ", ".join(
+            f"{s.default_server_learning_rate} for {name}" for name, s in STRATEGIES.items()
+            if s.default_server_learning_rate is not None) + ".")
     server_momentum: float = Field(0.9, ge=0, lt=1, title="Server momentum",
                                    description="fedavgm's momentum, fedadam's beta1.")
     trim_fraction: float = Field(
@@ -106,8 +99,9 @@ class RunParams(BaseModel):
     local_optimizer: LocalOptimizer = Field(
         "auto", title="Local optimizer",
         description="How each shard trains locally. `auto`: the optimizer of the merge strategy's paper where its "
-        "server step or local correction assumes one (SGD for fedprox, fedavgm, fedadam and scaffold), else "
-        "Adam; `sgd` (with 'Local momentum') or `adam` for every strategy.")
+        "server step or local correction assumes one (SGD for " + ", ".join(
+            name for name, s in STRATEGIES.items() if s.paper_local_optimizer == "sgd") + "), else Adam; `sgd` "
+        "(with 'Local momentum') or `adam` for every strategy.")
     local_momentum: float = Field(0.0, ge=0, lt=1, title="Local momentum",
                                   description="Momentum of the local SGD (the papers' SGD has none); unused by Adam.")
     batch_size: int = Field(64, ge=1, le=65536, title="Batch size", description="Mini-batch size per shard.")
@@ -155,10 +149,10 @@ class RunParams(BaseModel):
 
     @model_validator(mode="after")
     def _private_strategy(self) -> RunParams:
-        if self.dp_epsilon is not None and self.merge_strategy in LOCAL_STRATEGIES:
+        if self.dp_epsilon is not None and STRATEGIES[self.merge_strategy].changes_local_training:
             raise ValueError(f"'dp_epsilon' with 'merge_strategy' {self.merge_strategy!r}: DP-SGD privatises the "
                              "per-sample gradients, and this strategy's local correction would bypass it; use one of "
-                             f"{', '.join(s for s in get_args(MergeStrategy) if s not in LOCAL_STRATEGIES)}")
+                             f"{', '.join(n for n, s in STRATEGIES.items() if not s.changes_local_training)}")
         return self
 
     @property
@@ -166,7 +160,7 @@ class RunParams(BaseModel):
         """The local optimizer this run trains with: `local_optimizer`, `auto` resolved for the merge strategy."""
         if self.local_optimizer != "auto":
             return self.local_optimizer
-        return PAPER_LOCAL_OPTIMIZER.get(self.merge_strategy, "adam")
+        return STRATEGIES[self.merge_strategy].paper_local_optimizer or "adam"
 
     def digest(self) -> str:
         """Short content hash, used to tell whether a checkpoint was made with these params."""

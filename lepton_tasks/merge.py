@@ -13,6 +13,7 @@ import torch
 from lepton_tasks import metrics
 from lepton_tasks.models import ModelShape, evaluate, load_checkpoint, load_model, predict, save_checkpoint
 from lepton_tasks.storage import atomic_dir, sha256_file
+from lepton_tasks.strategies import STRATEGIES, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class MergeManifest:
     round_scores: list[float] = field(default_factory=list)  # the merged model's metric after each round
     plots: list[str] = field(default_factory=list)
     strategy: str = "fedavg"
-    soup: list[str] | None = None  # greedy_soup: the models in the soup, best first
+    soup: list[str] | None = None  # a strategy that chooses (greedy_soup): the models it chose, best first
 
     @property
     def merged_score(self) -> float:
@@ -63,16 +64,17 @@ def _plots(rounds: list[list[dict]], epochs_per_round: int, round_scores: list[f
                                            out / "confusion_matrix.png")]
 
 
-def _soup(final_round: list[dict], merged: dict[str, torch.Tensor], shape: ModelShape, select_data, metric: str):
-    """Greedy soup over the last round's shard models and the strategy's merged model, chosen on the selection
-    split: never on the held-out rows that the soup is reported on and the champion gate compares on."""
+def _chosen(strategy: Strategy, final_round: list[dict], merged: dict[str, torch.Tensor], shape: ModelShape,
+            select_data, metric: str):
+    """The strategy's choice among the last global model and the last round's shard models, scored on the
+    selection split: never on the held-out rows that the choice is reported on and the champion gate compares on."""
     from lepton_tasks.metrics import HIGHER_IS_BETTER
-    from lepton_tasks.strategies import greedy_soup
 
     features, targets = select_data
-    candidates = [("merged", merged), *((c["shard"], _state(c)) for c in final_round)]
-    return greedy_soup(candidates, lambda state: evaluate(load_model(shape, state), shape, features, targets)[metric],
-                       HIGHER_IS_BETTER[metric])
+    candidates = [(c["shard"], _state(c)) for c in final_round]
+    return strategy.choose_final(
+        merged, candidates, lambda state: evaluate(load_model(shape, state), shape, features, targets)[metric],
+        HIGHER_IS_BETTER[metric])
 
 
 def merge(rounds: list[list[dict]], merged_rounds: list[dict], shape: ModelShape,
@@ -80,16 +82,17 @@ def merge(rounds: list[list[dict]], merged_rounds: list[dict], shape: ModelShape
           classes: list[str], shards: list[dict], strategy: str = "fedavg",
           select_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> MergeManifest:
     """The final model: the train stage's last global model (`merged_rounds`: one {"path", "sha256"} per round),
-    or for `greedy_soup` a soup of it and the last round's shard models, chosen on `select_data` (the shard
-    stage's selection split). Score it (and the global model after every round, and each shard model) on the
+    or what a strategy that chooses (`greedy_soup`) makes of it and the last round's shard models on `select_data`
+    (the shard stage's selection split). Score it (and the global model after every round, and each shard model) on the
     held-out split; draw the plots."""
     features, targets = eval_data
     final_round = rounds[-1]
     merged_state, soup = _state(merged_rounds[-1]), None
-    if strategy == "greedy_soup":
+    chooser = STRATEGIES[strategy]()
+    if chooser.select_fraction:
         if select_data is None:
-            raise ValueError("greedy_soup chooses on a selection split: shard with a select_fraction")
-        merged_state, soup = _soup(final_round, merged_state, shape, select_data, metric)
+            raise ValueError(f"{strategy} chooses on a selection split: shard with a select_fraction")
+        merged_state, soup = _chosen(chooser, final_round, merged_state, shape, select_data, metric)
     outputs = predict(load_model(shape, merged_state), features).numpy()  # scored and plotted from one pass
     merged_metrics = metrics.evaluate(shape.task, outputs, targets.numpy())
     round_scores = [evaluate(load_model(shape, _state(r)), shape, features, targets)[metric]

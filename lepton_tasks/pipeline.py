@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from lepton_tasks.config import (
-    SELECT_FRACTION,
     RunParams,
     Settings,
     mlflow_auth_env,
@@ -30,6 +29,7 @@ from lepton_tasks.config import (
 from lepton_tasks.errors import LeptonError
 from lepton_tasks.specs import LoadedSpec, PipelineSpec
 from lepton_tasks.storage import RunPaths, read_json, write_json
+from lepton_tasks.strategies import STRATEGIES
 from lepton_tasks.window import DaySource, parse_ds
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ def shard(ctx: RunContext, validated: dict, drifted: dict | None = None, run_clu
             manifest = recovering(client, "shard", lambda attempt: stage.shard(
                 validated["parts"], ctx.stage_dir("shard"), ctx.params.num_shards, ctx.params.eval_fraction,
                 ctx.params.seed, ctx.spec, client, encoder, ctx.params.shard_by,
-                SELECT_FRACTION.get(ctx.params.merge_strategy, 0.0)))
+                STRATEGIES[ctx.params.merge_strategy].select_fraction))
         manifest.warm_start = {"init_from": ctx.params.init_from, "reason": reason,
                                **({"version": snap["version"], "weights": snap["weights"]} if snap else {})}
         return manifest

@@ -25,6 +25,7 @@ from lepton_tasks.config import redact_uri
 from lepton_tasks.errors import RegistryError
 from lepton_tasks.metrics import at_least_as_good
 from lepton_tasks.models import ModelShape, load_checkpoint, load_model
+from lepton_tasks.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +139,6 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     for start in range(0, len(batch), 500):
         client.log_batch(run_id, metrics=batch[start:start + 500])
-
-
-STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM", "fedadam": "FedAdam",
-                  "scaffold": "SCAFFOLD", "median": "Coordinate-wise median", "trimmed_mean": "Trimmed mean",
-                  "greedy_soup": "Greedy soup"}
 
 
 def summary_metrics(record: RunRecord) -> dict[str, float]:
@@ -285,7 +281,7 @@ def _register_version(client, model_name: str, model_uri: str, run_id: str, reco
     version = mlflow.register_model(model_uri, model_name, tags=tags)
     client.update_model_version(
         model_name, version.version,
-        description=(f"{STRATEGY_NAMES[record.merge.get('strategy', 'fedavg')]} of {len(record.shards['shards'])} "
+        description=(f"{STRATEGIES[record.merge.get('strategy', 'fedavg')].title} of {len(record.shards['shards'])} "
                      f"shards over {record.merge['rounds']} round(s)"
                      + (f" (soup of {', '.join(record.merge['soup'])})" if record.merge.get("soup") else "") + "; "
                      f"held-out {metric} {score:.4f} on {record.merge['eval_rows']} rows. "

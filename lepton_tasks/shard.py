@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from lepton_tasks.cluster import release_worker_memory
 from lepton_tasks.errors import ShardError
 from lepton_tasks.features import fit, label_codes, merge_stats, partition_stats
 from lepton_tasks.specs import PipelineSpec
@@ -266,6 +267,7 @@ def shard(parts: list[str], stage_dir: Path, num_shards: int, eval_fraction: flo
             for index, partition in enumerate(partitions)])
         written = [item for part, _ in written_parts for item in part]
         fitted = encoder or fit(spec, merge_stats([stats for _, stats in written_parts])).to_dict()
+    release_worker_memory(client)  # train loads its shards on these workers next
     splits = [EVAL_NAME, *([SELECT_NAME] if select_fraction else [])]
     infos = _summarise(written, Path(tmp), Path(stage_dir), splits + [f"shard-{i:03d}" for i in range(shards_made)])
     held, shards = infos[:len(splits)], infos[len(splits):]

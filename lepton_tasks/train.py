@@ -4,7 +4,8 @@ Round r starts every shard from the same weights (the seeded init, then the prev
 `local_epochs` on the shard the worker reads itself (with FedProx's proximal term, SCAFFOLD's correction or DP-SGD
 where the params ask for them), and writes a safetensors checkpoint whose metadata records what it was made from:
 the start weights, the params, the control variates, and the checksums of the shard's data and of the encoder.
-After each round the strategy (`strategies.Server`) merges the round's checkpoints into the next global model.
+After each round the run's strategy (`lepton_tasks.strategies`) merges the round's checkpoints into the next global
+model.
 A retried task, or Dask recomputing a result lost with its worker, finds those checkpoints and trains only what
 is missing; a checkpoint made from other data is never reused.
 
@@ -40,7 +41,8 @@ from lepton_tasks.models import (
     save_checkpoint,
 )
 from lepton_tasks.storage import sha256_file
-from lepton_tasks.strategies import Server, fedavg
+from lepton_tasks.strategies import Strategy, for_params
+from lepton_tasks.strategies.fedavg import fedavg
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +180,8 @@ def local_optimizer(job: ShardJob, parameters) -> torch.optim.Optimizer:
 def _fit(job: ShardJob, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> tuple[dict, list[dict]]:
     """Train from `job.start` for `job.epochs` (with FedProx's proximal term and SCAFFOLD's correction where the
     job has them); returns the final state and per-epoch records (the data loss)."""
-    from lepton_tasks.strategies import proximal_term, scaffold_correction
+    from lepton_tasks.strategies.fedprox import proximal_term
+    from lepton_tasks.strategies.scaffold import scaffold_correction
 
     model = _start_model(job, device)
     optimizer = local_optimizer(job, model.parameters())
@@ -233,7 +236,7 @@ def _fit_private(job: ShardJob, x: torch.Tensor, y: torch.Tensor, batch_size: in
 
 def _write_control(job: ShardJob, x: torch.Tensor, y: torch.Tensor, device) -> str:
     """SCAFFOLD: this shard's control variate for the next round (its full gradient at the start weights)."""
-    from lepton_tasks.strategies import control_variate
+    from lepton_tasks.strategies.scaffold import control_variate
 
     model = _start_model(job, device)
     batches = zip(x.split(4096), y.split(4096), strict=True)
@@ -491,32 +494,33 @@ def train(shards: list[dict], encoder: dict, shape: ModelShape, params, stage_di
     init_sha = save_checkpoint(init_path, state, origin)
     manifest = TrainManifest(str(stage_dir), shape, {"path": str(init_path), "sha256": init_sha},
                              strategy=params.merge_strategy)
-    server = Server(params.merge_strategy, params.server_learning_rate, params.server_momentum, params.trim_fraction)
+    strategy = for_params(params)
     private = _privacy_by_shard(shards, params, client) if params.dp_epsilon else {}
     start, controls = manifest.init, None
     client.subscribe_topic(PROGRESS_TOPIC, _log_progress)
     try:
         for rnd in range(1, params.merge_rounds + 1):
-            jobs = [_job(s, rnd, encoder, shape, start, stage_dir, params, threads, controls, private.get(s["name"]))
+            jobs = [_job(s, rnd, encoder, shape, start, stage_dir, params, strategy, threads, controls,
+                         private.get(s["name"]))
                     for s in shards]
             manifest.rounds.append(_run_round(jobs, client))
-            state, start = _merge_round(server, state, manifest.rounds[-1], stage_dir / f"round-{rnd:02d}", rnd)
+            state, start = _merge_round(strategy, state, manifest.rounds[-1], stage_dir / f"round-{rnd:02d}", rnd)
             manifest.merged.append(start)
-            if params.merge_strategy == "scaffold":
+            if strategy.control_variates:
                 controls = _server_control(manifest.rounds[-1], stage_dir / f"round-{rnd:02d}", rnd)
     finally:
         _unsubscribe_quietly(client)
     return manifest
 
 
-def _merge_round(server: Server, current: dict, results: list[dict], round_dir: Path,
+def _merge_round(strategy: Strategy, current: dict, results: list[dict], round_dir: Path,
                  rnd: int) -> tuple[dict, dict]:
     """The strategy's next global model from this round's checkpoints, written as `merged.safetensors`; a replayed
     round (a retried task) writes the same bytes."""
     states = [load_checkpoint(Path(c["path"]), c["sha256"])[0] for c in results]
-    merged = server.aggregate(current, states, [c["rows"] for c in results])
+    merged = strategy.aggregate(current, states, [c["rows"] for c in results])
     path = round_dir / "merged.safetensors"
-    sha = save_checkpoint(path, merged, {"round": str(rnd), "strategy": server.strategy})
+    sha = save_checkpoint(path, merged, {"round": str(rnd), "strategy": strategy.name})
     return merged, {"path": str(path), "sha256": sha}
 
 
@@ -550,11 +554,11 @@ def _unsubscribe_quietly(client) -> None:
         log.debug("could not unsubscribe from %s: %s", PROGRESS_TOPIC, err)
 
 
-def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, params, threads: int = 1,
-         controls: dict | None = None, private: dict | None = None) -> ShardJob:
+def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, params, strategy: Strategy,
+         threads: int = 1, controls: dict | None = None, private: dict | None = None) -> ShardJob:
     index = int(shard["name"].rsplit("-", 1)[-1])
     round_dir = stage_dir / f"round-{rnd:02d}"
-    scaffold = params.merge_strategy == "scaffold"
+    scaffold = strategy.control_variates
     return ShardJob(
         shard=shard["name"], round=rnd, files=shard["files"], rows=shard["rows"], encoder=encoder,
         shape=shape, start=start,
@@ -562,7 +566,7 @@ def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, pa
         epochs=params.local_epochs, learning_rate=params.learning_rate, batch_size=params.batch_size,
         seed=params.seed * 1_000_003 + rnd * 1_009 + index, params_digest=params.digest(),
         data_sha256=shard["sha256"], threads=threads,
-        prox_mu=params.fedprox_mu if params.merge_strategy == "fedprox" else 0.0,
+        prox_mu=strategy.proximal_mu,
         control={"server": (controls or {}).get("server"), "own": (controls or {}).get("own", {}).get(shard["name"])}
         if scaffold else None,
         control_out=str(round_dir / f"{shard['name']}.control.safetensors") if scaffold else None,

@@ -200,3 +200,30 @@ def test_a_run_whose_validation_will_be_partitioned_gets_workers_that_imported_g
             assert _imported(client, "great_expectations") == {True}
     finally:
         stop_run_cluster(run_cluster)
+
+
+def test_a_stage_gives_the_memory_its_partitions_freed_back_to_the_os(tmp_path):
+    """Arrow's pool keeps what a finished task freed (a few hundred MB here without the release);
+    `release_worker_memory`, which validate and shard call on their workers before train loads its shards there,
+    gives it back. (The functions are nested: the workers cannot import this test module.)"""
+    from lepton_tasks.cluster import release_worker_memory
+
+    def worker_rss() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def read_and_drop_a_table() -> int:  # what a validate or shard partition does to a worker's memory
+        import numpy as np
+        import pyarrow as pa
+
+        table = pa.table({f"c{i}": np.random.default_rng(i).standard_normal(4_000_000) for i in range(8)})
+        frame = table.to_pandas()
+        del table, frame
+        return worker_rss()
+
+    with dask_client(Settings.from_env(), 1) as client:
+        before = client.submit(worker_rss, pure=False).result()
+        held = client.submit(read_and_drop_a_table, pure=False).result()
+        assert held - before > 200 * 2**20, "the allocation should have stayed with the worker's allocator"
+        release_worker_memory(client)
+        [after] = client.run(worker_rss).values()
+    assert held - after > 150 * 2**20, f"released only {(held - after) >> 20} MB of {(held - before) >> 20} MB"

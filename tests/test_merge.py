@@ -3,7 +3,7 @@ import torch
 
 from lepton_tasks.merge import merge
 from lepton_tasks.models import ModelShape, evaluate, init_weights, load_checkpoint, load_model, save_checkpoint
-from lepton_tasks.strategies import fedavg
+from lepton_tasks.strategies.fedavg import fedavg
 
 SHAPE = ModelShape("mlp", 40, 10, 8)
 

@@ -5,20 +5,17 @@ import math
 import pytest
 import torch
 
+from lepton_tasks.config import RunParams
 from lepton_tasks.models import ModelShape, init_weights
-from lepton_tasks.strategies import (
-    Server,
-    control_variate,
-    coordinate_median,
-    fedadam,
-    fedavg,
-    fedavgm,
-    greedy_soup,
-    proximal_term,
-    scaffold_correction,
-    trimmed_count,
-    trimmed_mean,
-)
+from lepton_tasks.strategies import STRATEGIES, for_params
+from lepton_tasks.strategies.fedadam import FedAdam, fedadam
+from lepton_tasks.strategies.fedavg import fedavg
+from lepton_tasks.strategies.fedavgm import FedAvgM, fedavgm
+from lepton_tasks.strategies.fedprox import proximal_term
+from lepton_tasks.strategies.greedy_soup import greedy_soup
+from lepton_tasks.strategies.median import coordinate_median
+from lepton_tasks.strategies.scaffold import control_variate, scaffold_correction
+from lepton_tasks.strategies.trimmed_mean import TrimmedMean, trimmed_count, trimmed_mean
 
 
 def _scalars(*values: float) -> list[dict[str, torch.Tensor]]:
@@ -81,11 +78,14 @@ def test_fedadam_by_hand():
     current = {"w": torch.tensor([0.0], dtype=torch.float64)}
     first, (m, v) = fedadam(current, {"w": torch.tensor([2.0], dtype=torch.float64)}, None, 0.01, beta1=0.9)
     assert m["w"].item() == pytest.approx(0.2) and v["w"].item() == pytest.approx(0.04)
-    assert first["w"].item() == pytest.approx(0.01 * 0.2 / (0.2 + 1e-3))
+    assert first["w"].item() == pytest.approx(0.01 * 0.2 / (0.2 + 1e-3))  # round 1: the correction is 1
     w1 = first["w"].item()
-    second, (m, v) = fedadam(first, {"w": torch.tensor([w1 + 2.0], dtype=torch.float64)}, (m, v), 0.01, beta1=0.9)
+    second, (m, v) = fedadam(first, {"w": torch.tensor([w1 + 2.0], dtype=torch.float64)}, (m, v), 0.01, beta1=0.9,
+                             round_number=2)
     assert m["w"].item() == pytest.approx(0.38) and v["w"].item() == pytest.approx(0.0796)
-    assert second["w"].item() == pytest.approx(w1 + 0.01 * 0.38 / (math.sqrt(0.0796) + 1e-3))
+    corrected = 0.01 * math.sqrt(1 - 0.99 ** 2) / (1 - 0.9 ** 2)  # Adam's bias correction at round 2
+    assert second["w"].item() == pytest.approx(w1 + corrected * 0.38 / (math.sqrt(0.0796) + 1e-3))
+    assert fedadam(current, {"w": torch.tensor([2.0], dtype=torch.float64)}, None, 0.01, beta1=0.9)[0] == first
 
 
 def test_greedy_soup_by_hand():
@@ -122,14 +122,53 @@ def test_control_variate_is_the_row_weighted_full_gradient_and_corrects_the_grad
     assert model.weight.grad.item() == pytest.approx(4.0)  # g - c_i + c
 
 
-def test_server_applies_the_chosen_strategy_across_rounds():
+def test_each_strategy_aggregates_as_chosen_and_carries_its_state_across_rounds():
     states, rows = _scalars(1, 2, 3, 100), [10, 10, 10, 10]
     current = {"w": torch.tensor([0.0])}
-    assert Server("fedavg").aggregate(current, states, rows)["w"].item() == pytest.approx(26.5)
-    assert Server("median").aggregate(current, states, rows)["w"].item() == pytest.approx(2.5)
-    assert Server("trimmed_mean", trim_fraction=0.25).aggregate(current, states, rows)["w"].item() == 2.5
-    server = Server("fedavgm", learning_rate=0.5, momentum=0.9)
+    assert STRATEGIES["fedavg"]().aggregate(current, states, rows)["w"].item() == pytest.approx(26.5)
+    assert STRATEGIES["median"]().aggregate(current, states, rows)["w"].item() == pytest.approx(2.5)
+    assert TrimmedMean(trim_fraction=0.25).aggregate(current, states, rows)["w"].item() == 2.5
+    server = FedAvgM(learning_rate=0.5, momentum=0.9)
     first = server.aggregate(current, _scalars(1, 1), [1, 1])
     second = server.aggregate(first, _scalars(1.5, 1.5), [1, 1])  # the momentum carried over
     assert second["w"].item() == pytest.approx(0.5 + 0.5 * 1.9)
-    assert Server("fedadam").server_learning_rate == 0.01 and Server("fedavgm").server_learning_rate == 1.0
+
+
+def test_a_strategy_takes_its_settings_from_the_run_params():
+    def made(**params):
+        return for_params(RunParams(source_uri="x", **params))
+
+    assert made(merge_strategy="fedadam").learning_rate == 0.01 and made(merge_strategy="fedavgm").learning_rate == 1
+    assert made(merge_strategy="fedadam", server_learning_rate=0.3, server_momentum=0.5) == FedAdam(0.3, 0.5)
+    assert made(merge_strategy="fedprox", fedprox_mu=0.5).proximal_mu == 0.5 and made().proximal_mu == 0.0
+    assert made(merge_strategy="trimmed_mean", trim_fraction=0.1).trim_fraction == 0.1
+    assert made(merge_strategy="scaffold").control_variates and not made().control_variates
+
+
+def test_the_registry_is_every_strategy_module_and_the_only_list_of_names():
+    """Every module of the package but `base` holds one strategy; the form, the spec and MLflow read the registry."""
+    from pathlib import Path
+
+    import lepton_tasks.strategies as package
+    from lepton_tasks.config import airflow_param_specs
+
+    modules = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - {"__init__", "base"}
+    assert {type(s()).__module__.rsplit(".", 1)[1] for s in STRATEGIES.values()} == modules
+    assert list(STRATEGIES)[0] == "fedavg"  # the default first in the dropdown
+    form = airflow_param_specs(RunParams(source_uri="x"))
+    assert form["merge_strategy"]["enum"] == list(STRATEGIES)
+    assert all(f"{name}: {s.summary}" in form["merge_strategy"]["description"] for name, s in STRATEGIES.items())
+    assert "scaffold" in form["local_optimizer"]["description"] and "fedavg," not in form["local_optimizer"][
+        "description"]
+    assert RunParams(source_uri="x", merge_strategy="scaffold").optimizer == "sgd"
+    assert RunParams(source_uri="x").optimizer == "adam"
+
+
+def test_importing_the_registry_does_not_import_torch():
+    """The DAG files read the registry when Airflow parses them; that parse stays free of torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, lepton_tasks.strategies, lepton_tasks.config; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
