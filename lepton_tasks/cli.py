@@ -91,9 +91,9 @@ def validate_specs(files: list[str]) -> int:
 
 
 def new_pipeline(args: argparse.Namespace) -> int:
-    from lepton_tasks.scaffold import new_pipeline as scaffold
+    from lepton_tasks.new_pipeline import new_pipeline as make_pipeline
 
-    made = scaffold(args.name, args.source, args.target, Settings.from_env().data_root, pipelines_dir(),
+    made = make_pipeline(args.name, args.source, args.target, Settings.from_env().data_root, pipelines_dir(),
                     expectations_dir(), args.format, args.task, args.sample_rows, args.force, args.window_days,
                     args.schedule)
     print(f"wrote {made.spec_path}\nwrote {made.suite_path}\n\nreview before the first run:")

@@ -141,6 +141,7 @@ def external_scheduler_address(settings: Settings) -> str | None:
 
 
 VALIDATION_PRELOAD = "lepton_tasks.dask_preload_validation"  # GX on the workers: for partitioned validation
+VALIDATION_DONE_ENV = "LEPTON_VALIDATION_DONE"  # set for workers restarted after it: they skip that preload
 
 
 def make_local_cluster(n_workers: int | None, threads_per_worker: int, preload: tuple[str, ...] = ()):
@@ -375,6 +376,25 @@ def release_worker_memory(client) -> None:
                                      pure=False) for address in client.scheduler_info(n_workers=-1)["workers"]])
     except Exception as err:
         log.info("could not release the workers' unused memory: %s", err)
+
+
+def _mark_validation_done(dask_worker) -> None:
+    """On a nanny: the worker it starts next skips the GX preload (`dask_preload_validation`)."""
+    dask_worker.env[VALIDATION_DONE_ENV] = "1"
+
+
+def restart_without_validation(client) -> None:
+    """Restart the run's own workers once their partitioned validation is done, without GX: its import and what
+    its checks left behind (a few hundred MB a worker, which no release gives back) would otherwise sit under the
+    shards that train loads there. Their nannies start them again with the run's other preload (torch, on a
+    thread); VALIDATION_DONE_ENV tells the GX preload to stay out. Best effort: a cluster that cannot restart
+    keeps its workers as they are."""
+    try:
+        client.run(_mark_validation_done, nanny=True)
+        client.restart()
+    except Exception as err:
+        log.warning("could not restart the run's workers after validation (%s: %s); they keep GX loaded",
+                    type(err).__name__, err)
 
 
 def call_by_name(target: str, *args):

@@ -5,17 +5,22 @@ GX's import is seconds of CPU per process. A run whose source is big enough for 
 (`pipeline.start_cluster` decides from the source's size) has its workers pay it while ingest runs, beside which
 the run's cluster starts, instead of inside the first partition of validate. It runs on a thread of its own, as
 `dask_preload` does. Smaller runs validate in the task process and never need GX on a worker, so their workers do
-not import it.
+not import it. Once validation is done the run's workers are restarted without it
+(`cluster.restart_without_validation`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 _done = threading.Event()
 
 
 def dask_setup(worker) -> None:  # Dask calls this once the module is imported
+    if os.environ.get("LEPTON_VALIDATION_DONE"):  # restarted after the run's validation (cluster.VALIDATION_DONE_ENV)
+        _done.set()
+        return
     threading.Thread(target=_import, name="lepton-preload-validation", daemon=True).start()
 
 

@@ -269,7 +269,7 @@ def validate(ctx: RunContext, ingested: dict,
     """Validate in memory up to LEPTON_VALIDATE_MEMORY_BYTES, else partition by partition on the run's cluster
     (`run_cluster`, or a callable that starts or awaits it when needed)."""
     from lepton_tasks import validate as stage
-    from lepton_tasks.cluster import dask_client, recovering
+    from lepton_tasks.cluster import dask_client, recovering, restart_without_validation
     from lepton_tasks.storage import decoded_bytes
 
     def body():
@@ -282,7 +282,10 @@ def validate(ctx: RunContext, ingested: dict,
                  "partition by partition on Dask", size / 2**30, ctx.settings.validate_memory_bytes / 2**30)
         cluster = run_cluster() if callable(run_cluster) else run_cluster
         with dask_client(ctx.settings, ctx.params.num_shards, cluster) as client:
-            return recovering(client, "validate", lambda attempt: run(client=client))
+            manifest = recovering(client, "validate", lambda attempt: run(client=client))
+            if cluster and cluster.get("kind") != "external":  # never another deployment's shared workers
+                restart_without_validation(client)
+            return manifest
 
     return _run_stage(ctx, "validate", body,
                       lambda m: {k: m[k] for k in ("suite", "evaluated", "passed", "failed", "docs_index",

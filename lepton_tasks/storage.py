@@ -137,10 +137,6 @@ def parquet_dictionary_columns(schema) -> list[str]:
     return [field.name for field in schema if not pa.types.is_floating(field.type)]
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 PARTITION_BYTES = 256 << 20  # decoded bytes a partition holds at most (Dask's read_parquet blocksize)
 
 

@@ -169,11 +169,12 @@ def _imported(client, module: str) -> set[bool]:
 def test_a_run_whose_validation_will_be_partitioned_gets_workers_that_imported_gx_as_they_started(tmp_path,
                                                                                                   monkeypatch):
     """Every worker imports torch and the train stage as it starts; GX too when the source, sized before ingest
-    (Parquet footers), is over the validation memory budget, as validate will then partition on them."""
+    (Parquet footers), is over the validation memory budget, as validate will then partition on them; once
+    validation is done they are restarted without it."""
     from distributed import Client
 
     from lepton_tasks import pipeline
-    from lepton_tasks.cluster import stop_run_cluster
+    from lepton_tasks.cluster import restart_without_validation, stop_run_cluster
     from lepton_tasks.specs import find_spec
     from tests.conftest import mnist_frame
 
@@ -198,6 +199,14 @@ def test_a_run_whose_validation_will_be_partitioned_gets_workers_that_imported_g
             assert set(client.run(dask_preload_validation.preloaded, 120).values()) == {True}
             assert _imported(client, "torch") == _imported(client, "lepton_tasks.train") == {True}
             assert _imported(client, "great_expectations") == {True}
+
+            # validation done (`pipeline.validate` on the run's own cluster): the workers start again without GX
+            validating = set(client.run(os.getpid).values())
+            restart_without_validation(client)
+            restarted = set(client.run(os.getpid).values())
+            assert len(restarted) == 2 and not restarted & validating, "the same worker processes"
+            assert set(client.run(dask_preload.preloaded, 120).values()) == {True}
+            assert _imported(client, "torch") == {True} and _imported(client, "great_expectations") == {False}
     finally:
         stop_run_cluster(run_cluster)
 

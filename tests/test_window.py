@@ -9,7 +9,7 @@ from lepton_tasks.backfill import nights
 from lepton_tasks.demo_data import write_sensor_day
 from lepton_tasks.errors import BadSource, SpecError
 from lepton_tasks.ingest import ingest
-from lepton_tasks.scaffold import every_day
+from lepton_tasks.new_pipeline import every_day
 from lepton_tasks.specs import parse_spec
 from lepton_tasks.window import check_template, missing, resolve
 

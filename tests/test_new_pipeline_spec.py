@@ -8,8 +8,8 @@ import pytest
 
 from lepton_tasks.demo_data import make_house_prices
 from lepton_tasks.errors import SpecError
+from lepton_tasks.new_pipeline import infer_task, new_pipeline
 from lepton_tasks.profile import profile_source
-from lepton_tasks.scaffold import infer_task, new_pipeline
 from lepton_tasks.specs import load_spec
 
 

@@ -1,4 +1,5 @@
-"""Scaffold a new pipeline from its source: a spec in `dags/pipelines/` and a starter expectation suite.
+"""A new pipeline made from its source (`lepton new-pipeline`): a spec in `dags/pipelines/` and a starter
+expectation suite.
 
 The whole source is profiled (every row of every file, streamed: `lepton_tasks.profile`), the way `ingest` reads
 it, so the first run on the data the pipeline was made from always passes its suite. The bounds rule, chosen so
