@@ -21,6 +21,8 @@ follows when the task's supervisor has reaped the process: usually 40 ms later, 
 (`[workers] min_heartbeat_interval`: 5 s by default, 1 s in airflow.cfg) when the supervisor sees the process's
 sockets close before it can reap it, as it did for about one task in three of a pipeline run here.
 
+What it uses of Airflow's private API is in `airflow_internals.py`, with the fallback to the stock LocalExecutor.
+
 Set as `[core] executor` in airflow.cfg. LEPTON_PRELOAD_MODULES (comma-separated; empty for none) replaces
 the list; a module that fails to import is logged and skipped (the task that needs it imports it, as without
 preloading).
@@ -40,6 +42,7 @@ from airflow.configuration import conf
 from airflow.executors.local_executor import LocalExecutor
 from airflow.listeners import hookimpl
 
+from lepton_tasks.airflow_internals import WorkSentHook, result_queue_reader
 from lepton_tasks.prebuilt import prebuild
 
 log = logging.getLogger(__name__)
@@ -119,7 +122,7 @@ class TaskEndListener:
         self._tell()
 
 
-class PreloadingLocalExecutor(LocalExecutor):
+class PreloadingLocalExecutor(WorkSentHook, LocalExecutor):
     """LocalExecutor whose forked workers (and so every task process) start with the stage libraries loaded and the
     pipeline DAGs built, and whose idle heartbeat waits for a task to end rather than the scheduler sleeping a fixed
     time."""
@@ -138,14 +141,13 @@ class PreloadingLocalExecutor(LocalExecutor):
             self._task_ends = _open_task_end_pipe()
         super().start()
 
-    def _process_workloads(self, workload_list) -> None:
-        super()._process_workloads(workload_list)
+    def on_work_sent(self, workload_list) -> None:
         self._sent_work = self._sent_work or bool(workload_list)
 
     def sync(self) -> None:
         if not self._sent_work:
             # a task process finishing, or a worker's result (running, success, failure), ends the wait
-            waited_on = [self.result_queue._reader] + ([self._task_ends] if self._task_ends is not None else [])
+            waited_on = [result_queue_reader(self)] + ([self._task_ends] if self._task_ends is not None else [])
             if self._task_ends in wait(waited_on, timeout=self.idle_wait_s):
                 _drain(self._task_ends)
         self._sent_work = False

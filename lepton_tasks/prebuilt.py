@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from lepton_tasks.airflow_internals import clear_autoregistered_dags
 from lepton_tasks.storage import sha256_file
 
 if TYPE_CHECKING:
@@ -56,8 +57,6 @@ def prebuild(dag_files: list[Path]) -> list[str]:
     """Execute each DAG file once, keeping the DAGs its `build_once` calls build; their dag_ids. A file that fails
     is logged and skipped: its tasks then build their DAGs as usual."""
     global _storing
-    from airflow.sdk.definitions._internal.contextmanager import DagContext
-
     before = set(_prebuilt)
     for path in dag_files:
         name = f"lepton_prebuilt_{path.stem}"
@@ -71,5 +70,5 @@ def prebuild(dag_files: list[Path]) -> list[str]:
         finally:
             _storing = False
             sys.modules.pop(name, None)
-            DagContext.autoregistered_dags.clear()  # this process parses no DAG file: nothing to register
+            clear_autoregistered_dags()  # this process parses no DAG file: nothing to register
     return sorted(dag.dag_id for key, dag in _prebuilt.items() if key not in before)
