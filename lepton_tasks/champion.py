@@ -45,6 +45,24 @@ class ChampionSnapshot:
     def encoder_dict(self) -> dict:
         return json.loads(Path(self.encoder).read_text())
 
+    def unfit_reason(self, spec, params) -> str | None:
+        """Why this champion cannot be round 1's start for a run of `spec` (a `PipelineSpec`) with `params`
+        (`RunParams`): other columns or kinds, other classes, another model; None when it fits."""
+        from lepton_tasks.features import Encoder
+
+        encoder = Encoder.from_dict(self.encoder_dict())
+        theirs = [(c.name, c.kind) for c in encoder.columns] + [(encoder.target, encoder.task)]
+        ours = list(spec.features.items()) + [(spec.target.column, spec.target.task)]
+        if theirs != ours:
+            return f"champion version {self.version} was trained on other columns ({theirs} vs {ours})"
+        if spec.target.task == "classification" and encoder.classes != [str(c) for c in spec.target.classes]:
+            return f"champion version {self.version} has classes {encoder.classes}, not {spec.target.classes}"
+        for knob in ("model_kind", "hidden_size"):  # MLflow keeps the run's params as strings
+            if str(self.params.get(knob)) != str(getattr(params, knob)):
+                return (f"champion version {self.version} has {knob} {self.params.get(knob)}, this run "
+                        f"{getattr(params, knob)}")
+        return None
+
 
 @dataclass(frozen=True)
 class Snapshot:

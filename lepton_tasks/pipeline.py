@@ -332,7 +332,6 @@ def _drift_figures(manifest: dict) -> dict:
 def warm_start(ctx: RunContext, drifted: dict) -> tuple[dict | None, str]:
     """The champion snapshot round 1 starts from, or None with the reason it starts from scratch."""
     from lepton_tasks.champion import ChampionSnapshot
-    from lepton_tasks.features import Encoder
 
     if ctx.params.init_from == "scratch":
         return None, "init_from is scratch"
@@ -340,17 +339,9 @@ def warm_start(ctx: RunContext, drifted: dict) -> tuple[dict | None, str]:
         unusable = drifted.get("champion_unusable")
         return None, f"no usable champion ({unusable})" if unusable else "no champion yet"
     snap = ChampionSnapshot(**drifted["champion"])
-    encoder, spec = Encoder.from_dict(snap.encoder_dict()), ctx.spec
-    theirs = [(c.name, c.kind) for c in encoder.columns] + [(encoder.target, encoder.task)]
-    ours = list(spec.features.items()) + [(spec.target.column, spec.target.task)]
-    if theirs != ours:
-        return None, f"champion version {snap.version} was trained on other columns ({theirs} vs {ours})"
-    if spec.target.task == "classification" and encoder.classes != [str(c) for c in spec.target.classes]:
-        return None, f"champion version {snap.version} has classes {encoder.classes}, not {spec.target.classes}"
-    for knob in ("model_kind", "hidden_size"):
-        if str(snap.params.get(knob)) != str(getattr(ctx.params, knob)):
-            return None, (f"champion version {snap.version} has {knob} {snap.params.get(knob)}, this run "
-                          f"{getattr(ctx.params, knob)}")
+    unfit = snap.unfit_reason(ctx.spec, ctx.params)
+    if unfit:
+        return None, unfit
     return snap.to_dict(), f"round 1 starts from champion version {snap.version} (its weights and encoder)"
 
 

@@ -23,3 +23,22 @@ def test_no_usable_champion_is_read_back_with_its_reason(tmp_path):
 def test_a_snapshot_written_before_unusable_champions_were_recorded_still_reads(tmp_path):
     (tmp_path / SNAPSHOT).write_text(json.dumps(SAVED))
     assert snapshot("http://127.0.0.1:9", "m", tmp_path).champion.mlflow_run_id == "r"
+
+
+def test_a_champion_fits_a_warm_start_only_with_the_same_columns_classes_and_model(tmp_path):
+    """`unfit_reason` decides the warm start: the champion's own encoder and run params against this run's."""
+    from lepton_tasks.champion import ChampionSnapshot
+    from lepton_tasks.config import RunParams
+    from tests.conftest import MNIST_SPEC, encoder_for, mnist_frame
+
+    encoder = tmp_path / "encoder.json"
+    encoder.write_text(json.dumps(encoder_for(mnist_frame(200)).to_dict()))
+    champion = ChampionSnapshot(**{**SAVED, "encoder": str(encoder), "params": {"model_kind": "mlp",
+                                                                                "hidden_size": "64"}})
+    spec, params = MNIST_SPEC.spec, RunParams(source_uri="x", hidden_size=64)
+    assert champion.unfit_reason(spec, params) is None
+    for knob, other in (("hidden_size", 32), ("model_kind", "cnn")):
+        reason = champion.unfit_reason(spec, params.model_copy(update={knob: other}))
+        assert f"{knob} {champion.params[knob]}, this run {other}" in reason
+    fewer = spec.model_copy(update={"features": dict(list(spec.features.items())[:-1])})
+    assert "trained on other columns" in champion.unfit_reason(fewer, params)
