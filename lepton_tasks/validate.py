@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lepton_tasks.cluster import release_worker_memory
 from lepton_tasks.errors import BadSource, ValidationFailed
 from lepton_tasks.storage import ParquetPartition, atomic_dir, parquet_partitions, read_json
 
@@ -422,7 +421,6 @@ class _Partitioned:
 
         checked = self.client.gather(self.client.map(_check_stored_partition, self.plan, groups=groups,
                                                      result_format=result_format, pure=False))
-        release_worker_memory(self.client)  # shard and train run on these workers next
         added = _add_up(checked, [partition.start for partition in self.plan])
         per_partition = ExpectationSuiteValidationResult(success=all(o.success for o in added), results=added,
                                                          suite_name=groups.name, meta=checked[0].meta)
@@ -435,7 +433,6 @@ class _Partitioned:
         futures = [self.client.submit(_split_stored_partition, partition, reasons, str(out), index, pure=False)
                    for index, partition in enumerate(self.plan)]
         self.split_names = list(self.client.gather(futures))
-        release_worker_memory(self.client)
 
 
 def _read_partition(partition: ParquetPartition):
