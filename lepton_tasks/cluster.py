@@ -368,9 +368,10 @@ def release_unused_memory() -> None:
 
 def release_worker_memory(client) -> None:
     """`release_unused_memory` on every worker of `client`'s cluster, after a stage that read a lot of data on
-    them (validate's partitions, shard's); best effort: a worker that left has nothing to give back. Submitted
-    as a task to each worker, not `client.run`: Arrow's allocator (mimalloc) keeps a heap per thread, and only
-    the thread that ran the stage's tasks can give its heap back (`client.run` calls from the event loop's)."""
+    them (shard's partitions, before train loads its shards there); best effort: a worker that left has nothing
+    to give back. Submitted as a task to each worker, not `client.run`: Arrow's allocator (mimalloc) keeps a heap
+    per thread, and only the thread that ran the stage's tasks can give its heap back (`client.run` calls from
+    the event loop's)."""
     try:
         client.gather([client.submit(release_unused_memory, workers=[address], allow_other_workers=False,
                                      pure=False) for address in client.scheduler_info(n_workers=-1)["workers"]])

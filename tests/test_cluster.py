@@ -213,7 +213,7 @@ def test_a_run_whose_validation_will_be_partitioned_gets_workers_that_imported_g
 
 def test_a_stage_gives_the_memory_its_partitions_freed_back_to_the_os(tmp_path):
     """Arrow's pool keeps what a finished task freed (a few hundred MB here without the release);
-    `release_worker_memory`, which validate and shard call on their workers before train loads its shards there,
+    `release_worker_memory`, which shard calls on its workers before train loads its shards there,
     gives it back. (The functions are nested: the workers cannot import this test module.)"""
     from lepton_tasks.cluster import release_worker_memory
 
