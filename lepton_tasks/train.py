@@ -554,8 +554,10 @@ def _unsubscribe_quietly(client) -> None:
         log.debug("could not unsubscribe from %s: %s", PROGRESS_TOPIC, err)
 
 
-def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, params, strategy: Strategy,
+def _job(shard: dict, rnd: int, encoder: dict, shape, start, stage_dir: Path, params, strategy: Strategy | None = None,
          threads: int = 1, controls: dict | None = None, private: dict | None = None) -> ShardJob:
+    """One shard's training job for round `rnd`, as the run's `strategy` (default: `params`') trains it locally."""
+    strategy = strategy or for_params(params)
     index = int(shard["name"].rsplit("-", 1)[-1])
     round_dir = stage_dir / f"round-{rnd:02d}"
     scaffold = strategy.control_variates
