@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from lepton_tasks.config import DASK_CONN_ID, Settings, airflow_connection
+from lepton_tasks.dask_preload_validation import VALIDATION_DONE_ENV
 from lepton_tasks.errors import ClusterError
 from lepton_tasks.storage import read_json, write_json
 
@@ -141,7 +142,7 @@ def external_scheduler_address(settings: Settings) -> str | None:
 
 
 VALIDATION_PRELOAD = "lepton_tasks.dask_preload_validation"  # GX on the workers: for partitioned validation
-VALIDATION_DONE_ENV = "LEPTON_VALIDATION_DONE"  # set for workers restarted after it: they skip that preload
+EXTERNAL = "external"  # the kind of a run cluster record for the external scheduler: not the run's to stop or restart
 
 
 def make_local_cluster(n_workers: int | None, threads_per_worker: int, preload: tuple[str, ...] = ()):
@@ -243,7 +244,7 @@ def _run_cluster_client(run_cluster: dict):
 def _external_cluster(settings: Settings) -> dict | None:
     """The external scheduler as a run cluster record (nothing to start or stop), or None without one."""
     address = external_scheduler_address(settings)
-    return {"address": address, "kind": "external", "n_workers": None, "pid": None, "host": None} if address else None
+    return {"address": address, "kind": EXTERNAL, "n_workers": None, "pid": None, "host": None} if address else None
 
 
 def start_run_cluster(settings: Settings, folder: Path, wanted_workers: int | None, validation: bool = False) -> dict:

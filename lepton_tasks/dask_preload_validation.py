@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import threading
 
+VALIDATION_DONE_ENV = "LEPTON_VALIDATION_DONE"  # set on the nannies once the run's validation is done
 _done = threading.Event()
 
 
 def dask_setup(worker) -> None:  # Dask calls this once the module is imported
-    if os.environ.get("LEPTON_VALIDATION_DONE"):  # restarted after the run's validation (cluster.VALIDATION_DONE_ENV)
+    if os.environ.get(VALIDATION_DONE_ENV):  # restarted after the run's validation: no GX
         _done.set()
         return
     threading.Thread(target=_import, name="lepton-preload-validation", daemon=True).start()

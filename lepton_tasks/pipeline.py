@@ -269,7 +269,7 @@ def validate(ctx: RunContext, ingested: dict,
     """Validate in memory up to LEPTON_VALIDATE_MEMORY_BYTES, else partition by partition on the run's cluster
     (`run_cluster`, or a callable that starts or awaits it when needed)."""
     from lepton_tasks import validate as stage
-    from lepton_tasks.cluster import dask_client, recovering, restart_without_validation
+    from lepton_tasks.cluster import EXTERNAL, dask_client, recovering, restart_without_validation
     from lepton_tasks.storage import decoded_bytes
 
     def body():
@@ -283,7 +283,7 @@ def validate(ctx: RunContext, ingested: dict,
         cluster = run_cluster() if callable(run_cluster) else run_cluster
         with dask_client(ctx.settings, ctx.params.num_shards, cluster) as client:
             manifest = recovering(client, "validate", lambda attempt: run(client=client))
-            if cluster and cluster.get("kind") != "external":  # never another deployment's shared workers
+            if cluster and cluster.get("kind") != EXTERNAL:  # never another deployment's shared workers
                 restart_without_validation(client)
             return manifest
 

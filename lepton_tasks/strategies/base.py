@@ -44,6 +44,11 @@ class Strategy:
         """The strategy with the run's settings (`RunParams`: the fields it reads are its own business)."""
         return cls()
 
+    @classmethod
+    def server_learning_rate(cls, params) -> float | None:
+        """The run's server learning rate (`server_learning_rate`), empty meaning this strategy's default."""
+        return params.server_learning_rate or cls.default_server_learning_rate
+
     @property
     def proximal_mu(self) -> float:
         """Weight of a proximal term in local training (FedProx); 0: none."""

@@ -35,15 +35,14 @@ class FedAdam(FedAvg):
     paper_local_optimizer = "sgd"
     # Adam's steps are about the learning rate per weight from the first round on: a small one
     default_server_learning_rate = 0.01
-    learning_rate: float = 0.01
+    learning_rate: float = default_server_learning_rate
     beta1: float = 0.9
     moments: tuple[State, State] | None = field(default=None, repr=False)  # carried from round to round
     rounds: int = field(default=0, repr=False)
 
     @classmethod
     def from_params(cls, params) -> FedAdam:
-        return cls(learning_rate=params.server_learning_rate or cls.default_server_learning_rate,
-                   beta1=params.server_momentum)
+        return cls(learning_rate=cls.server_learning_rate(params), beta1=params.server_momentum)
 
     def aggregate(self, current: State, states: list[State], weights: list[float]) -> State:
         self.rounds += 1

@@ -27,14 +27,13 @@ class FedAvgM(FedAvg):
     order = 2
     paper_local_optimizer = "sgd"
     default_server_learning_rate = 1.0  # FedAvg plus momentum
-    learning_rate: float = 1.0
+    learning_rate: float = default_server_learning_rate
     momentum: float = 0.9
     velocity: State | None = field(default=None, repr=False)  # carried from round to round
 
     @classmethod
     def from_params(cls, params) -> FedAvgM:
-        return cls(learning_rate=params.server_learning_rate or cls.default_server_learning_rate,
-                   momentum=params.server_momentum)
+        return cls(learning_rate=cls.server_learning_rate(params), momentum=params.server_momentum)
 
     def aggregate(self, current: State, states: list[State], weights: list[float]) -> State:
         merged, self.velocity = fedavgm(current, fedavg(states, weights), self.velocity, self.learning_rate,
