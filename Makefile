@@ -48,7 +48,7 @@ endif
 
 # keys Airflow's components must share; generated once per checkout (mode 600), never committed
 var/secrets.env: $(VENV)/.installed
-	$(BIN)/python -m lepton_tasks.home
+	$(BIN)/python -m lepton_tasks.tools.airflow_home
 
 # `lepton run` migrates the Airflow DB, loads var/secrets.env and finds Airflow beside itself (works from cron too)
 run: setup

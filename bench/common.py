@@ -144,7 +144,7 @@ class TreeMemory:
                     key = (pid, fields[19].decode())
                     if self.clusters and key not in is_cluster:
                         with open(f"/proc/{name}/cmdline", "rb") as cmdline:
-                            is_cluster[key] = b"lepton_tasks.cluster" in cmdline.read()
+                            is_cluster[key] = b"lepton_tasks.infra.cluster" in cmdline.read()
                     if is_cluster.get(key):
                         clusters.append(pid)
                 except (OSError, IndexError, ValueError):
@@ -180,7 +180,7 @@ def shared_cluster() -> Iterator[str]:
     stage run in the block, as `make up` gives the DAGs: runs compared on their results pay no cluster start."""
     from distributed import LocalCluster
 
-    from lepton_tasks.cluster import worker_config
+    from lepton_tasks.infra.cluster import worker_config
 
     with worker_config(), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
@@ -210,13 +210,13 @@ def write_parquet(table, path: Path) -> None:
     and baseline read the same files."""
     import pyarrow.parquet as pq
 
-    from lepton_tasks.storage import parquet_dictionary_columns
+    from lepton_tasks.core.storage import parquet_dictionary_columns
 
     pq.write_table(table, path, use_dictionary=parquet_dictionary_columns(table.schema))
 
 
 def classification_spec(features: int = 8):
-    from lepton_tasks.specs import PipelineSpec
+    from lepton_tasks.config.specs import PipelineSpec
 
     return PipelineSpec(name="bench", source={"uri": "bench", "format": "parquet"},
                         features={f"f{i}": "numeric" for i in range(features)},
@@ -226,7 +226,7 @@ def classification_spec(features: int = 8):
 def mnist_frame(rows: int, seed: int = 42):
     """MNIST-1D rows: the package's 5000 generated rows, tiled (with small noise) up to `rows`. Tiled rows are
     near-copies of each other: fine for speed and memory, never for quality (see bench.quality.fresh_samples)."""
-    from lepton_tasks.demo_data import mnist1d_frame
+    from lepton_tasks.tools.demo_data import mnist1d_frame
 
     return _tiled(mnist1d_frame(min(rows, 5000), seed), rows, seed, keep=5000)
 
@@ -251,7 +251,7 @@ def write_mnist_parts(folder: Path, rows: int, rows_per_part: int = 500_000) -> 
     (generating MNIST-1D takes seconds a set; the data is for speed and memory, as `mnist_frame` says)."""
     import pyarrow as pa
 
-    from lepton_tasks.demo_data import mnist1d_frame
+    from lepton_tasks.tools.demo_data import mnist1d_frame
 
     folder.mkdir(parents=True, exist_ok=True)
     demo = mnist1d_frame(5000, 42)

@@ -48,8 +48,8 @@ import yaml
 
 from bench.common import RESULTS, Repeats, environ, interleaved, record, shared_cluster, write_json
 from bench.quality import FRESH_ROWS, _train, fresh_samples
-from lepton_tasks.config import EXPECTATIONS_DIR, PIPELINES_DIR, REPO_ROOT
-from lepton_tasks.models import evaluate, init_weights, load_checkpoint, load_model
+from lepton_tasks.config.settings import EXPECTATIONS_DIR, PIPELINES_DIR, REPO_ROOT
+from lepton_tasks.ml.models import evaluate, init_weights, load_checkpoint, load_model
 
 ROWS, SITES, ALPHA = 6000, 8, 0.3
 SEEDS = (42, 43, 44)
@@ -109,7 +109,7 @@ def two_labels_per_site(labels: np.ndarray, sites: int, seed: int) -> np.ndarray
 def sites_frame(rows: int, seed: int, poisoned: bool = False, split: str = "dirichlet_0.3"):
     """MNIST-1D rows with a label-skewed `site` column (`split`: Dirichlet(ALPHA) shares per label, or two labels
     per site); `poisoned`: POISONED_SITE's labels shuffled."""
-    from lepton_tasks.demo_data import mnist1d_frame
+    from lepton_tasks.tools.demo_data import mnist1d_frame
 
     frame = mnist1d_frame(rows, seed)
     labels = frame["label"].to_numpy()
@@ -156,7 +156,7 @@ def _use_data_root(work: Path, name: str, frame=None) -> Path:
 def prepared(work: Path, loaded, frame, conf: dict, name: str) -> Iterator[dict]:
     """The stages before train (ingest, validate, drift, shard) run once on `frame`: their manifests, for the runs
     of every strategy over the same shards (`stage_run(done=...)`); removed afterwards."""
-    from lepton_tasks import pipeline
+    from lepton_tasks.orchestration import pipeline
 
     data_root = _use_data_root(work, name, frame)
     try:
@@ -171,7 +171,7 @@ def stage_run(work: Path, loaded, frame, conf: dict, name: str, export: Path | N
     """The pipeline's stages up to merge on `frame` (or train and merge on the shards of `done`, from `prepared`):
     the merged model's accuracy on fresh samples, the train and merge stages' seconds, each shard's rows, and the
     epsilon each shard spent. `export`: also write what Flower needs to train the same thing there (`_export`)."""
-    from lepton_tasks import pipeline
+    from lepton_tasks.orchestration import pipeline
 
     data_root = _use_data_root(work, name, None if done else frame)
     ctx = pipeline.context(loaded, name, conf)
@@ -180,14 +180,14 @@ def stage_run(work: Path, loaded, frame, conf: dict, name: str, export: Path | N
     wall = time.perf_counter() - started
     shards, merged = manifests["shard"], manifests["merge"]
     shape = pipeline._shape(ctx, shards)
-    state, _ = load_checkpoint(Path(merged["merged_path"]), merged["merged_sha256"])
-    xt, yt = fresh_samples(shards["encoder"])
+    state, _ = load_checkpoint(Path(merged.merged_path), merged.merged_sha256)
+    xt, yt = fresh_samples(shards.encoder)
     result = {"accuracy": evaluate(load_model(shape, state), shape, xt, yt)["accuracy"],
               "train_merge_s": seconds["train"] + seconds["merge"], "cluster_s": seconds.get("cluster", 0.0),
               "wall_s": wall,
-              "shard_rows": {s["name"]: s["rows"] for s in shards["shards"]},
-              "epsilon": {c["shard"]: c["epsilon"] for c in manifests["train"]["rounds"][-1] if c.get("epsilon")},
-              "soup": merged.get("soup")}
+              "shard_rows": {s.name: s.rows for s in shards.shards},
+              "epsilon": {c["shard"]: c["epsilon"] for c in manifests["train"].final_round if c.get("epsilon")},
+              "soup": merged.soup}
     if export is not None:
         _export(manifests, shape, export)
     shutil.rmtree(data_root, ignore_errors=True)
@@ -198,27 +198,27 @@ def _export(manifests: dict, shape, out: Path) -> None:
     """The run's shards, encoded as it trained on them, its initial weights and model shape, for Flower."""
     from safetensors.torch import save_file
 
-    from lepton_tasks.train import load_xy
+    from lepton_tasks.ml.tensors import load_xy
 
     out.mkdir(parents=True, exist_ok=True)
     shards = manifests["shard"]
     paths = []
-    for info in shards["shards"]:
-        x, y = load_xy(info["files"], shards["encoder"])
-        paths.append(str(out / f"{info['name']}.safetensors"))
+    for info in shards.shards:
+        x, y = load_xy(info.files, shards.encoder)
+        paths.append(str(out / f"{info.name}.safetensors"))
         save_file({"x": x, "y": y}, paths[-1])
-    shutil.copy(manifests["train"]["init"]["path"], out / "init.safetensors")
+    shutil.copy(manifests["train"].init["path"], out / "init.safetensors")
     (out / "run.json").write_text(json.dumps({"shards": paths, "init": str(out / "init.safetensors"),
-                                              "shape": asdict(shape), "encoder": shards["encoder"]}))
+                                              "shape": asdict(shape), "encoder": shards.encoder}))
 
 
 def central(loaded, frame, conf: dict, seed: int) -> float:
     """Central training of every non-held-out row (as the shard stage holds out) from the same initialisation for
     rounds x local epochs, scored on the same fresh samples."""
-    from lepton_tasks.config import parse_params
-    from lepton_tasks.features import fit, partition_stats
-    from lepton_tasks.shard import held_out_mask
-    from lepton_tasks.train import model_shape
+    from lepton_tasks.config.settings import parse_params
+    from lepton_tasks.ml.features import fit, partition_stats
+    from lepton_tasks.ml.tensors import model_shape
+    from lepton_tasks.stages.shard import held_out_mask
 
     params = parse_params({**conf, "seed": seed}, loaded.spec.run_defaults())
     training = frame[~held_out_mask(np.arange(len(frame)), seed, params.eval_fraction)]
@@ -235,7 +235,7 @@ def central(loaded, frame, conf: dict, seed: int) -> float:
 @contextmanager
 def sites_pipeline(work: Path):
     """The sites spec loaded, and one 2-worker Dask cluster (Lepton's worker settings) every stage run uses."""
-    from lepton_tasks.specs import find_spec
+    from lepton_tasks.config.specs import find_spec
 
     pipelines, expectations = write_sites_spec(work / "spec")
     # put back afterwards: the benchmarks after this one read the bundled specs
@@ -279,7 +279,7 @@ def _scenarios(work: Path, loaded, seeds) -> dict:
 
 def plot(detail: dict, path: Path) -> Path:
     """Median fresh-sample accuracy per strategy, one panel per scenario, every seed as a dot."""
-    from lepton_tasks.plots import _pyplot, _save
+    from lepton_tasks.ml.plots import _pyplot, _save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(detail["runs"]), figsize=(13, 4))
@@ -298,9 +298,9 @@ def plot(detail: dict, path: Path) -> Path:
 def _flower_run(conf: dict, out: Path) -> dict:
     """One strategy's run for `flower_app.py`, with Lepton's resolved settings for `conf`: the strategy, its local
     optimizer and learning rate, its server hyperparameters."""
-    from lepton_tasks.config import RunParams
-    from lepton_tasks.strategies import for_params
-    from lepton_tasks.strategies.fedadam import ADAM_BETA2, ADAM_TAU
+    from lepton_tasks.config.settings import RunParams
+    from lepton_tasks.ml.strategies import for_params
+    from lepton_tasks.ml.strategies.fedadam import ADAM_BETA2, ADAM_TAU
 
     params = RunParams(source_uri="bench", **{k: v for k, v in conf.items() if k in RunParams.model_fields})
     strategy = for_params(params)
@@ -314,7 +314,7 @@ def _flower_run(conf: dict, out: Path) -> dict:
 def _flower_many(work: Path, run: Path, conf: dict, runs: list[dict], name: str) -> tuple[float, list[float]]:
     """Flower trains what the Lepton run exported to `run`, once per entry of `runs` (`_flower_run`), in one
     simulation; its seconds and each final model's accuracy on the fresh samples."""
-    from lepton_tasks.train import model_shape
+    from lepton_tasks.ml.tensors import model_shape
 
     exported = json.loads((run / "run.json").read_text())
     job = {**exported, "runs": runs, "rounds": conf["merge_rounds"], "local_epochs": conf["local_epochs"],
@@ -389,7 +389,7 @@ def flower_side_by_side(work: Path, seed: int = SEEDS[0]) -> tuple[dict, dict]:
 def _parity_conf(extra: dict, seed: int, base: dict = BASE_CONF) -> dict:
     """The bench's run params for one strategy over `base`: its local optimizer (`extra`'s, else its paper's:
     `auto`), that optimizer's rate."""
-    from lepton_tasks.config import RunParams
+    from lepton_tasks.config.settings import RunParams
 
     optimizer = RunParams(source_uri="bench", **extra).optimizer
     return {**base, **extra, "seed": seed, "learning_rate": LEARNING_RATE[optimizer]}

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx
 from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
-from lepton_tasks.models import ModelShape, build_model, load_checkpoint, loss_fn, save_checkpoint
+from lepton_tasks.ml.models import ModelShape, build_model, load_checkpoint, loss_fn, save_checkpoint
 
 JOB = json.loads(Path(sys.argv[1]).read_text()) if __name__ == "__main__" else {}
 client = ClientApp()

@@ -28,10 +28,10 @@ def shard_stage(parts_dir: Path, out_dir: Path, shards: int) -> dict:
     preload finished (the setup task starts it beside ingest; at this size ingest, validate and drift take tens of
     seconds). The cluster's start, and its start with the preload, are reported beside the stage's seconds."""
     from bench.common import classification_spec
-    from lepton_tasks import dask_preload
-    from lepton_tasks.cluster import dask_client
-    from lepton_tasks.config import Settings
-    from lepton_tasks.shard import shard
+    from lepton_tasks.config.settings import Settings
+    from lepton_tasks.infra.cluster import dask_client
+    from lepton_tasks.orchestration import worker_preload
+    from lepton_tasks.stages.shard import shard
 
     parts = sorted(str(p) for p in parts_dir.glob("*.parquet"))
     settings = Settings(out_dir.parent, None, None, 2)
@@ -39,7 +39,7 @@ def shard_stage(parts_dir: Path, out_dir: Path, shards: int) -> dict:
     starting = time.perf_counter()
     with dask_client(settings, 2) as client:
         cluster_start_s = time.perf_counter() - starting
-        assert all(client.run(dask_preload.preloaded, 120).values())
+        assert all(client.run(worker_preload.preloaded, 120).values())
         started = time.perf_counter()
         manifest = shard(parts, out_dir, shards, EVAL_FRACTION, SEED, classification_spec(), client)
         seconds = time.perf_counter() - started
@@ -52,7 +52,7 @@ def _load_airflow() -> float:
     process without it. The process that runs the stage in a DAG, an Airflow task, has it loaded: the probe
     loads it before its clock starts and reports its seconds apart (1.2 s here: more than half the start of the
     cluster itself)."""
-    from lepton_tasks.config import DASK_CONN_ID, airflow_connection
+    from lepton_tasks.infra.connections import DASK_CONN_ID, airflow_connection
 
     started = time.perf_counter()
     airflow_connection(DASK_CONN_ID)
@@ -84,9 +84,9 @@ def _mnist_setup(files: list[str], epochs: int):
     """The MNIST-1D spec's encoder (fitted on the first shard) and the run params both train probes use."""
     import pandas as pd
 
-    from lepton_tasks.config import RunParams
-    from lepton_tasks.features import fit, partition_stats
-    from lepton_tasks.specs import find_spec
+    from lepton_tasks.config.settings import RunParams
+    from lepton_tasks.config.specs import find_spec
+    from lepton_tasks.ml.features import fit, partition_stats
 
     spec = find_spec("lepton_mnist1d").spec
     encoder = fit(spec, partition_stats(pd.read_parquet(files[0]), spec))
@@ -98,21 +98,23 @@ def train_stage(out_dir: Path, epochs: int, files: list[str]) -> dict:
     """The train stage over `files` (one shard each) on a fresh 2-worker cluster."""
     import pyarrow.parquet as pq
 
-    from lepton_tasks.cluster import dask_client
-    from lepton_tasks.config import Settings
-    from lepton_tasks.storage import sha256_files
-    from lepton_tasks.train import model_shape, train
+    from lepton_tasks.config.settings import Settings
+    from lepton_tasks.core.storage import sha256_files
+    from lepton_tasks.data.manifests import ShardInfo
+    from lepton_tasks.infra.cluster import dask_client
+    from lepton_tasks.ml.tensors import model_shape
+    from lepton_tasks.stages.train import train
 
     encoder, params = _mnist_setup(files, epochs)
     shape = model_shape(encoder, params.model_kind, params.hidden_size)
-    infos = [{"name": f"shard-{i:03d}", "files": [f], "rows": pq.ParquetFile(f).metadata.num_rows,
-              "sha256": sha256_files([f])} for i, f in enumerate(files)]
-    from lepton_tasks import dask_preload
+    infos = [ShardInfo(f"shard-{i:03d}", [f], pq.ParquetFile(f).metadata.num_rows, {}, sha256_files([f]))
+             for i, f in enumerate(files)]
+    from lepton_tasks.orchestration import worker_preload
 
     starting = time.perf_counter()
     with dask_client(Settings(out_dir, None, None, 2), len(files)) as client:
         # the workers' imports (their preload thread) end before train, as during a run's stages before it
-        assert all(client.run(dask_preload.preloaded, 120).values())
+        assert all(client.run(worker_preload.preloaded, 120).values())
         started = time.perf_counter()
         manifest = train(infos, encoder.to_dict(), shape, params, out_dir, client)
         seconds = time.perf_counter() - started
@@ -130,7 +132,7 @@ def _train_one_shard(path: str, out_file: str, feature_columns: list[str], targe
     import torch
     from safetensors.torch import save_file
 
-    from lepton_tasks.models import build_model
+    from lepton_tasks.ml.models import build_model
 
     torch.set_num_threads(threads)
     frame = pd.read_parquet(path)
@@ -150,7 +152,7 @@ def _train_one_shard(path: str, out_file: str, feature_columns: list[str], targe
 
 
 def _warm_process(threads: int) -> None:
-    """A pool process's start: what a stage worker does as it starts (`lepton_tasks.dask_preload`)."""
+    """A pool process's start: what a stage worker does as it starts (`lepton_tasks.orchestration.worker_preload`)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -172,8 +174,8 @@ def train_script(out_dir: Path, epochs: int, files: list[str]) -> dict:
 
     import torch  # noqa: F401  (before the fork: the pool's processes share it)
 
-    from lepton_tasks.config import Settings
-    from lepton_tasks.train import model_shape
+    from lepton_tasks.config.settings import Settings
+    from lepton_tasks.ml.tensors import model_shape
 
     encoder, params = _mnist_setup(files, epochs)
     threads = Settings.from_env().train_threads

@@ -23,7 +23,7 @@ def _read_only(files: list[str]) -> None:
 
 
 def profile_bench(work: Path, rows: int = ROWS) -> tuple[dict, dict]:
-    from lepton_tasks.profile import profile_source
+    from lepton_tasks.data.source_profile import profile_source
 
     files = write_classification_parts(work / "source", rows, parts=20, features=40)
     pattern = str(work / "source" / "part-*.parquet")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from lepton_tasks.features import Encoder, fit, partition_stats
-from lepton_tasks.metrics import worsening
-from lepton_tasks.models import evaluate, init_weights, load_checkpoint, load_model, loss_fn
-from lepton_tasks.train import load_xy, model_shape
+from lepton_tasks.ml.features import Encoder, fit, partition_stats
+from lepton_tasks.ml.metrics import worsening
+from lepton_tasks.ml.models import evaluate, init_weights, load_checkpoint, load_model, loss_fn
+from lepton_tasks.ml.tensors import load_xy, model_shape
 
 FRESH_SEED = 1_000_003  # held-out samples: a generator seed no benchmark trains on
 TRAIN_ROWS, FRESH_ROWS = 4000, 2000
@@ -22,7 +22,7 @@ TRAIN_ROWS, FRESH_ROWS = 4000, 2000
 
 def fresh_samples(encoder: Encoder | dict, rows: int = FRESH_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """`rows` newly generated MNIST-1D samples, encoded as the model's input."""
-    from lepton_tasks.demo_data import mnist1d_frame
+    from lepton_tasks.tools.demo_data import mnist1d_frame
 
     encoder = Encoder.from_dict(encoder) if isinstance(encoder, dict) else encoder
     frame = mnist1d_frame(rows, FRESH_SEED)
@@ -56,8 +56,8 @@ def merge_vs_central(work: Path, loaded, seed: int) -> dict:
     """One run of the pipeline's stages up to merge (in process, on the Dask cluster it is given) over 4000 generated
     MNIST-1D rows with the spec's defaults and `seed`, vs central training of the same training rows (the shards'
     union) from the same initialisation for the same epochs (rounds x local epochs); both scored on fresh samples."""
-    from lepton_tasks import pipeline
-    from lepton_tasks.demo_data import mnist1d_frame
+    from lepton_tasks.orchestration import pipeline
+    from lepton_tasks.tools.demo_data import mnist1d_frame
 
     data_root = work / f"merge-{seed}"
     landing = data_root / "landing" / "mnist1d"
@@ -68,12 +68,12 @@ def merge_vs_central(work: Path, loaded, seed: int) -> dict:
     ctx = pipeline.context(loaded, f"merge-{seed}", {"seed": seed})
     manifests, seconds = pipeline.run_in_process(ctx, last="merge")
     shards, merged = manifests["shard"], manifests["merge"]
-    shape = model_shape(shards["encoder"], ctx.params.model_kind, ctx.params.hidden_size)
-    xt, yt = fresh_samples(shards["encoder"])
-    merged_state, _ = load_checkpoint(Path(merged["merged_path"]), merged["merged_sha256"])
+    shape = model_shape(shards.encoder, ctx.params.model_kind, ctx.params.hidden_size)
+    xt, yt = fresh_samples(shards.encoder)
+    merged_state, _ = load_checkpoint(Path(merged.merged_path), merged.merged_sha256)
     merged_score = evaluate(load_model(shape, merged_state), shape, xt, yt)
     torch.set_num_threads(1)
-    x, y = load_xy([f for s in shards["shards"] for f in s["files"]], shards["encoder"])
+    x, y = load_xy([f for s in shards.shards for f in s.files], shards.encoder)
     epochs = ctx.params.local_epochs * ctx.params.merge_rounds
     central_state = _train(shape, init_weights(shape, seed), x, y, epochs, ctx.params, seed)
     central_score = evaluate(load_model(shape, central_state), shape, xt, yt)

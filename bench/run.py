@@ -51,7 +51,7 @@ def machine() -> dict:
 
 
 def bench_merge(work) -> dict:
-    from lepton_tasks.specs import find_spec
+    from lepton_tasks.config.specs import find_spec
 
     loaded = find_spec("lepton_mnist1d")
     with shared_cluster():  # the seeds' runs are compared on accuracy, not time: one cluster start for all

@@ -128,7 +128,7 @@ def _pandas_on_parts(parts: list[str], suite: dict) -> bool:
 def _bare_gx(parts: list[str], suite: dict, upcast: bool) -> bool:
     """A bare GX 1.x validation of the suite on the parts read into one pandas frame (no data docs, no result
     file): the way a user would call GX by hand. `upcast`: float32 columns read as float64 first, which GX's
-    pandas `between` needs to be vectorised (the stage does the same, see lepton_tasks/validate.py)."""
+    pandas `between` needs to be vectorised (the stage does the same, see lepton_tasks/stages/validate.py)."""
     import great_expectations as gx
 
     frame = _read_parts(parts)
@@ -152,11 +152,11 @@ def validate_bench(work: Path, rows: int = VALIDATE_ROWS) -> tuple[dict, dict, d
     preloaded."""
     import pyarrow.parquet as pq
 
-    from lepton_tasks import dask_preload, dask_preload_validation
-    from lepton_tasks.cluster import start_run_cluster, stop_run_cluster
-    from lepton_tasks.config import DEFAULT_VALIDATE_MEMORY_BYTES, EXPECTATIONS_DIR, Settings
-    from lepton_tasks.storage import decoded_bytes
-    from lepton_tasks.validate import validate
+    from lepton_tasks.config.settings import DEFAULT_VALIDATE_MEMORY_BYTES, EXPECTATIONS_DIR, Settings
+    from lepton_tasks.core.storage import decoded_bytes
+    from lepton_tasks.infra.cluster import start_run_cluster, stop_run_cluster
+    from lepton_tasks.orchestration import worker_preload, worker_preload_validation
+    from lepton_tasks.stages.validate import validate
 
     suite_file = EXPECTATIONS_DIR / "mnist1d.json"
     suite = json.loads(suite_file.read_text())
@@ -197,8 +197,8 @@ def validate_bench(work: Path, rows: int = VALIDATE_ROWS) -> tuple[dict, dict, d
             with Client(cluster["address"], timeout="60s") as client:
                 client.wait_for_workers(2)
                 # its preload threads end during ingest in a run: before the clock here
-                assert all(client.run(dask_preload.preloaded, 120).values())
-                assert all(client.run(dask_preload_validation.preloaded, 120).values())
+                assert all(client.run(worker_preload.preloaded, 120).values())
+                assert all(client.run(worker_preload_validation.preloaded, 120).values())
                 cluster_starts.append(time.perf_counter() - started)
                 return stage(client, big)
         finally:
@@ -259,9 +259,9 @@ def compression_bench(work: Path) -> tuple[dict, dict, dict, dict]:
     generated ones), three times: the chosen variant's bytes against the fp32 PyTorch checkpoint, and its latency
     against ONNX Runtime fp32 of the same model, single row and batch of 256 (timed in turn, see compress)."""
     from bench.quality import fresh_samples, train_central
-    from lepton_tasks.compress import LATENCY_NOISE, compress
-    from lepton_tasks.models import save_checkpoint
-    from lepton_tasks.specs import find_spec
+    from lepton_tasks.config.specs import find_spec
+    from lepton_tasks.ml.models import save_checkpoint
+    from lepton_tasks.stages.compress import LATENCY_NOISE, compress
 
     loaded = find_spec("lepton_mnist1d")
     params = loaded.spec.run_defaults()

@@ -18,7 +18,7 @@ from itertools import count
 from pathlib import Path
 
 from bench.common import Repeats, TreeMemory, alternating, record, write_mnist_parts
-from tests.integration.airflow_env import AirflowEnv, unscheduled_specs
+from lepton_tasks.tools.airflow_env import AirflowEnv, unscheduled_specs
 
 DAG_ID = "lepton_mnist1d"
 # the 1M/10M runs: the same pipeline under its own name, experiment and registered model (no scoring DAG)

@@ -1,9 +1,10 @@
 """
 ### Lepton pipelines: one DAG per YAML spec in `dags/pipelines/`
 
-Each spec (see `lepton_tasks/specs.py`) becomes a DAG with the spec's name, schedule, owner and tags, and a
-trigger form whose defaults are the spec's values. Every task is one call into `lepton_tasks.pipeline`; every
-output lands under `{LEPTON_DATA_ROOT}/{dag_id}/{run_id}/{stage}/` and `report.json` sums it up.
+Each spec (see `lepton_tasks/config/specs.py`) becomes a DAG with the spec's name, schedule, owner and tags, and a
+trigger form whose defaults are the spec's values. The stages and their order come from the one graph,
+`lepton_tasks.orchestration.pipeline.GRAPH`; every task is one call into that module; every output lands under
+`{LEPTON_DATA_ROOT}/{dag_id}/{run_id}/{stage}/` and `report.json` sums it up.
 
 wait (deferred until the run's window of data has landed) → ingest → validate (Great Expectations) → drift
 (against the champion's data) → shard (Dask) → train (one model per shard on Dask workers, R rounds of the run's
@@ -21,14 +22,13 @@ A spec that does not validate becomes an import error naming its file and fields
 import pendulum
 from airflow.sdk import DAG, Asset, Param, dag, get_parsing_context, setup, task, teardown
 
-from lepton_tasks import notify, pipeline
-from lepton_tasks.config import airflow_param_specs
-from lepton_tasks.errors import SpecError
-from lepton_tasks.prebuilt import build_once
-from lepton_tasks.specs import LoadedSpec, load_all
-from lepton_tasks.wait import WaitForWindow
-
-MANIFEST = {"multiple_outputs": False}  # a task's manifest is one XCom value, not one per key (a call each)
+from lepton_tasks.config.settings import airflow_param_specs
+from lepton_tasks.config.specs import LoadedSpec, load_all
+from lepton_tasks.core.errors import SpecError
+from lepton_tasks.data.manifests import RegisterManifest
+from lepton_tasks.orchestration import notify, pipeline
+from lepton_tasks.orchestration.prebuilt import build_once
+from lepton_tasks.orchestration.wait import WaitForWindow
 
 # the first retry waits [core] default_task_retry_delay (30 s in airflow.cfg; a deployment or test may set its own)
 DEFAULT_ARGS = {
@@ -45,9 +45,19 @@ def assets(loaded: LoadedSpec) -> tuple[Asset, Asset]:
             Asset(name=f"{spec.name}.champion", uri=spec.champion_asset_uri))
 
 
+def stage_task(stage: pipeline.Stage, loaded: LoadedSpec, outlets: list[Asset]):
+    """The task of one stage of `pipeline.GRAPH`: its manifest is one XCom value, typed on either side of it."""
+
+    def run(*upstream: dict, **context) -> dict:
+        return pipeline.run_task(stage, loaded, context, upstream)
+
+    return task(run, task_id=stage.name, multiple_outputs=False, outlets=outlets, doc_md=stage.doc)
+
+
 def build(loaded: LoadedSpec) -> DAG:
     spec = loaded.spec
     validated_data, champion_model = assets(loaded)
+    outlets = {"validated_data": [validated_data]}
 
     @dag(
         dag_id=spec.name,
@@ -66,14 +76,8 @@ def build(loaded: LoadedSpec) -> DAG:
                              doc_md="Wait for every day of the run's window (params.window_days ending with `ds`) "
                                     "to land; fail naming the missing day(s) after params.wait_timeout_minutes.")
 
-        @task(**MANIFEST)
-        def ingest(**context) -> dict:
-            """Copy the source (params.source_uri) into this run's immutable Parquet stage; row count, schema and
-            checksums in the manifest."""
-            return pipeline.ingest(pipeline.from_airflow(context, loaded))
-
         @setup
-        @task(**MANIFEST)
+        @task(multiple_outputs=False)
         def dask_cluster(**context) -> dict:
             """Start the run's Dask cluster (or name the external one): started once, used by validate, shard and
             train; a task whose cluster is gone starts its own."""
@@ -85,76 +89,26 @@ def build(loaded: LoadedSpec) -> DAG:
             """Stop the run's Dask cluster once train is done, whether the run succeeded or not."""
             pipeline.stop_cluster(run_cluster)
 
-        @task(outlets=[validated_data], **MANIFEST)
-        def validate(ingested: dict, **context) -> dict:
-            """Run the pipeline's Great Expectations suite; result JSON and HTML data docs in the run folder (extra
-            link *Data docs*). A failed expectation stops the run, naming it and its column. A stage too large for
-            memory is validated on the run's cluster, waited for only then."""
-            ctx = pipeline.from_airflow(context, loaded)
-            validated = pipeline.validate(ctx, ingested, lambda: pipeline.await_cluster(ctx))
-            context["outlet_events"][validated_data].extra = pipeline.validated_event(validated)
-            return validated
-
-        @task(**MANIFEST)
-        def drift(validated: dict, **context) -> dict:
-            """Compare the validated rows with the champion's data (PSI per feature and label; extra link *Drift
-            report*); over params.drift_max, notify, and stop here when params.drift_action is `fail`."""
-            return pipeline.drift(pipeline.from_airflow(context, loaded), validated,
-                                  lambda text: notify.send(spec, "drift", context, text))
-
-        @task(**MANIFEST)
-        def shard(validated: dict, drifted: dict, run_cluster: dict, **context) -> dict:
-            """Split the validated rows on Dask into stratified Parquet shards and a held-out split, with a
-            manifest (rows, label histograms, checksums); a warm start encodes with the champion's encoder."""
-            return pipeline.shard(pipeline.from_airflow(context, loaded), validated, drifted, run_cluster)
-
-        @task(**MANIFEST)
-        def train(shards: dict, run_cluster: dict, **context) -> dict:
-            """Train one model per shard on the Dask workers, round after round from the last merge; a retry
-            resumes from the checkpoints that exist (extra link *Dask dashboard*)."""
-            return pipeline.train(pipeline.from_airflow(context, loaded), shards, run_cluster)
-
-        @task(**MANIFEST)
-        def merge(shards: dict, trained: dict, **context) -> dict:
-            """The last round's global model (or a greedy soup); score it and the shard models on held-out rows."""
-            return pipeline.merge(pipeline.from_airflow(context, loaded), shards, trained)
-
-        @task(**MANIFEST)
-        def compress(shards: dict, merged: dict, **context) -> dict:
-            """Prune, export to ONNX, quantize to int8; keep the smallest variant within the tolerance."""
-            return pipeline.compress(pipeline.from_airflow(context, loaded), shards, merged)
-
-        @task(**MANIFEST)
-        def register(manifests: dict, **context) -> dict:
-            """Log the run to MLflow (one run per DAG run), register the model, move `candidate`, and `champion`
-            only if it is at least as good on the same held-out rows (extra links *MLflow run*, *model version*)."""
-            return pipeline.register(pipeline.from_airflow(context, loaded), manifests)
-
         @task(outlets=[champion_model], retries=0, on_success_callback=notify.notifiers(spec, "champion_change"))
         def publish_champion(registered: dict, **context) -> None:
             """Update the champion-model Asset when this run moved `champion`; skipped otherwise."""
             context["outlet_events"][champion_model].extra = pipeline.champion_event(
-                pipeline.from_airflow(context, loaded), registered)
+                pipeline.from_airflow(context, loaded), RegisterManifest.from_dict(registered))
 
         @task(trigger_rule="all_done", retries=0, on_failure_callback=notify.notifiers(spec, "failure"))
         def report(**context) -> str:
             """Write report.json from every stage's summary; fail the DAG run if a stage failed."""
             return pipeline.finish(pipeline.from_airflow(context, loaded))
 
-        ingested = ingest()
         run_cluster = dask_cluster()
-        wait >> [ingested, run_cluster]
-        validated = validate(ingested)  # beside the cluster's start, which it waits for only to partition
-        drifted = drift(validated)
-        shards = shard(validated, drifted, run_cluster)  # the validated rows (their clean part after a quarantine)
-        trained = train(shards, run_cluster)
-        trained >> stop_dask_cluster(run_cluster)
-        merged = merge(shards, trained)
-        compressed = compress(shards, merged)
-        registered = register({"ingest": ingested, "validate": validated, "drift": drifted, "shard": shards,
-                               "train": trained, "merge": merged, "compress": compressed})
-        publish_champion(registered)
-        registered >> report()  # beside publish_champion, not after it: the run ends a scheduling step sooner
+        done = {}
+        for stage in pipeline.GRAPH:  # ingest → validate → drift → shard → train → merge → compress → register
+            upstream = [done[name] for name in stage.inputs] + ([run_cluster] if stage.cluster == "after" else [])
+            done[stage.name] = stage_task(stage, loaded, outlets[stage.outlet] if stage.outlet else [])(*upstream)
+        wait >> [done["ingest"], run_cluster]  # validate runs beside the cluster's start, awaited only to partition
+        done["train"] >> stop_dask_cluster(run_cluster)
+        publish_champion(done["register"])
+        done["register"] >> report()  # beside publish_champion, not after it: the run ends a scheduling step sooner
 
     return lepton_pipeline()
 

@@ -11,8 +11,8 @@ count and the prediction distribution to an MLflow run in the pipeline's experim
 import pendulum
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 
-from lepton_tasks import pipeline
-from lepton_tasks.specs import LoadedSpec, load_all
+from lepton_tasks.config.specs import LoadedSpec, load_all
+from lepton_tasks.orchestration import pipeline
 
 
 def build(loaded: LoadedSpec) -> DAG:

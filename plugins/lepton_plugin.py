@@ -15,9 +15,9 @@ from airflow.sdk import BaseOperatorLink
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse
 
-from lepton_tasks import links
-from lepton_tasks.config import Settings
-from lepton_tasks.executor import TaskEndListener
+from lepton_tasks.config.settings import Settings
+from lepton_tasks.orchestration import result_links as links
+from lepton_tasks.orchestration.executor import TaskEndListener
 
 LEPTON_TAG = "lepton"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lepton_tasks.config import PIPELINES_DIR
-from lepton_tasks.demo_data import mnist1d_frame
-from lepton_tasks.specs import load_spec
+from lepton_tasks.config.settings import PIPELINES_DIR
+from lepton_tasks.config.specs import load_spec
+from lepton_tasks.tools.demo_data import mnist1d_frame
 
 MNIST_SPEC = load_spec(PIPELINES_DIR / "lepton_mnist1d.yaml")
 HOUSE_SPEC = load_spec(PIPELINES_DIR / "lepton_house_prices.yaml")
@@ -48,7 +48,7 @@ def mnist_frame(rows: int = 600, seed: int = 7) -> pd.DataFrame:
 
 def encoder_for(frame: pd.DataFrame, loaded=MNIST_SPEC):
     """The feature encoder a pipeline fits on `frame` (as the shard stage does on its training rows)."""
-    from lepton_tasks.features import fit, partition_stats
+    from lepton_tasks.ml.features import fit, partition_stats
 
     return fit(loaded.spec, partition_stats(frame, loaded.spec))
 
@@ -67,7 +67,7 @@ def dask_client():
     per test module: kept for the whole session, an idle cluster costs about a tenth of a core for the rest of it."""
     from distributed import Client, LocalCluster
 
-    from lepton_tasks.cluster import worker_config
+    from lepton_tasks.infra.cluster import worker_config
 
     with worker_config(), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
@@ -77,7 +77,7 @@ def dask_client():
 
 def has_gpu() -> bool:
     """Whether torch itself can use a CUDA device (not merely whether the driver reports one)."""
-    from lepton_tasks.cluster import gpu_count
+    from lepton_tasks.infra.cluster import gpu_count
 
     return gpu_count() > 0
 

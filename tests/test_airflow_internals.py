@@ -1,7 +1,8 @@
-"""The private Airflow API that the preloading executor and the prebuilt DAGs use (`lepton_tasks.airflow_internals`)
-is still there in the installed Airflow: an upgrade that changes it fails here, naming what changed."""
+"""The private Airflow API that the preloading executor and the prebuilt DAGs use
+(`lepton_tasks.orchestration.airflow_internals`) is still there in the installed Airflow: an upgrade that changes
+it fails here, naming what changed."""
 
-from lepton_tasks.airflow_internals import WorkSentHook, problems, result_queue_reader
+from lepton_tasks.orchestration.airflow_internals import WorkSentHook, problems, result_queue_reader
 
 
 def test_the_installed_airflow_still_has_every_private_api_lepton_uses():
@@ -27,7 +28,7 @@ def test_the_work_sent_hook_hears_each_batch_that_local_executor_hands_its_worke
 def test_the_result_queue_reader_is_what_a_worker_result_arrives_on(monkeypatch):
     from multiprocessing.connection import wait
 
-    from lepton_tasks.executor import PreloadingLocalExecutor
+    from lepton_tasks.orchestration.executor import PreloadingLocalExecutor
 
     monkeypatch.setenv("LEPTON_PRELOAD_MODULES", "")  # nothing to preload: the queue is what is tested
     executor = PreloadingLocalExecutor(parallelism=1)

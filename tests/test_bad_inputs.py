@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lepton_tasks import pipeline
-from lepton_tasks.specs import parse_spec
-from lepton_tasks.storage import read_json
+from lepton_tasks.config.specs import parse_spec
+from lepton_tasks.core.storage import read_json
+from lepton_tasks.orchestration import pipeline
 from tests.conftest import MNIST_SPEC, mnist_frame
 
 # the MNIST-1D pipeline, reading any format (its bundled spec reads Parquet only)

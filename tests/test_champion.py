@@ -2,7 +2,7 @@
 
 import json
 
-from lepton_tasks.champion import SNAPSHOT, snapshot
+from lepton_tasks.ml.champion import SNAPSHOT, snapshot
 
 SAVED = {"model_name": "m", "version": "3", "mlflow_run_id": "r", "weights": "w", "encoder": "e",
          "params": {"hidden_size": "16"}, "profile": None}
@@ -27,8 +27,8 @@ def test_a_snapshot_written_before_unusable_champions_were_recorded_still_reads(
 
 def test_a_champion_fits_a_warm_start_only_with_the_same_columns_classes_and_model(tmp_path):
     """`unfit_reason` decides the warm start: the champion's own encoder and run params against this run's."""
-    from lepton_tasks.champion import ChampionSnapshot
-    from lepton_tasks.config import RunParams
+    from lepton_tasks.config.settings import RunParams
+    from lepton_tasks.ml.champion import ChampionSnapshot
     from tests.conftest import MNIST_SPEC, encoder_for, mnist_frame
 
     encoder = tmp_path / "encoder.json"

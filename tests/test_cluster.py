@@ -6,13 +6,13 @@ import os
 
 import pytest
 
-from lepton_tasks.cluster import dask_client, gpu_count, make_local_cluster
-from lepton_tasks.config import Settings
+from lepton_tasks.config.settings import Settings
+from lepton_tasks.infra.cluster import dask_client, gpu_count, make_local_cluster
 
 
 @pytest.mark.skipif(gpu_count() > 0, reason="covered by tests/test_gpu.py")
 def test_without_a_gpu_torch_can_use_the_cpu_cluster_is_sized_by_cores_and_logged(caplog):
-    with caplog.at_level(logging.INFO, logger="lepton_tasks.cluster"):
+    with caplog.at_level(logging.INFO, logger="lepton_tasks.infra.cluster"):
         cluster, kind = make_local_cluster((os.cpu_count() or 1) + 6, 1)
         workers = len(cluster.workers)
         cluster.close()
@@ -31,7 +31,7 @@ def test_dask_client_starts_and_stops_a_cluster_process(tmp_path):
 
 def test_a_stages_own_error_is_not_taken_for_a_cluster_fault():
     """A task's missing file is an OSError too: it must fail at once, not be retried as if the scheduler had gone."""
-    from lepton_tasks.cluster import recovering
+    from lepton_tasks.infra.cluster import recovering
 
     calls = []
 
@@ -62,7 +62,7 @@ def _logged(caplog, capsys) -> str:
 def test_the_run_cluster_is_shared_kept_by_a_retry_stopped_by_teardown(tmp_path, caplog, capsys):
     from concurrent.futures import ThreadPoolExecutor
 
-    from lepton_tasks.cluster import await_run_cluster, start_run_cluster, stop_run_cluster
+    from lepton_tasks.infra.cluster import await_run_cluster, start_run_cluster, stop_run_cluster
 
     settings = Settings(tmp_path, None, None, None)
     with ThreadPoolExecutor(1) as beside:  # a task beside the setup task (validate) waits for the cluster to answer
@@ -72,7 +72,7 @@ def test_the_run_cluster_is_shared_kept_by_a_retry_stopped_by_teardown(tmp_path,
     try:
         assert run_cluster["n_workers"] == min(2, os.cpu_count()) and _answers(run_cluster["address"])
         for _ in range(2):  # two tasks, one cluster: no start-up of their own
-            with caplog.at_level(logging.INFO, logger="lepton_tasks.cluster"), \
+            with caplog.at_level(logging.INFO, logger="lepton_tasks.infra.cluster"), \
                     dask_client(settings, 2, run_cluster) as client:
                 assert client.scheduler.address == run_cluster["address"]
                 assert client.submit(lambda x: x + 1, 41).result() == 42
@@ -90,12 +90,13 @@ def test_the_run_cluster_is_shared_kept_by_a_retry_stopped_by_teardown(tmp_path,
 def test_a_task_whose_run_cluster_was_killed_starts_its_own(tmp_path, caplog, capsys):
     import signal
 
-    from lepton_tasks.cluster import start_run_cluster
+    from lepton_tasks.infra.cluster import start_run_cluster
 
     settings = Settings(tmp_path, None, None, None)
     run_cluster = start_run_cluster(settings, tmp_path / "cluster", 1)
     os.killpg(run_cluster["pid"], signal.SIGKILL)  # scheduler, nanny and worker: the whole session
-    with caplog.at_level(logging.INFO, logger="lepton_tasks.cluster"), dask_client(settings, 1, run_cluster) as client:
+    with (caplog.at_level(logging.INFO, logger="lepton_tasks.infra.cluster"),
+          dask_client(settings, 1, run_cluster) as client):
         assert client.scheduler.address != run_cluster["address"]
         assert client.submit(lambda x: x * 2, 21).result() == 42
     logged = _logged(caplog, capsys)
@@ -104,7 +105,7 @@ def test_a_task_whose_run_cluster_was_killed_starts_its_own(tmp_path, caplog, ca
     try:
         assert again["pid"] != run_cluster["pid"] and _answers(again["address"])
     finally:
-        from lepton_tasks.cluster import stop_run_cluster
+        from lepton_tasks.infra.cluster import stop_run_cluster
 
         stop_run_cluster(again)
 
@@ -115,8 +116,8 @@ def test_a_run_cluster_whose_teardown_never_came_stops_itself_when_idle(tmp_path
     import time
 
     scheduler_file = tmp_path / "scheduler.json"
-    process = subprocess.Popen([sys.executable, "-m", "lepton_tasks.cluster", "--scheduler-file", str(scheduler_file),
-                                "--workers", "1", "--idle-timeout", "2"], start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-m", "lepton_tasks.infra.cluster", "--scheduler-file",
+                                str(scheduler_file), "--workers", "1", "--idle-timeout", "2"], start_new_session=True)
     try:
         started = time.monotonic()
         assert process.wait(timeout=60) == 0 and scheduler_file.exists()
@@ -128,8 +129,8 @@ def test_a_run_cluster_whose_teardown_never_came_stops_itself_when_idle(tmp_path
 SETUP_TASK = """
 import json, sys
 from pathlib import Path
-from lepton_tasks.cluster import start_run_cluster
-from lepton_tasks.config import Settings
+from lepton_tasks.infra.cluster import start_run_cluster
+from lepton_tasks.config.settings import Settings
 print(json.dumps(start_run_cluster(Settings(Path(sys.argv[1]), None, None, None), Path(sys.argv[1]) / "cluster", 1)))
 """
 
@@ -142,7 +143,7 @@ def test_the_run_cluster_outlives_the_setup_task_without_holding_its_standard_st
     import subprocess
     import sys
 
-    from lepton_tasks.cluster import stop_run_cluster
+    from lepton_tasks.infra.cluster import stop_run_cluster
 
     ours, the_tasks = socket.socketpair()
     task = subprocess.Popen([sys.executable, "-c", SETUP_TASK, str(tmp_path)], stdin=the_tasks, stdout=the_tasks,
@@ -173,9 +174,9 @@ def test_a_run_whose_validation_will_be_partitioned_gets_workers_that_imported_g
     validation is done they are restarted without it."""
     from distributed import Client
 
-    from lepton_tasks import pipeline
-    from lepton_tasks.cluster import restart_without_validation, stop_run_cluster
-    from lepton_tasks.specs import find_spec
+    from lepton_tasks.config.specs import find_spec
+    from lepton_tasks.infra.cluster import restart_without_validation, stop_run_cluster
+    from lepton_tasks.orchestration import pipeline
     from tests.conftest import mnist_frame
 
     monkeypatch.setenv("LEPTON_DATA_ROOT", str(tmp_path))
@@ -192,12 +193,12 @@ def test_a_run_whose_validation_will_be_partitioned_gets_workers_that_imported_g
     run_cluster = pipeline.start_cluster(small_budget)
     try:
         with Client(run_cluster["address"], timeout="60s") as client:
-            from lepton_tasks import dask_preload, dask_preload_validation
+            from lepton_tasks.orchestration import worker_preload, worker_preload_validation
 
             # on threads of their own: the workers answered before the imports finished
-            assert set(client.run(dask_preload.preloaded, 120).values()) == {True}
-            assert set(client.run(dask_preload_validation.preloaded, 120).values()) == {True}
-            assert _imported(client, "torch") == _imported(client, "lepton_tasks.train") == {True}
+            assert set(client.run(worker_preload.preloaded, 120).values()) == {True}
+            assert set(client.run(worker_preload_validation.preloaded, 120).values()) == {True}
+            assert _imported(client, "torch") == _imported(client, "lepton_tasks.stages.train") == {True}
             assert _imported(client, "great_expectations") == {True}
 
             # validation done (`pipeline.validate` on the run's own cluster): the workers start again without GX
@@ -205,7 +206,7 @@ def test_a_run_whose_validation_will_be_partitioned_gets_workers_that_imported_g
             restart_without_validation(client)
             restarted = set(client.run(os.getpid).values())
             assert len(restarted) == 2 and not restarted & validating, "the same worker processes"
-            assert set(client.run(dask_preload.preloaded, 120).values()) == {True}
+            assert set(client.run(worker_preload.preloaded, 120).values()) == {True}
             assert _imported(client, "torch") == {True} and _imported(client, "great_expectations") == {False}
     finally:
         stop_run_cluster(run_cluster)
@@ -215,7 +216,7 @@ def test_a_stage_gives_the_memory_its_partitions_freed_back_to_the_os(tmp_path):
     """Arrow's pool keeps what a finished task freed (a few hundred MB here without the release);
     `release_worker_memory`, which shard calls on its workers before train loads its shards there,
     gives it back. (The functions are nested: the workers cannot import this test module.)"""
-    from lepton_tasks.cluster import release_worker_memory
+    from lepton_tasks.infra.cluster import release_worker_memory
 
     def worker_rss() -> int:
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

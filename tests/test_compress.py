@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lepton_tasks.compress import compress, prune_global, tradeoff_table
-from lepton_tasks.models import ModelShape, build_model, init_weights, save_checkpoint
+from lepton_tasks.ml.models import ModelShape, build_model, init_weights, save_checkpoint
+from lepton_tasks.stages.compress import compress, prune_global
 from tests.conftest import encoder_for, mnist_frame
 
 
@@ -13,7 +13,7 @@ def test_global_pruning_zeroes_the_asked_fraction():
 
 
 def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(tmp_path):
-    from lepton_tasks.train import load_xy
+    from lepton_tasks.ml.tensors import load_xy
 
     shape = ModelShape("mlp", 40, 10, 64)
     merged = tmp_path / "merged.safetensors"
@@ -35,7 +35,7 @@ def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(t
     for v in manifest.variants:  # every other variant says which rule it failed
         assert v is chosen or any(word in v.verdict for word in ("tolerance", "slower", "larger"))
     assert (tmp_path / "c" / "model.onnx").exists()
-    table = tradeoff_table(manifest.to_dict())
+    table = manifest.tradeoff_table()
     assert table["name"][0] == "pytorch_fp32" and len(table["verdict"]) == len(manifest.variants) + 1
 
 
@@ -43,7 +43,7 @@ def test_scoring_a_large_split_runs_in_bounded_calls_with_the_same_outputs(tmp_p
     import numpy as np
     import onnxruntime as ort
 
-    from lepton_tasks import compress as stage
+    from lepton_tasks.stages import compress as stage
 
     shape = ModelShape("mlp", 40, 10, 64)
     path = stage.export_onnx(build_model(shape), 40, tmp_path / "fp32.onnx")
@@ -69,7 +69,7 @@ def test_the_pruned_variant_is_the_pruned_models_own_export(tmp_path, kind, task
     import torch
     from onnx import numpy_helper
 
-    from lepton_tasks import compress as stage
+    from lepton_tasks.stages import compress as stage
 
     shape = ModelShape(kind, 40, 10 if task == "classification" else 1, 16, task, 3.0, 2.0)
     dense = build_model(shape).eval()

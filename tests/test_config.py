@@ -1,7 +1,7 @@
 import pytest
 
-from lepton_tasks.config import RunParams, airflow_param_specs, parse_params
-from lepton_tasks.errors import BadParam
+from lepton_tasks.config.settings import RunParams, airflow_param_specs, parse_params
+from lepton_tasks.core.errors import BadParam
 
 DEFAULTS = RunParams(source_uri="landing/x/")
 

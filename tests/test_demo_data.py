@@ -3,9 +3,9 @@ day, whatever today is."""
 
 import datetime as dt
 
-from lepton_tasks import pipeline
-from lepton_tasks.demo_data import SENSOR_FIRST_DAY, ensure_example_data
-from lepton_tasks.specs import find_spec
+from lepton_tasks.config.specs import find_spec
+from lepton_tasks.orchestration import pipeline
+from lepton_tasks.tools.demo_data import SENSOR_FIRST_DAY, ensure_example_data
 
 
 def test_sensor_demo_data_reaches_today_and_a_default_run_of_today_reads_it(tmp_path, monkeypatch):
@@ -17,7 +17,7 @@ def test_sensor_demo_data_reaches_today_and_a_default_run_of_today_reads_it(tmp_
 
     ctx = pipeline.context(find_spec("lepton_sensors"), f"manual__{today}", {}, ds=today)  # the form's defaults
     assert pipeline.missing_days(ctx) == []
-    assert pipeline.ingest(ctx)["rows"] == 50
+    assert pipeline.ingest(ctx).rows == 50
 
 
 def test_topping_up_keeps_the_days_already_written(tmp_path):

@@ -5,12 +5,19 @@ import math
 
 import pytest
 
-from lepton_tasks.demo_data import make_sensor_day
-from lepton_tasks.drift import measure, profile, psi, verdict
-from lepton_tasks.specs import find_spec
+from lepton_tasks.config.specs import find_spec
+from lepton_tasks.ml.champion import ChampionSnapshot, Snapshot
+from lepton_tasks.stages.drift import DriftError, decide, measure, profile, psi, verdict
+from lepton_tasks.tools.demo_data import make_sensor_day
 
 SPEC = find_spec("lepton_sensors").spec
-REFERENCE = {"model_version": "7", "mlflow_run_id": "abc"}
+NO_CHAMPION = Snapshot(None)
+
+
+def _champion(profile_path) -> Snapshot:
+    """Champion version 7, as a run's snapshot holds it, with the data profile at `profile_path`."""
+    return Snapshot(ChampionSnapshot("lepton_sensors", "7", "abc", "merged.safetensors", "encoder.json", {},
+                                     str(profile_path)))
 
 
 def _day(tmp_path, day: str, change=None) -> list[str]:
@@ -31,13 +38,13 @@ def test_psi_is_zero_for_equal_shares_and_matches_the_formula():
 def test_the_same_process_on_another_day_is_stable_and_a_recalibrated_sensor_is_not(tmp_path):
     reference = tmp_path / "reference.json"
     reference.write_text(json.dumps(profile(_day(tmp_path, "2026-11-05"), SPEC)))
-    calm = measure(_day(tmp_path, "2026-11-06"), SPEC, tmp_path / "calm", reference, REFERENCE, 0.25, "warn")
+    calm = measure(_day(tmp_path, "2026-11-06"), SPEC, tmp_path / "calm", _champion(reference), 0.25, "warn")
     assert calm.max_psi < 0.1 and not calm.alarm and set(calm.columns) == {*SPEC.features, "fault"}
 
     def recalibrate(frame):
         frame["pressure_bar"] *= 1.35
 
-    moved = measure(_day(tmp_path, "2026-11-07", recalibrate), SPEC, tmp_path / "moved", reference, REFERENCE,
+    moved = measure(_day(tmp_path, "2026-11-07", recalibrate), SPEC, tmp_path / "moved", _champion(reference),
                     0.25, "fail")
     assert moved.alarm and moved.worst == "pressure_bar" and moved.max_psi > 1
     assert moved.columns["line"] < 0.1  # the categorical columns did not move
@@ -53,15 +60,45 @@ def test_a_new_category_and_a_moved_label_show_up(tmp_path):
         frame.loc[frame.index[:900], "line"] = "D"
         frame.loc[frame.index[:1500], "fault"] = 1
 
-    moved = measure(_day(tmp_path, "2026-11-06", new_line_and_more_faults), SPEC, tmp_path / "m", reference,
-                    REFERENCE, 0.25, "warn")
+    moved = measure(_day(tmp_path, "2026-11-06", new_line_and_more_faults), SPEC, tmp_path / "m",
+                    _champion(reference), 0.25, "warn")
     assert moved.columns["line"] > 0.25 and moved.columns["fault"] > 0.25
 
 
 def test_without_a_champion_profile_only_this_runs_profile_is_written(tmp_path):
-    first = measure(_day(tmp_path, "2026-11-05"), SPEC, tmp_path / "d", None, None, 0.25, "fail")
+    first = measure(_day(tmp_path, "2026-11-05"), SPEC, tmp_path / "d", NO_CHAMPION, 0.25, "fail")
     assert first.max_psi is None and not first.alarm and first.report_path is None
     assert (tmp_path / "d" / "profile.json").is_file() and "nothing to compare" in verdict(first)
+
+
+def test_the_drift_module_decides_warn_goes_on_and_fail_stops_with_the_verdict(tmp_path):
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps(profile(_day(tmp_path, "2026-11-05"), SPEC)))
+
+    def recalibrate(frame):
+        frame["pressure_bar"] *= 1.35
+
+    heard = []
+    for action in ("warn", "fail"):
+        moved = measure(_day(tmp_path, "2026-11-07", recalibrate), SPEC, tmp_path / action, _champion(reference),
+                        0.25, action)
+        if action == "warn":
+            decide(moved, heard.append)  # notified, the run goes on
+        else:
+            with pytest.raises(DriftError, match="stopped before training") as stopped:
+                decide(moved, heard.append)
+            assert stopped.value.figures["worst"] == "pressure_bar"  # the summary of a failed stage keeps them
+    assert len(heard) == 2 and all("pressure_bar" in message for message in heard)
+    calm = measure(_day(tmp_path, "2026-11-06"), SPEC, tmp_path / "calm", _champion(reference), 0.25, "fail")
+    decide(calm, heard.append)
+    assert len(heard) == 2  # within drift_max: nobody is told, nothing stops
+
+
+def test_an_unreadable_champion_is_said_and_nothing_is_compared(tmp_path):
+    found = Snapshot(None, "its encoder.json could not be read")
+    measured = measure(_day(tmp_path, "2026-11-05"), SPEC, tmp_path / "d", found, 0.25, "fail")
+    assert measured.champion is None and measured.champion_unusable == found.unusable
+    assert "training starts from scratch" in measured.note and measured.max_psi is None
 
 
 def _float64_shares(values, edges: list[float]) -> dict[str, float]:
@@ -81,7 +118,7 @@ def test_float32_columns_profile_and_bin_exactly_as_in_float64(seed):
     same values upcast (np.quantile's edges, and edges that no float32 can hold, values one step either side)."""
     import numpy as np
 
-    from lepton_tasks.drift import _profile_column, _shares_on
+    from lepton_tasks.stages.drift import _profile_column, _shares_on
 
     rng = np.random.default_rng(seed)
     values = rng.standard_normal(20_001).astype(np.float32) * np.float32(10.0 ** rng.integers(-3, 4))

@@ -13,8 +13,14 @@ import pytest
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
 
-from lepton_tasks import prebuilt
-from lepton_tasks.executor import STAGE_LIBRARIES, PreloadingLocalExecutor, TaskEndListener, preload, preload_modules
+from lepton_tasks.orchestration import prebuilt
+from lepton_tasks.orchestration.executor import (
+    STAGE_LIBRARIES,
+    PreloadingLocalExecutor,
+    TaskEndListener,
+    preload,
+    preload_modules,
+)
 
 
 def test_the_list_is_the_stage_libraries_unless_the_environment_says_otherwise(monkeypatch):
@@ -90,7 +96,7 @@ def test_an_idle_heartbeat_returns_as_soon_as_a_task_process_says_it_ended_befor
 def test_telling_never_blocks_nor_fails_a_task_process(monkeypatch):
     import os
 
-    from lepton_tasks import executor as module
+    from lepton_tasks.orchestration import executor as module
 
     monkeypatch.setattr(module, "_task_end_pipe", None)  # run by another executor, or by `airflow dags test`
     assert TaskEndListener().on_task_instance_failed(previous_state=None, task_instance=None, error=None) is None

@@ -1,5 +1,5 @@
 """Faults injected into real Dask workers, schedulers and processes: training survives, stops boundedly, or
-resumes, and the weights are bit-equal to a clean run's (the determinism policy in `lepton_tasks.train`)."""
+resumes, and the weights are bit-equal to a clean run's (the determinism policy in `lepton_tasks.stages.train`)."""
 
 from __future__ import annotations
 
@@ -10,33 +10,35 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from lepton_tasks.config import RunParams
-from lepton_tasks.errors import ClusterError, TrainingError
-from lepton_tasks.models import ModelShape, load_checkpoint
-from lepton_tasks.storage import sha256_files
-from lepton_tasks.train import PROGRESS_TOPIC, check_memory, train
+from lepton_tasks.config.settings import RunParams
+from lepton_tasks.core.errors import ClusterError, TrainingError
+from lepton_tasks.core.storage import sha256_files
+from lepton_tasks.data.manifests import ShardInfo
+from lepton_tasks.ml.models import ModelShape, load_checkpoint
+from lepton_tasks.stages.train import PROGRESS_TOPIC, check_memory, train
+from lepton_tasks.tools.airflow_env import free_port
 from tests.conftest import encoder_for, mnist_frame
-from tests.integration.airflow_env import free_port
 
 ENCODER = encoder_for(mnist_frame(300)).to_dict()
 SHAPE = ModelShape("mlp", 40, 10, 32)
 PARAMS = RunParams(source_uri="x", local_epochs=25, merge_rounds=1, model_kind="mlp", hidden_size=32, batch_size=32)
 
 
-def _write_shards(folder: Path, rows: list[int]) -> list[dict]:
+def _write_shards(folder: Path, rows: list[int]) -> list[ShardInfo]:
     """Shard records as the shard stage's manifest has them (files, rows, checksum)."""
     made = []
     for i, count in enumerate(rows):
         path = folder / f"shard-{i:03d}" / "part-00000.parquet"
         path.parent.mkdir(parents=True)
         mnist_frame(count, seed=20 + i).to_parquet(path, index=False)
-        made.append({"name": f"shard-{i:03d}", "files": [str(path)], "rows": count, "sha256": sha256_files([path])})
+        made.append(ShardInfo(f"shard-{i:03d}", [str(path)], count, {}, sha256_files([path])))
     return made
 
 
@@ -94,7 +96,7 @@ def test_a_killed_worker_costs_only_its_shard_and_the_result_equals_a_clean_run(
     client = process_cluster
     clean = train(shards, ENCODER, SHAPE, PARAMS, tmp_path / "clean", client)
     client.get_events(PROGRESS_TOPIC)  # (events of the clean run are told apart by count below)
-    before = {s["name"]: _finished_epochs(client, s["name"], PARAMS.local_epochs) for s in shards}
+    before = {s.name: _finished_epochs(client, s.name, PARAMS.local_epochs) for s in shards}
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(
         manifest=train(shards, ENCODER, SHAPE, PARAMS, tmp_path / "faulty", client)))
@@ -105,7 +107,7 @@ def test_a_killed_worker_costs_only_its_shard_and_the_result_equals_a_clean_run(
     assert killed not in client.run(os.getpid).values()  # the worker really died and was replaced
     assert _weights(outcome["manifest"]) == _weights(clean)  # recomputed shard: same seed, same weights
     for shard in shards:  # each shard reached its last epoch exactly once in the faulty run
-        assert _finished_epochs(client, shard["name"], PARAMS.local_epochs) - before[shard["name"]] == 1
+        assert _finished_epochs(client, shard.name, PARAMS.local_epochs) - before[shard.name] == 1
 
 
 class _PoisonShard(WorkerPlugin):
@@ -169,25 +171,27 @@ def test_a_finished_result_lost_with_its_worker_is_read_back_not_failed(tmp_path
 def test_a_shard_too_big_for_the_workers_memory_limit_is_refused_naming_the_limit(tmp_path):
     from distributed import Client, LocalCluster
 
-    from lepton_tasks.train import _job
+    from lepton_tasks.stages.train import _job
 
-    huge = {"name": "shard-000", "files": [], "rows": 2_000_000, "sha256": "-"}
+    huge = ShardInfo("shard-000", [], 2_000_000, {}, "-")
     job = _job(huge, 1, ENCODER, SHAPE, {"path": "-", "sha256": "-"}, tmp_path, PARAMS)
     with LocalCluster(n_workers=1, processes=False, memory_limit="256MiB", dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             with pytest.raises(TrainingError, match=r"shard-000 needs about 938 MiB .* memory limit of 256 MiB"):
                 check_memory([job], client)
-            check_memory([_job({**huge, "rows": 1000}, 1, ENCODER, SHAPE, {}, tmp_path, PARAMS)], client)
+            check_memory([_job(replace(huge, rows=1000), 1, ENCODER, SHAPE, {}, tmp_path, PARAMS)], client)
 
 
 RESUMABLE = """
 import sys, json
 from pathlib import Path
 from distributed import Client, LocalCluster
-from lepton_tasks.config import RunParams
-from lepton_tasks.models import ModelShape
-from lepton_tasks.train import train
-shards, encoder, stage = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
+from lepton_tasks.config.settings import RunParams
+from lepton_tasks.data.manifests import ShardInfo
+from lepton_tasks.ml.models import ModelShape
+from lepton_tasks.stages.train import train
+shards = [ShardInfo(**shard) for shard in json.loads(sys.argv[1])]
+encoder, stage = json.loads(sys.argv[2]), Path(sys.argv[3])
 params = RunParams.model_validate_json(sys.argv[4])
 if __name__ == "__main__":
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, Client(c) as cl:
@@ -201,7 +205,7 @@ def test_a_train_task_killed_after_a_round_resumes_without_retraining_and_ends_i
 
     params = PARAMS.model_copy(update={"local_epochs": 15, "merge_rounds": 3})
     stage = tmp_path / "stage"
-    args = [json.dumps(shards), json.dumps(ENCODER), str(stage), params.model_dump_json()]
+    args = [json.dumps([asdict(s) for s in shards]), json.dumps(ENCODER), str(stage), params.model_dump_json()]
     task = subprocess.Popen([sys.executable, "-c", RESUMABLE, *args], cwd=Path(__file__).parents[1])
     first_round = stage / "round-01" / "merged.safetensors"
     deadline = time.monotonic() + 240
@@ -225,10 +229,10 @@ def test_a_train_task_killed_after_a_round_resumes_without_retraining_and_ends_i
 @pytest.fixture
 def supervised_cluster(tmp_path):
     """The Dask topology of `make up`: a `dask scheduler` and two `dask worker` processes, each under
-    `lepton_tasks.supervisor`; yields (the supervisor processes by name, a client)."""
+    `lepton_tasks.tools.supervisor`; yields (the supervisor processes by name, a client)."""
     from distributed import Client
 
-    from lepton_tasks.services import Profile, dask_commands
+    from lepton_tasks.tools.services import Profile, dask_commands
 
     profile = Profile(tmp_path / "state", tmp_path / "data", dask_port=free_port(), dashboard_port=free_port(),
                       dask_workers=2)
@@ -261,7 +265,7 @@ def _wait_for(path: Path, runner: threading.Thread, timeout: float = 240) -> Non
         time.sleep(0.05)
 
 
-def _train_in_thread(shards: list[dict], stage: Path, params: RunParams, client) -> tuple[threading.Thread, dict]:
+def _train_in_thread(shards: list[ShardInfo], stage: Path, params: RunParams, client) -> tuple[threading.Thread, dict]:
     outcome: dict = {}
 
     def body() -> None:

@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lepton_tasks.demo_data import make_house_prices
-from lepton_tasks.errors import ShardError
-from lepton_tasks.features import MISSING, fit, merge_stats, partition_stats
-from lepton_tasks.metrics import at_least_as_good, evaluate, worsening
-from lepton_tasks.specs import parse_spec
+from lepton_tasks.config.specs import parse_spec
+from lepton_tasks.core.errors import ShardError
+from lepton_tasks.ml.features import MISSING, fit, merge_stats, partition_stats
+from lepton_tasks.ml.metrics import at_least_as_good, evaluate, worsening
+from lepton_tasks.tools.demo_data import make_house_prices
 from tests.conftest import HOUSE_SPEC, MNIST_SPEC, encoder_for, mnist_frame
 
 
@@ -68,9 +68,10 @@ def test_regression_metrics_and_which_way_is_better():
 
 
 def test_a_regression_shard_learns_in_the_targets_units(tmp_path):
-    from lepton_tasks.models import init_weights, save_checkpoint
-    from lepton_tasks.storage import sha256_files
-    from lepton_tasks.train import ShardJob, load_xy, model_shape, train_shard
+    from lepton_tasks.core.storage import sha256_files
+    from lepton_tasks.ml.models import init_weights, save_checkpoint
+    from lepton_tasks.ml.tensors import load_xy, model_shape
+    from lepton_tasks.stages.train import ShardJob, train_shard
 
     frame = make_house_prices(1500, seed=6)
     path = tmp_path / "shard.parquet"
@@ -85,8 +86,8 @@ def test_a_regression_shard_learns_in_the_targets_units(tmp_path):
     result = train_shard(job)
     assert result["epochs"][-1]["loss"] < result["epochs"][0]["loss"]
 
-    from lepton_tasks.models import evaluate as score
-    from lepton_tasks.models import load_checkpoint, load_model
+    from lepton_tasks.ml.models import evaluate as score
+    from lepton_tasks.ml.models import load_checkpoint, load_model
 
     x, y = load_xy([str(path)], encoder)
     metrics = score(load_model(shape, load_checkpoint(tmp_path / "out.safetensors")[0]), shape, x, y)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton_tasks.cluster import gpu_count, make_local_cluster
+from lepton_tasks.infra.cluster import gpu_count, make_local_cluster
 from tests.conftest import has_gpu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not has_gpu(), reason="torch can use no CUDA device here")]
@@ -32,13 +32,13 @@ def test_a_shard_trains_on_the_gpu(tmp_path):
     cluster, _ = make_local_cluster(None, 1)
     try:
         with Client(cluster) as client:
-            from lepton_tasks.train import train_shard
+            from lepton_tasks.stages.train import train_shard
 
             result = client.submit(train_shard, job).result()
             assert client.submit(torch.cuda.is_available).result()
         assert result["epochs"][-1]["loss"] < result["epochs"][0]["loss"]
         # where it trained, as recorded by the code that trained it (and in the checkpoint)
-        from lepton_tasks.models import load_checkpoint
+        from lepton_tasks.ml.models import load_checkpoint
 
         assert result["device"].startswith("cuda") and not result["resumed"]
         assert load_checkpoint(Path(result["path"]))[1]["device"].startswith("cuda")
@@ -51,7 +51,7 @@ def test_gpu_out_of_memory_falls_back_to_a_smaller_batch(tmp_path, caplog):
 
     import torch
 
-    from lepton_tasks.train import train_shard
+    from lepton_tasks.stages.train import train_shard
     from tests.conftest import mnist_frame
     from tests.test_train import _job
 
@@ -62,7 +62,7 @@ def test_gpu_out_of_memory_falls_back_to_a_smaller_batch(tmp_path, caplog):
     free, _ = torch.cuda.mem_get_info()
     ballast = torch.empty(int(free * 0.999) // 4 - (4 << 20), dtype=torch.float32, device="cuda")  # leave ~16 MiB
     try:
-        with caplog.at_level(logging.WARNING, logger="lepton_tasks.train"):
+        with caplog.at_level(logging.WARNING, logger="lepton_tasks.stages.train"):
             result = train_shard(job)
     finally:
         del ballast

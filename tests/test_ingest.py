@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from lepton_tasks.errors import BadSource
-from lepton_tasks.ingest import ingest
+from lepton_tasks.core.errors import BadSource
+from lepton_tasks.stages.ingest import ingest
 from tests.conftest import mnist_frame
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lepton_tasks import links, plots
-from lepton_tasks.pipeline import champion_event, summary_table
-from lepton_tasks.storage import RunPaths
+from lepton_tasks.core.storage import RunPaths
+from lepton_tasks.data.manifests import RegisterManifest
+from lepton_tasks.ml import plots
+from lepton_tasks.orchestration import result_links as links
+from lepton_tasks.orchestration.pipeline import champion_event, summary_table
 
 REGISTERED = {"tracking_uri": "http://lepton:***@mlflow.internal:5000", "experiment_id": "3", "run_id": "abc",
               "model_name": "lepton-mnist1d", "model_version": "7", "aliases": ["candidate", "champion"],
@@ -88,13 +90,14 @@ def test_summary_table_flattens_and_aligns():
 def test_champion_event_only_when_champion_moved():
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from lepton_tasks.pipeline import context
-    from lepton_tasks.specs import find_spec
+    from lepton_tasks.config.specs import find_spec
+    from lepton_tasks.orchestration.pipeline import context
 
     night = context(find_spec("lepton_sensors"), "r", {}, ds="2026-11-12")
-    event = champion_event(night, REGISTERED)
+    event = champion_event(night, RegisterManifest.from_dict(REGISTERED))
     assert event["model_version"] == "7" and event["ds"] == "2026-11-12"  # the night a consumer scores
     with pytest.raises(AirflowSkipException, match="champion stays at version 6"):  # skipped: no Asset event
-        champion_event(night, {**REGISTERED, "aliases": ["candidate"]})
+        champion_event(night, RegisterManifest.from_dict({**REGISTERED, "aliases": ["candidate"]}))
     with pytest.raises(AirflowSkipException):  # a rerun night finds its version champion but moved nothing
-        champion_event(night, {**REGISTERED, "promotion": {"outcome": "rerun", "promoted": False}})
+        champion_event(night, RegisterManifest.from_dict(
+            {**REGISTERED, "promotion": {"outcome": "rerun", "promoted": False}}))

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from lepton_tasks.merge import merge
-from lepton_tasks.models import ModelShape, evaluate, init_weights, load_checkpoint, load_model, save_checkpoint
-from lepton_tasks.strategies.fedavg import fedavg
+from lepton_tasks.data.manifests import ShardInfo
+from lepton_tasks.ml.models import ModelShape, evaluate, init_weights, load_checkpoint, load_model, save_checkpoint
+from lepton_tasks.ml.strategies.fedavg import fedavg
+from lepton_tasks.stages.merge import merge
 
 SHAPE = ModelShape("mlp", 40, 10, 8)
 
@@ -19,7 +20,7 @@ def test_greedy_soup_merge_starts_from_the_best_model_and_never_scores_below_it(
     final_round = [_record(tmp_path / f"shard-{i:03d}.safetensors", s, shard=f"shard-{i:03d}", rows=100, epochs=[],
                            round=1) for i, s in enumerate(states)]
     merged_rounds = [_record(tmp_path / "merged.safetensors", fedavg(states, [100] * 3))]
-    shards = [{"name": f"shard-{i:03d}", "rows": 100, "label_histogram": {"0": 60, "1": 40}} for i in range(3)]
+    shards = [ShardInfo(f"shard-{i:03d}", [], 100, {"0": 60, "1": 40}, "-") for i in range(3)]
     held_out = torch.randn(200, 40), torch.randint(0, 10, (200,))  # what the soup is reported on, never chosen on
     manifest = merge([final_round], merged_rounds, SHAPE, held_out, tmp_path / "merge", "accuracy", 1,
                      [str(c) for c in range(10)], shards, "greedy_soup", select_data=(features, targets))
@@ -44,7 +45,7 @@ def test_greedy_soup_refuses_to_choose_without_a_selection_split(tmp_path):
     state = init_weights(SHAPE, 0)
     final_round = [_record(tmp_path / "shard-000.safetensors", state, shard="shard-000", rows=10, epochs=[], round=1)]
     merged_rounds = [_record(tmp_path / "merged.safetensors", state)]
-    shards = [{"name": "shard-000", "rows": 10, "label_histogram": {"0": 10}}]
+    shards = [ShardInfo("shard-000", [], 10, {"0": 10}, "-")]
     eval_data = torch.randn(20, 40), torch.randint(0, 10, (20,))
     with pytest.raises(ValueError, match="selection split"):
         merge([final_round], merged_rounds, SHAPE, eval_data, tmp_path / "merge", "accuracy", 1,

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from lepton_tasks.demo_data import make_house_prices
-from lepton_tasks.errors import SpecError
-from lepton_tasks.new_pipeline import infer_task, new_pipeline
-from lepton_tasks.profile import profile_source
-from lepton_tasks.specs import load_spec
+from lepton_tasks.config.specs import load_spec
+from lepton_tasks.core.errors import SpecError
+from lepton_tasks.data.source_profile import profile_source
+from lepton_tasks.tools.demo_data import make_house_prices
+from lepton_tasks.tools.new_pipeline import infer_task, new_pipeline
 
 
 @pytest.fixture
@@ -22,8 +22,8 @@ def fresh_csv(tmp_path):
 
 
 def test_scaffolded_spec_and_suite_load_and_the_suite_passes_on_its_data(tmp_path, fresh_csv, monkeypatch):
-    from lepton_tasks.ingest import ingest
-    from lepton_tasks.validate import validate
+    from lepton_tasks.stages.ingest import ingest
+    from lepton_tasks.stages.validate import validate
 
     monkeypatch.setenv("LEPTON_EXPECTATIONS_DIR", str(tmp_path / "expectations"))
     made = new_pipeline("flats", str(fresh_csv), "price_k", tmp_path, tmp_path / "pipelines",
@@ -98,8 +98,8 @@ def _heavy_tailed_csv_files(folder, rows: int = 120_000, files: int = 4) -> None
 
 
 def test_the_first_run_on_the_scaffolded_data_passes_with_heavy_tails_and_rare_categories(tmp_path, monkeypatch):
-    from lepton_tasks.ingest import ingest
-    from lepton_tasks.validate import validate
+    from lepton_tasks.stages.ingest import ingest
+    from lepton_tasks.stages.validate import validate
 
     landing = tmp_path / "landing" / "trips"
     _heavy_tailed_csv_files(landing)
@@ -125,9 +125,9 @@ def test_the_first_run_on_the_scaffolded_data_passes_with_heavy_tails_and_rare_c
 def test_a_date_templated_source_is_profiled_over_every_day_and_each_night_passes(tmp_path, monkeypatch):
     import datetime as dt
 
-    from lepton_tasks.demo_data import write_sensor_day
-    from lepton_tasks.ingest import ingest
-    from lepton_tasks.validate import validate
+    from lepton_tasks.stages.ingest import ingest
+    from lepton_tasks.stages.validate import validate
+    from lepton_tasks.tools.demo_data import write_sensor_day
 
     monkeypatch.setenv("LEPTON_EXPECTATIONS_DIR", str(tmp_path / "expectations"))
     days = ("2026-11-10", "2026-11-11", "2026-11-12")  # the last one after line C's pressure shift

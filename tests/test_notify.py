@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from lepton_tasks.notify import notifiers, send
-from lepton_tasks.specs import EmailSection, NotifySection, WebhookSection
+from lepton_tasks.config.specs import EmailSection, NotifySection, WebhookSection
+from lepton_tasks.orchestration.notify import notifiers, send
 from tests.conftest import MNIST_SPEC
 
 
@@ -70,7 +70,7 @@ def test_a_receiver_that_is_down_is_logged_and_never_fails_the_task(monkeypatch,
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     monkeypatch.setenv("AIRFLOW_CONN_HOOK", f"http://127.0.0.1:{port}")
-    with caplog.at_level(logging.WARNING, logger="lepton_tasks.notify"):
+    with caplog.at_level(logging.WARNING, logger="lepton_tasks.orchestration.notify"):
         send(_spec(webhook=WebhookSection(conn_id="hook")), "drift", _context(), "moved")
     assert "HttpNotifier could not send the drift notification" in caplog.text
     assert "onnection refused" in caplog.text or "Max retries" in caplog.text  # the network, not a bug of ours

@@ -7,15 +7,15 @@ import shutil
 import subprocess
 import sys
 
-from lepton_tasks.config import PIPELINES_DIR, REPO_ROOT
-from tests.integration.airflow_env import AirflowEnv
+from lepton_tasks.config.settings import PIPELINES_DIR, REPO_ROOT
+from lepton_tasks.tools.airflow_env import AirflowEnv
 
 SCHEDULER_THEN_TASKS = """
 import json, os, sys
 from pathlib import Path
 from airflow.dag_processing.dagbag import BundleDagBag
 from airflow.serialization.serialized_objects import DagSerialization
-from lepton_tasks import prebuilt
+from lepton_tasks.orchestration import prebuilt
 
 dags, spec_file, broken = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 

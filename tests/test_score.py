@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from lepton_tasks import pipeline
-from lepton_tasks.demo_data import write_sensor_day
-from lepton_tasks.errors import LeptonError
-from lepton_tasks.specs import find_spec
+from lepton_tasks.config.specs import find_spec
+from lepton_tasks.core.errors import LeptonError
+from lepton_tasks.orchestration import pipeline
+from lepton_tasks.tools.demo_data import write_sensor_day
 
 SENSORS = find_spec("lepton_sensors")
 SMALL = {"num_shards": 2, "merge_rounds": 1, "local_epochs": 1, "hidden_size": 8}
@@ -23,7 +23,7 @@ def champion(tmp_path, monkeypatch):
         write_sensor_day(tmp_path / "landing" / "sensors", day, rows=300)
     ctx = pipeline.context(SENSORS, "scheduled__2026-11-10", SMALL, ds="2026-11-10")
     manifests, _ = pipeline.run_in_process(ctx)
-    assert "champion" in manifests["register"]["aliases"]
+    assert "champion" in manifests["register"].aliases
     return tmp_path, manifests["register"]
 
 
@@ -41,7 +41,7 @@ def test_a_new_champion_scores_the_night_that_made_it_and_logs_one_mlflow_run(ch
     context = _task_context("asset_triggered__1", "2026-11-25T05:00:00+00:00", [{"ds": "2026-11-10"}])
     scored = pipeline.score(SENSORS, context)
     again = pipeline.score(SENSORS, context)  # a retry: the same MLflow run
-    assert scored["rows"] == 300 and scored["model_version"] == registered["model_version"]
+    assert scored["rows"] == 300 and scored["model_version"] == registered.model_version
     assert scored["sources"] == ["landing/sensors/2026-11-10/*.parquet"]
     assert again["scoring_run_id"] == scored["scoring_run_id"]
     predictions = pd.read_parquet(scored["predictions_path"])

@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from lepton_tasks.errors import ShardError
-from lepton_tasks.shard import held_out_mask, shard
+from lepton_tasks.core.errors import ShardError
+from lepton_tasks.stages.shard import held_out_mask, shard
 from tests.conftest import MNIST_SPEC
 
 
@@ -49,7 +49,7 @@ def test_the_same_rows_in_other_files_and_row_groups_make_the_same_shards(tmp_pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lepton_tasks.storage import parquet_partitions
+    from lepton_tasks.core.storage import parquet_partitions
     from tests.conftest import mnist_frame
 
     table = pa.Table.from_pandas(mnist_frame(900), preserve_index=False)
@@ -146,7 +146,7 @@ def test_shard_by_gives_one_shard_per_value_with_natural_sizes_and_label_mix(tmp
 def test_shard_by_hashes_many_values_into_num_shards_and_names_a_missing_column(tmp_path, dask_client):
     import numpy as np
 
-    from lepton_tasks.shard import stable_bucket
+    from lepton_tasks.stages.shard import stable_bucket
 
     parts = _sited(tmp_path, lambda frame: np.array([f"site-{i % 20:02d}" for i in range(len(frame))]))
     manifest = shard(parts, tmp_path / "shard", 3, 0.2, 1, MNIST_SPEC.spec, dask_client, shard_by="site")

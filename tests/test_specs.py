@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lepton_tasks.config import PIPELINES_DIR
-from lepton_tasks.errors import SpecError
-from lepton_tasks.specs import find_spec, load_all, parse_spec, spec_files
+from lepton_tasks.config.settings import PIPELINES_DIR
+from lepton_tasks.config.specs import find_spec, load_all, parse_spec, spec_files
+from lepton_tasks.core.errors import SpecError
 
 MINIMAL = """
 name: tiny

@@ -1,6 +1,6 @@
 import pytest
 
-from lepton_tasks.storage import RunPaths, atomic_dir, safe_name, sha256_files, write_json
+from lepton_tasks.core.storage import RunPaths, atomic_dir, safe_name, sha256_files, write_json
 
 
 def test_run_ids_become_safe_folder_names(tmp_path):

@@ -5,17 +5,17 @@ import math
 import pytest
 import torch
 
-from lepton_tasks.config import RunParams
-from lepton_tasks.models import ModelShape, init_weights
-from lepton_tasks.strategies import STRATEGIES, for_params
-from lepton_tasks.strategies.fedadam import FedAdam, fedadam
-from lepton_tasks.strategies.fedavg import fedavg
-from lepton_tasks.strategies.fedavgm import FedAvgM, fedavgm
-from lepton_tasks.strategies.fedprox import proximal_term
-from lepton_tasks.strategies.greedy_soup import greedy_soup
-from lepton_tasks.strategies.median import coordinate_median
-from lepton_tasks.strategies.scaffold import control_variate, scaffold_correction
-from lepton_tasks.strategies.trimmed_mean import TrimmedMean, trimmed_count, trimmed_mean
+from lepton_tasks.config.settings import RunParams
+from lepton_tasks.ml.models import ModelShape, init_weights
+from lepton_tasks.ml.strategies import STRATEGIES, for_params
+from lepton_tasks.ml.strategies.fedadam import FedAdam, fedadam
+from lepton_tasks.ml.strategies.fedavg import fedavg
+from lepton_tasks.ml.strategies.fedavgm import FedAvgM, fedavgm
+from lepton_tasks.ml.strategies.fedprox import proximal_term
+from lepton_tasks.ml.strategies.greedy_soup import greedy_soup
+from lepton_tasks.ml.strategies.median import coordinate_median
+from lepton_tasks.ml.strategies.scaffold import control_variate, scaffold_correction
+from lepton_tasks.ml.strategies.trimmed_mean import TrimmedMean, trimmed_count, trimmed_mean
 
 
 def _scalars(*values: float) -> list[dict[str, torch.Tensor]]:
@@ -149,8 +149,8 @@ def test_the_registry_is_every_strategy_module_and_the_only_list_of_names():
     """Every module of the package but `base` holds one strategy; the form, the spec and MLflow read the registry."""
     from pathlib import Path
 
-    import lepton_tasks.strategies as package
-    from lepton_tasks.config import airflow_param_specs
+    import lepton_tasks.ml.strategies as package
+    from lepton_tasks.config.settings import airflow_param_specs
 
     modules = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - {"__init__", "base"}
     assert {type(s()).__module__.rsplit(".", 1)[1] for s in STRATEGIES.values()} == modules
@@ -169,6 +169,6 @@ def test_importing_the_registry_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, lepton_tasks.strategies, lepton_tasks.config; print('torch' in sys.modules)"
+    code = "import sys, lepton_tasks.ml.strategies, lepton_tasks.config.settings; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"

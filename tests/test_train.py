@@ -1,11 +1,14 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
-from lepton_tasks.config import RunParams
-from lepton_tasks.errors import IntegrityError
-from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, save_checkpoint
-from lepton_tasks.storage import sha256_files
-from lepton_tasks.train import ShardJob, finished_checkpoint, train, train_shard
+from lepton_tasks.config.settings import RunParams
+from lepton_tasks.core.errors import IntegrityError
+from lepton_tasks.core.storage import sha256_files
+from lepton_tasks.data.manifests import ShardInfo
+from lepton_tasks.ml.models import ModelShape, init_weights, load_checkpoint, save_checkpoint
+from lepton_tasks.stages.train import ShardJob, finished_checkpoint, train, train_shard
 from tests.conftest import encoder_for, mnist_frame
 
 ENCODER = encoder_for(mnist_frame(200)).to_dict()
@@ -18,7 +21,7 @@ def shard_files(tmp_path):
         path = tmp_path / f"shard-{i:03d}" / "part-00000.parquet"
         path.parent.mkdir()
         mnist_frame(200, seed=10 + i).to_parquet(path, index=False)
-        files.append({"name": f"shard-{i:03d}", "files": [str(path)], "rows": 200, "sha256": sha256_files([path])})
+        files.append(ShardInfo(f"shard-{i:03d}", [str(path)], 200, {}, sha256_files([path])))
     return files
 
 
@@ -26,9 +29,9 @@ def _job(tmp_path, shard, epochs=3, encoder=ENCODER):
     shape = ModelShape("mlp", 40, 10, 32)
     start = tmp_path / "init.safetensors"
     sha = save_checkpoint(start, init_weights(shape, 0), {})
-    return ShardJob(shard["name"], 1, shard["files"], shard["rows"], encoder, shape,
+    return ShardJob(shard.name, 1, shard.files, shard.rows, encoder, shape,
                     {"path": str(start), "sha256": sha}, str(tmp_path / "out.safetensors"), epochs, 0.01, 32, 5,
-                    f"epochs-{epochs}", shard.get("sha256", "unknown"))
+                    f"epochs-{epochs}", shard.sha256)
 
 
 def test_one_shard_trains_and_its_checkpoint_describes_itself(tmp_path, shard_files):
@@ -39,7 +42,7 @@ def test_one_shard_trains_and_its_checkpoint_describes_itself(tmp_path, shard_fi
     assert result["device"] == "cpu" and not result["resumed"]  # where it trained, said by the code that trained
     _, meta = load_checkpoint(tmp_path / "out.safetensors", result["sha256"])
     assert meta["shard"] == "shard-000" and meta["rows"] == "200" and meta["start_sha256"] == job.start["sha256"]
-    assert meta["data_sha256"] == shard_files[0]["sha256"] and meta["device"] == "cpu" and meta["threads"] == "1"
+    assert meta["data_sha256"] == shard_files[0].sha256 and meta["device"] == "cpu" and meta["threads"] == "1"
     resumed = finished_checkpoint(job)
     assert resumed["resumed"] and resumed["sha256"] == result["sha256"]
     assert [e["loss"] for e in resumed["epochs"]] == [e["loss"] for e in result["epochs"]]
@@ -57,8 +60,8 @@ def test_a_checkpoint_is_reused_only_for_the_same_params_data_and_encoder(tmp_pa
     assert other_params.out_path == job.out_path and finished_checkpoint(other_params) is None
     # a cleared run over new data with the same row count: the shard's checksum differs, so it trains again
     changed = mnist_frame(200, seed=99)
-    changed.to_parquet(shard_files[0]["files"][0], index=False)
-    new_data = _job(tmp_path, {**shard_files[0], "sha256": sha256_files([shard_files[0]["files"][0]])})
+    changed.to_parquet(shard_files[0].files[0], index=False)
+    new_data = _job(tmp_path, replace(shard_files[0], sha256=sha256_files(shard_files[0].files)))
     assert new_data.rows == job.rows and finished_checkpoint(new_data) is None
     refit = encoder_for(mnist_frame(300, seed=1)).to_dict()
     assert finished_checkpoint(_job(tmp_path, shard_files[0], encoder=refit)) is None
@@ -98,14 +101,15 @@ def test_the_clusters_scheduler_never_imports_the_training_stack(tmp_path, shard
     made the scheduler import torch, 1.4 s here before any shard could start."""
     import sys
 
-    from lepton_tasks.cluster import dask_client
-    from lepton_tasks.config import Settings
+    from lepton_tasks.config.settings import Settings
+    from lepton_tasks.infra.cluster import dask_client
 
     shape = ModelShape("mlp", 40, 10, 16)
     params = RunParams(source_uri="x", local_epochs=1, merge_rounds=1, model_kind="mlp", hidden_size=16)
     with dask_client(Settings(tmp_path, None, None, 2), 2) as client:  # the scheduler in its own process
         trained = train(shard_files, ENCODER, shape, params, tmp_path / "t", client)
-        on_scheduler = client.run_on_scheduler(lambda: sorted({"torch", "lepton_tasks.train"} & set(sys.modules)))
+        stage_modules = {"torch", "lepton_tasks.stages.train"}
+        on_scheduler = client.run_on_scheduler(lambda: sorted(stage_modules & set(sys.modules)))
     assert on_scheduler == [] and [c["shard"] for c in trained.final_round] == ["shard-000", "shard-001"]
 
 
@@ -165,7 +169,7 @@ def test_a_run_goes_on_from_another_runs_shards_without_running_the_stages_befor
                                                                                         monkeypatch):
     """`run_in_process(done=...)`, as the federated benchmark compares strategies: a second run trains and merges
     with its own strategy on the first run's shards; ingest to shard run once."""
-    from lepton_tasks import pipeline
+    from lepton_tasks.orchestration import pipeline
     from tests.conftest import MNIST_SPEC
 
     monkeypatch.setenv("LEPTON_DASK_ADDRESS", dask_client.scheduler.address)
@@ -179,11 +183,11 @@ def test_a_run_goes_on_from_another_runs_shards_without_running_the_stages_befor
     manifests, seconds = pipeline.run_in_process(median, last="merge", done=shards)
     assert set(seconds) == {"cluster", "train", "merge"} and manifests["shard"] == shards["shard"]
     assert not median.stage_dir("ingest").exists() and median.stage_dir("merge").exists()
-    assert manifests["merge"]["strategy"] == "median"
+    assert manifests["merge"].strategy == "median"
 
 
 def test_each_strategy_trains_locally_with_its_papers_optimizer_unless_told_otherwise():
-    from lepton_tasks.train import local_optimizer
+    from lepton_tasks.stages.train import local_optimizer
 
     def optimizer(**params):
         return RunParams(source_uri="x", **params).optimizer

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lepton_tasks.config import REPO_ROOT
-from lepton_tasks.errors import IntegrityError
-from lepton_tasks.models import ModelShape, init_weights, load_checkpoint, save_checkpoint
+from lepton_tasks.config.settings import REPO_ROOT
+from lepton_tasks.core.errors import IntegrityError
+from lepton_tasks.ml.models import ModelShape, init_weights, load_checkpoint, save_checkpoint
 
 SOURCES = [*(REPO_ROOT / "lepton_tasks").glob("*.py"), *(REPO_ROOT / "dags").glob("*.py")]
 UNSAFE_CALLS = {"pickle.load", "pickle.loads", "torch.load", "joblib.load", "mlflow.pytorch.load_model",
@@ -38,10 +38,10 @@ def test_no_code_path_unpickles_or_torch_loads_without_weights_only():
 def test_mlflow_pickle_deserialization_is_switched_off_for_registration(monkeypatch):
     import os
 
-    from lepton_tasks.register import _limit_mlflow_retries
+    from lepton_tasks.infra.tracking import limit_retries
 
     monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
-    _limit_mlflow_retries()
+    limit_retries()
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
 
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"

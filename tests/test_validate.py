@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from lepton_tasks.errors import ValidationFailed
-from lepton_tasks.validate import validate
+from lepton_tasks.core.errors import ValidationFailed
+from lepton_tasks.stages.validate import validate
 from tests.conftest import MNIST_SPEC, mnist_frame
 
 
@@ -68,7 +68,7 @@ def _with_bad_rows(rows: int, bad: int):
 def test_failing_rows_under_the_threshold_are_quarantined_with_reasons_and_the_rest_goes_on(tmp_path):
     import pandas as pd
 
-    from lepton_tasks.validate import REASONS_COLUMN
+    from lepton_tasks.stages.validate import REASONS_COLUMN
 
     manifest = validate(_write(tmp_path, _with_bad_rows(300, 6)), MNIST_SPEC.spec.suite_file, tmp_path / "v", 0.05)
     assert manifest.quarantined_rows == 6 and manifest.failed == 2 and not manifest.success
@@ -171,7 +171,7 @@ def test_dtype_expectations_see_columns_as_stored_though_values_are_checked_upca
 
 def test_a_stage_over_the_memory_budget_is_validated_on_dask(data_root, monkeypatch):
     """The pipeline picks the way by the stage's decoded size (Parquet footers), against the setting."""
-    from lepton_tasks import pipeline
+    from lepton_tasks.orchestration import pipeline
 
     landing = data_root / "landing" / "m"
     _write_parts(landing.parent, mnist_frame(600), 2)
@@ -179,9 +179,9 @@ def test_a_stage_over_the_memory_budget_is_validated_on_dask(data_root, monkeypa
     monkeypatch.setenv("LEPTON_VALIDATE_MEMORY_BYTES", "1000")
     monkeypatch.setenv("LEPTON_DASK_WORKERS", "1")
     ctx = pipeline.context(MNIST_SPEC, "big", {"source_uri": "landing/m/"})
-    validated = pipeline.validate(ctx, pipeline.ingest(ctx))
+    validated = pipeline.validate(ctx, pipeline.ingest(ctx), lambda: None)  # no run cluster: one of its own
     summary = json.loads(ctx.summary_path("validate").read_text())
-    assert validated["partitions"] == 2 and summary["partitions"] == 2 and validated["failed"] == 0
+    assert validated.partitions == 2 and summary["partitions"] == 2 and validated.failed == 0
 
 
 def _pages(docs):
@@ -196,7 +196,7 @@ def _pages(docs):
 def test_data_docs_views_compile_templates_once_and_render_what_gx_renders(tmp_path, monkeypatch):
     import tempfile
 
-    from lepton_tasks import data_docs
+    from lepton_tasks.data import data_docs
 
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the cache's folder, under the temp dir
@@ -225,7 +225,7 @@ def test_data_docs_are_built_without_a_template_cache_where_its_folder_cannot_be
     """A temp folder that is gone (or not writable, or not this user's): no cache, and the docs are still built."""
     import tempfile
 
-    from lepton_tasks import data_docs
+    from lepton_tasks.data import data_docs
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
     data_docs._bytecode_cache.cache_clear()

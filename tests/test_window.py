@@ -5,13 +5,14 @@ import datetime as dt
 
 import pytest
 
-from lepton_tasks.backfill import nights
-from lepton_tasks.demo_data import write_sensor_day
-from lepton_tasks.errors import BadSource, SpecError
-from lepton_tasks.ingest import ingest
-from lepton_tasks.new_pipeline import every_day
-from lepton_tasks.specs import parse_spec
-from lepton_tasks.window import check_template, missing, resolve
+from lepton_tasks.config.specs import parse_spec
+from lepton_tasks.core.errors import BadSource, SpecError
+from lepton_tasks.data.sources import missing
+from lepton_tasks.data.windows import check_template, resolve
+from lepton_tasks.stages.ingest import ingest
+from lepton_tasks.tools.backfill import nights
+from lepton_tasks.tools.demo_data import write_sensor_day
+from lepton_tasks.tools.new_pipeline import every_day
 
 DS = dt.date(2026, 3, 1)
 

@@ -149,8 +149,8 @@ def kill_dask_worker_process(pid: int, scheduler_address: str) -> str:
 def first_difference(run_a: Path, run_b: Path) -> str | None:
     """The first output (shard data, then each round's checkpoints, then the merged model) whose content differs
     between two runs of the same params, or None: the determinism policy says there is none."""
-    from lepton_tasks.models import load_checkpoint
-    from lepton_tasks.storage import sha256_file
+    from lepton_tasks.core.storage import sha256_file
+    from lepton_tasks.ml.models import load_checkpoint
 
     for part in sorted((run_a / "shard").rglob("*.parquet")):
         if sha256_file(part) != sha256_file(run_b / part.relative_to(run_a)):
@@ -164,19 +164,19 @@ def first_difference(run_a: Path, run_b: Path) -> str | None:
 
 
 def supervised_child(supervisor_pid: int) -> int:
-    """The pid of the process a `lepton_tasks.supervisor` runs now."""
+    """The pid of the process a `lepton_tasks.tools.supervisor` runs now."""
     import psutil
 
     return psutil.Process(supervisor_pid).children()[0].pid
 
 
 def cluster_processes() -> list[int]:
-    """Every live process of the local Dask clusters Lepton's tasks hold (`python -m lepton_tasks.cluster`, its
+    """Every live process of the local Dask clusters Lepton's tasks hold (`python -m lepton_tasks.infra.cluster`, its
     workers and multiprocessing's resource tracker): what must be gone once a run has ended."""
     import psutil
 
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        if "lepton_tasks.cluster" in " ".join(process.info["cmdline"] or []):
+        if "lepton_tasks.infra.cluster" in " ".join(process.info["cmdline"] or []):
             found += [process.pid, *(c.pid for c in process.children(recursive=True) if c.is_running())]
     return found

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.airflow_env import SMALL_CONF, TrackingServer, write_demo
+from lepton_tasks.tools.airflow_env import SMALL_CONF, TrackingServer, write_demo
 
 pytestmark = pytest.mark.slow
 
 WHOLE_RUN = """
 import json, sys
-from lepton_tasks import pipeline
-from lepton_tasks.specs import find_spec
+from lepton_tasks.orchestration import pipeline
+from lepton_tasks.config.specs import find_spec
 ctx = pipeline.context(find_spec("lepton_mnist1d"), sys.argv[1], json.loads(sys.argv[2]))
 m, _ = pipeline.run_in_process(ctx)
 pipeline.finish(ctx)
-print(json.dumps(m))
+print(json.dumps({stage: manifest.to_dict() for stage, manifest in m.items()}))
 """
 
 
@@ -51,8 +51,8 @@ def _run_both(data_root: Path, tracking_uri: str) -> dict[str, dict]:
 
 
 def _assert_same_weights(path_a: str, path_b: str) -> None:
-    """Bit-equal: the determinism policy (`lepton_tasks.train`) holds for concurrent runs on one machine."""
-    from lepton_tasks.models import load_checkpoint
+    """Bit-equal: the determinism policy (`lepton_tasks.stages.train`) holds for concurrent runs on one machine."""
+    from lepton_tasks.ml.models import load_checkpoint
 
     (a, _), (b, _) = load_checkpoint(Path(path_a)), load_checkpoint(Path(path_b))
     assert a.keys() == b.keys()

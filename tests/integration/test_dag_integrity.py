@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from lepton_tasks.config import REPO_ROOT
-from tests.integration.airflow_env import AirflowEnv
+from lepton_tasks.config.settings import REPO_ROOT
+from lepton_tasks.tools.airflow_env import AirflowEnv
 
 HEAVY = ("torch", "dask", "distributed", "mlflow", "great_expectations", "pandas", "pyarrow", "onnx")
 
@@ -93,7 +93,7 @@ def test_a_param_out_of_bounds_is_refused_by_airflow_naming_it(tmp_path):
 def test_a_bad_spec_is_an_import_error_naming_it_and_the_other_pipelines_still_load(tmp_path):
     import shutil
 
-    from lepton_tasks.config import PIPELINES_DIR
+    from lepton_tasks.config.settings import PIPELINES_DIR
 
     specs = tmp_path / "pipelines"
     specs.mkdir()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lepton_tasks.tools.airflow_env import SMALL_CONF, AirflowEnv, read_report, unique, write_demo
 from tests.conftest import postgres_url
-from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, read_report, unique, write_demo
 
 pytestmark = pytest.mark.slow
 

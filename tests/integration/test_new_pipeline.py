@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lepton_tasks.demo_data import make_house_prices
-from tests.integration.airflow_env import BIN, SMALL_CONF, AirflowEnv, read_report
+from lepton_tasks.tools.airflow_env import BIN, SMALL_CONF, AirflowEnv, read_report
+from lepton_tasks.tools.demo_data import make_house_prices
 
 pytestmark = pytest.mark.slow
 

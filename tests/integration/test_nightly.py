@@ -26,13 +26,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lepton_tasks import links
-from lepton_tasks.backfill import RETRY_S
-from lepton_tasks.cluster import stop_run_cluster
-from lepton_tasks.config import REPO_ROOT
-from lepton_tasks.demo_data import make_sensor_day, write_sensor_day
-from lepton_tasks.storage import RunPaths, read_json
-from tests.integration.airflow_env import BIN, RUN_TIMEOUT_S, AirflowEnv, free_port, read_report, wait_for
+from lepton_tasks.config.settings import REPO_ROOT
+from lepton_tasks.core.storage import RunPaths, read_json
+from lepton_tasks.infra.cluster import stop_run_cluster
+from lepton_tasks.ml import champion
+from lepton_tasks.orchestration import result_links as links
+from lepton_tasks.tools.airflow_env import BIN, RUN_TIMEOUT_S, AirflowEnv, free_port, read_report, wait_for
+from lepton_tasks.tools.backfill import RETRY_S
+from lepton_tasks.tools.demo_data import make_sensor_day, write_sensor_day
 
 pytestmark = pytest.mark.slow
 
@@ -264,9 +265,9 @@ def test_each_new_champion_scores_its_night_in_the_pipelines_consumer_dag(nightl
 
 
 def test_late_file_waits_in_the_triggerer_and_warm_vs_scratch(nightly):
-    from lepton_tasks import pipeline
-    from lepton_tasks.models import load_checkpoint
-    from lepton_tasks.specs import load_spec
+    from lepton_tasks.config.specs import load_spec
+    from lepton_tasks.ml.models import load_checkpoint
+    from lepton_tasks.orchestration import pipeline
 
     env, extra, _ = nightly
     champion_before = _registry(env).get_model_version_by_alias(MODEL, "champion")
@@ -286,7 +287,8 @@ def test_late_file_waits_in_the_triggerer_and_warm_vs_scratch(nightly):
 
     start = warm["stages"]["shard"]["warm_start"]
     assert start["version"] == str(champion_before.version) and "starts from champion" in start["reason"]
-    assert scratch["stages"]["shard"]["warm_start"] == {"init_from": "scratch", "reason": "init_from is scratch"}
+    assert scratch["stages"]["shard"]["warm_start"] == {"init_from": "scratch", "reason": "init_from is scratch",
+                                                         "version": None, "weights": None, "encoder": None}
     warm_init = load_checkpoint(env.data_root / DAG / "late_night" / "train" / "init.safetensors")
     champion_weights = load_checkpoint(Path(start["weights"]))[0]
     assert warm_init[1] == {"from_champion_version": start["version"]}
@@ -300,8 +302,8 @@ def test_late_file_waits_in_the_triggerer_and_warm_vs_scratch(nightly):
     loaded = load_spec(Path(extra["LEPTON_PIPELINES_DIR"]) / f"{DAG}.yaml")
     ctx = pipeline.context(loaded, "what_if", {"init_from": "champion", "hidden_size": 24}, DAG, "2026-11-20")
     taken = json.loads((env.data_root / DAG / "late_night" / "champion" / "snapshot.json").read_text())
-    snap, reason = pipeline.warm_start(ctx, {"champion": taken["champion"]})
-    assert snap is None and "hidden_size 16, this run 24" in reason
+    start = champion.warm_start(champion.Snapshot(champion.ChampionSnapshot(**taken["champion"])), ctx.spec, ctx.params)
+    assert start.weights is None and "hidden_size 16, this run 24" in start.reason
 
 
 def test_a_night_that_never_lands_fails_cleanly(nightly):

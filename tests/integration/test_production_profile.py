@@ -27,10 +27,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lepton_tasks.config import REPO_ROOT
-from lepton_tasks.demo_data import EXAMPLES
-from lepton_tasks.services import DEFAULT_POSTGRES, Profile
-from tests.integration.airflow_env import BIN, RUN_TIMEOUT_S, free_port, unscheduled_specs, wait_for, write_demo
+from lepton_tasks.config.settings import REPO_ROOT
+from lepton_tasks.tools.airflow_env import BIN, RUN_TIMEOUT_S, free_port, unscheduled_specs, wait_for, write_demo
+from lepton_tasks.tools.demo_data import EXAMPLES
+from lepton_tasks.tools.services import DEFAULT_POSTGRES, Profile
 
 pytestmark = pytest.mark.slow
 

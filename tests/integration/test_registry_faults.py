@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from lepton_tasks import pipeline
-from lepton_tasks.errors import RegistryError
-from lepton_tasks.specs import find_spec
-from lepton_tasks.storage import sha256_file
-from tests.integration.airflow_env import SMALL_CONF, TrackingServer, write_demo
+from lepton_tasks.config.specs import find_spec
+from lepton_tasks.core.errors import RegistryError
+from lepton_tasks.core.storage import sha256_file
+from lepton_tasks.orchestration import pipeline
+from lepton_tasks.tools.airflow_env import SMALL_CONF, TrackingServer, write_demo
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,10 @@ def server(tmp_path, monkeypatch):
     tracking.stop()
 
 
-def _register(loaded, run_id: str, manifests: dict) -> dict:
-    return pipeline.register(pipeline.context(loaded, run_id, SMALL_CONF), manifests)
+def _register(loaded, run_id: str, manifests: dict, conf: dict | None = None) -> dict:
+    """The register task's manifest, as it crosses XCom."""
+    ctx = pipeline.context(loaded, run_id, conf or SMALL_CONF)
+    return pipeline.run_stage(ctx, "register", manifests).to_dict()
 
 
 def _parent_runs(client, run_id: str):
@@ -113,20 +115,20 @@ def test_a_champion_whose_files_are_gone_stops_nothing_and_a_person_can_replace_
 
     night = pipeline.context(loaded, "nightly_2", {**SMALL_CONF, "init_from": "champion"})
     drifted = pipeline.drift(night, manifests["validate"])  # took the snapshot: not wedged
-    assert drifted["champion"] is None and "champion version 1 of lepton-mnist1d cannot be read" in \
-        drifted["champion_unusable"]
-    assert drifted["note"].startswith("no usable champion")
-    start, reason = pipeline.warm_start(night, drifted)
-    assert start is None and reason.startswith("no usable champion (champion version 1")
-    registered = pipeline.register(night, {**manifests, "drift": drifted})
+    assert drifted.champion is None and "champion version 1 of lepton-mnist1d cannot be read" in \
+        drifted.champion_unusable
+    assert drifted.note.startswith("no usable champion")
+    start = pipeline.warm_start(night, drifted)
+    assert start.weights is None and start.reason.startswith("no usable champion (champion version 1")
+    registered = _register(loaded, "nightly_2", {**manifests, "drift": drifted},
+                           {**SMALL_CONF, "init_from": "champion"})
     assert registered["promotion"]["outcome"] == "not_compared"
     tags = client.get_run(registered["run_id"]).data.tags
     assert "cannot be read" in tags["lepton.champion_unusable"]
     summary = json.loads(night.summary_path("drift").read_text())
     assert "cannot be read" in summary["champion_unusable"]
 
-    asked = pipeline.context(loaded, "manual_replace", {**SMALL_CONF, "replace_unusable_champion": True})
-    replaced = pipeline.register(asked, manifests)
+    replaced = _register(loaded, "manual_replace", manifests, {**SMALL_CONF, "replace_unusable_champion": True})
     assert replaced["promotion"]["outcome"] == "replaced_unusable" and "champion" in replaced["aliases"]
     assert client.get_model_version_by_alias("lepton-mnist1d", "champion").version == replaced["model_version"]
 
@@ -137,7 +139,7 @@ def test_a_rerun_on_changed_data_is_a_new_gated_version_and_the_champion_keeps_i
     model is a new version that goes through the gate; scoring reads the champion's own files."""
     from mlflow import MlflowClient
 
-    from lepton_tasks.score import fetch_champion
+    from lepton_tasks.stages.score import fetch_champion
 
     _, loaded, manifests = stages
     client = MlflowClient(server.uri)
@@ -147,7 +149,7 @@ def test_a_rerun_on_changed_data_is_a_new_gated_version_and_the_champion_keeps_i
     monkeypatch.setenv("LEPTON_DATA_ROOT", str(tmp_path / "changed"))
     write_demo(tmp_path / "changed", 700)  # the night's data changed
     changed, _ = pipeline.run_in_process(pipeline.context(loaded, "nightly_1", SMALL_CONF), last="compress")
-    assert changed["merge"]["merged_sha256"] != manifests["merge"]["merged_sha256"]
+    assert changed["merge"].merged_sha256 != manifests["merge"].merged_sha256
     again = _register(loaded, "nightly_1", changed)
 
     assert again["run_id"] != first["run_id"] and again["model_version"] == "2"
@@ -158,17 +160,18 @@ def test_a_rerun_on_changed_data_is_a_new_gated_version_and_the_champion_keeps_i
     with tempfile.TemporaryDirectory() as into:
         served = fetch_champion(server.uri, "lepton-mnist1d", Path(into))
         version = client.get_model_version_by_alias("lepton-mnist1d", "champion").version
-        mine = (changed if version == "2" else manifests)["compress"]["chosen_sha256"]
+        mine = (changed if version == "2" else manifests)["compress"].chosen_sha256
         assert served.version == version and sha256_file(served.onnx_path) == mine
     assert _register(loaded, "nightly_1", changed)["promotion"]["outcome"] == "rerun"  # and now it is a rerun
 
 
 KILLABLE = """
 import json, sys
-from lepton_tasks import pipeline
-from lepton_tasks.specs import find_spec
-manifests = json.load(open(sys.argv[1]))
-pipeline.register(pipeline.context(find_spec("lepton_mnist1d"), sys.argv[2], json.loads(sys.argv[3])), manifests)
+from lepton_tasks.orchestration import pipeline
+from lepton_tasks.config.specs import find_spec
+manifests = {stage: pipeline.MANIFESTS[stage].from_dict(raw) for stage, raw in json.load(open(sys.argv[1])).items()}
+ctx = pipeline.context(find_spec("lepton_mnist1d"), sys.argv[2], json.loads(sys.argv[3]))
+pipeline.run_stage(ctx, "register", manifests)
 """
 
 
@@ -179,7 +182,7 @@ def test_a_register_killed_mid_run_is_closed_failed_and_never_taken_as_complete(
     client = MlflowClient(server.uri)
     _register(loaded, "nightly_1", manifests)  # a champion to compare with
     saved = tmp_path / "manifests.json"
-    saved.write_text(json.dumps(manifests))
+    saved.write_text(json.dumps({stage: manifest.to_dict() for stage, manifest in manifests.items()}))
     task = subprocess.Popen([sys.executable, "-c", KILLABLE, str(saved), "nightly_2", json.dumps(SMALL_CONF)],
                             cwd=Path(__file__).parents[2])
     deadline = time.monotonic() + 120

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from lepton_tasks.config import REPO_ROOT
-from lepton_tasks.storage import sha256_file
-from tests.integration.airflow_env import (
+from lepton_tasks.config.settings import REPO_ROOT
+from lepton_tasks.core.storage import sha256_file
+from lepton_tasks.tools.airflow_env import (
     RUN_TIMEOUT_S,
     SMALL_CONF,
     AirflowEnv,
@@ -52,7 +52,8 @@ def _kill_the_run_cluster(run_dir: Path) -> str:
 
     pid = json.loads((run_dir / "cluster" / "scheduler.json").read_text())["pid"]
     group = [p for p in psutil.process_iter(["cmdline"]) if _group_of(p) == pid]
-    assert any("lepton_tasks.cluster" in " ".join(p.info["cmdline"] or []) for p in group), "not the run's cluster"
+    assert any("lepton_tasks.infra.cluster" in " ".join(p.info["cmdline"] or []) for p in group), \
+        "not the run's cluster"
     os.killpg(pid, signal.SIGKILL)
     return " ".join(str(p.pid) for p in group)
 
@@ -79,8 +80,8 @@ def _faults(run_dir: Path, markers: Path) -> list:
 
 def _fault_free_run(env: AirflowEnv, monkeypatch, pipelines: Path) -> Path:
     """The same params, stage by stage up to merge, in this process on a local cluster of its own."""
-    from lepton_tasks import pipeline
-    from lepton_tasks.specs import find_spec
+    from lepton_tasks.config.specs import find_spec
+    from lepton_tasks.orchestration import pipeline
 
     for name, value in {"LEPTON_DATA_ROOT": str(env.data_root), "MLFLOW_TRACKING_URI": env.mlflow_uri,
                         "LEPTON_PIPELINES_DIR": str(pipelines)}.items():

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.integration.airflow_env import SMALL_CONF, AirflowEnv, TrackingServer, read_report, write_demo
+from lepton_tasks.tools.airflow_env import SMALL_CONF, AirflowEnv, TrackingServer, read_report, write_demo
 
 pytestmark = pytest.mark.slow
 

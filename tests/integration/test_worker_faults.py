@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from lepton_tasks.config import REPO_ROOT
-from lepton_tasks.services import Profile, dask_commands, dask_config_dir
-from lepton_tasks.storage import sha256_file
-from tests.integration.airflow_env import (
+from lepton_tasks.config.settings import REPO_ROOT
+from lepton_tasks.core.storage import sha256_file
+from lepton_tasks.tools.airflow_env import (
     RUN_TIMEOUT_S,
     SMALL_CONF,
     AirflowEnv,
@@ -29,6 +28,7 @@ from tests.integration.airflow_env import (
     unscheduled_specs,
     write_demo,
 )
+from lepton_tasks.tools.services import Profile, dask_commands, dask_config_dir
 from tests.integration.faults import (
     FaultDriver,
     KillOnce,
@@ -75,8 +75,8 @@ def _kill_the_dask_scheduler(supervisor_pid: int) -> str:
 
 def _fault_free_run(env: AirflowEnv, profile: Profile, monkeypatch, pipelines) -> Path:
     """The same params as the faulty run, stage by stage up to merge, on the same Dask scheduler and workers."""
-    from lepton_tasks import pipeline
-    from lepton_tasks.specs import find_spec
+    from lepton_tasks.config.specs import find_spec
+    from lepton_tasks.orchestration import pipeline
 
     for name, value in {"LEPTON_DATA_ROOT": str(env.data_root), "MLFLOW_TRACKING_URI": env.mlflow_uri,
                         "LEPTON_DASK_ADDRESS": profile.dask_address, "LEPTON_PIPELINES_DIR": str(pipelines)}.items():

@@ -1,0 +1,39 @@
+"""What every Lepton Dask worker imports as it starts (Dask's `distributed.worker.preload`, set in
+`cluster.WORKER_DASK_CONFIG`): torch and `torch._dynamo` (which building a torch optimizer imports the first
+time), the libraries that read a shard and write a checkpoint (pandas, pyarrow's Parquet reader, safetensors),
+and the train stage's own modules.
+
+Without it, each fresh worker paid those imports inside its first shard, on the train stage's clock. They run on
+a thread of their own, so the worker joins its scheduler at once and the run's cluster is up as soon as before:
+the imports overlap the stages before train (ingest, validate, drift, shard), and a task that needs a module
+still being imported waits for that import only (Python's import lock).
+"""
+
+from __future__ import annotations
+
+import threading
+
+_done = threading.Event()
+
+
+def dask_setup(worker) -> None:  # Dask calls this once the module is imported
+    threading.Thread(target=_import, name="lepton-preload", daemon=True).start()
+
+
+def preloaded(timeout: float | None = None) -> bool:
+    """Whether this worker's preload has finished (waiting up to `timeout` seconds for it)."""
+    return _done.wait(timeout)
+
+
+def _import() -> None:
+    try:
+        import pandas  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+        import safetensors.torch  # noqa: F401
+        import torch
+
+        import lepton_tasks.stages.train  # noqa: F401
+
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo now, not in the first shard
+    finally:
+        _done.set()

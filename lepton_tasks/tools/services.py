@@ -1,0 +1,330 @@
+"""`make up` / `make down`: the local production profile, every service its own process on loopback.
+
+- Airflow 3 (api-server, scheduler, dag-processor, triggerer; LocalExecutor, preloading the stage libraries) on a
+  PostgreSQL database;
+- an MLflow tracking server on a PostgreSQL database, artifacts in `{state}/mlartifacts`;
+- a Dask cluster: a `dask scheduler` and one `dask worker` process per worker (`dask cuda worker` where torch can
+  use a GPU), each kept running by `lepton_tasks.tools.supervisor` (a worker exits for good when it loses its
+  scheduler; a scheduler that dies comes back at the same address);
+- with LEPTON_EXECUTOR=CeleryExecutor, an `airflow celery worker` on the Redis broker LEPTON_CELERY_BROKER_URL
+  (default the local Redis), results in the Airflow database.
+
+The PostgreSQL server is named by LEPTON_POSTGRES_URL (default the local one); its databases are created once.
+The Airflow login is `admin` with a password generated on first `up` and kept in `{state}/login.json` (mode
+600, under git-ignored `var/`); the UI and the REST API refuse anonymous requests (SimpleAuthManager, JWT).
+The pipelines reach MLflow and Dask through the Airflow connections `mlflow_default` and `dask_default`, set here
+as environment variables, so they run unchanged. State, logs and PIDs live in `{state}` (default `var/up`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lepton_tasks.config.settings import PRELOADING_EXECUTOR, REPO_ROOT, redact_uri
+from lepton_tasks.core.errors import LeptonError
+from lepton_tasks.core.storage import write_private
+from lepton_tasks.infra.cluster import WORKER_DASK_CONFIG, gpu_count
+from lepton_tasks.tools.airflow_home import BIN
+
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+AIRFLOW_PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
+BACKING_PREFIXES = ("mlflow", "dask-")  # stopped after Airflow
+START_TIMEOUT_S = 180
+
+
+class ServiceError(LeptonError):
+    pass
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where the services listen and keep their state."""
+
+    state: Path
+    data_root: Path
+    postgres_url: str = DEFAULT_POSTGRES
+    db_prefix: str = "lepton"
+    airflow_port: int = 8080
+    mlflow_port: int = 5000
+    dask_port: int = 8786
+    dashboard_port: int = 8787
+    dask_workers: int = 0  # 0: one per core
+    executor: str = PRELOADING_EXECUTOR  # or CeleryExecutor: adds an `airflow celery worker` on the Redis broker
+    celery_broker_url: str = "redis://127.0.0.1:6379/0"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Profile:
+        env = (os.environ if environ is None else environ).get
+        state = Path(env("LEPTON_UP_DIR", REPO_ROOT / "var" / "up")).resolve()
+        return cls(state=state, data_root=Path(env("LEPTON_DATA_ROOT", REPO_ROOT / "var" / "data")).resolve(),
+                   postgres_url=env("LEPTON_POSTGRES_URL", DEFAULT_POSTGRES),
+                   db_prefix=env("LEPTON_UP_DB_PREFIX", "lepton"),
+                   airflow_port=int(env("LEPTON_AIRFLOW_PORT", 8080)),
+                   mlflow_port=int(env("LEPTON_MLFLOW_PORT", 5000)),
+                   dask_port=int(env("LEPTON_DASK_PORT", 8786)),
+                   dashboard_port=int(env("LEPTON_DASK_DASHBOARD_PORT", 8787)),
+                   dask_workers=int(env("LEPTON_DASK_WORKERS", 0)),
+                   executor=env("LEPTON_EXECUTOR", PRELOADING_EXECUTOR),
+                   celery_broker_url=env("LEPTON_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.airflow_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def dask_address(self) -> str:
+        return f"tcp://127.0.0.1:{self.dask_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}/status"
+
+    def database_url(self, purpose: str, driver: str = "postgresql") -> str:
+        """The URL of database `{prefix}_{purpose}` on the profile's server."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.postgres_url).set(drivername=driver, database=f"{self.db_prefix}_{purpose}") \
+            .render_as_string(hide_password=False)
+
+
+def ensure_databases(profile: Profile, purposes: tuple[str, ...] = ("airflow", "mlflow")) -> None:
+    """Create the profile's databases where missing; a clear error when no PostgreSQL answers."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(profile.postgres_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            existing = {row[0] for row in conn.execute(sa.text("SELECT datname FROM pg_database"))}
+            for purpose in purposes:
+                name = f"{profile.db_prefix}_{purpose}"
+                if name not in existing:
+                    conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as err:
+        raise ServiceError(f"no PostgreSQL answers at {redact_uri(profile.postgres_url)} (set LEPTON_POSTGRES_URL to "
+                           f"a server Lepton may create databases on): {err.orig}") from None
+    finally:
+        engine.dispose()
+
+
+def login(profile: Profile) -> dict[str, str]:
+    """The admin login and the shared JWT/API keys: generated once, kept in the state folder (mode 600)."""
+    path = profile.state / "login.json"
+    if not path.exists():
+        profile.state.mkdir(parents=True, exist_ok=True)
+        values = {"username": "admin", "password": secrets.token_urlsafe(18),
+                  "jwt_secret": secrets.token_hex(32), "api_secret_key": secrets.token_hex(32)}
+        write_private(path, json.dumps(values))
+    return json.loads(path.read_text())
+
+
+def dask_config_dir(profile: Profile) -> Path:
+    """A DASK_CONFIG folder with the same worker settings as Lepton's local clusters."""
+    folder = profile.state / "dask"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lepton.yaml").write_text(json.dumps(WORKER_DASK_CONFIG))  # JSON is YAML
+    return folder
+
+
+# MLflow's job runner (huey consumers for its GenAI jobs) starts beside the server by default: Lepton submits no
+# such jobs, and its idle consumers took more CPU than the server itself
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def service_env(profile: Profile) -> dict[str, str]:
+    """The environment every service (and so every task) runs with."""
+    keys = login(profile)
+    passwords = profile.state / "passwords.json"  # SimpleAuthManager's user file
+    passwords.write_text(json.dumps({keys["username"]: keys["password"]}))
+    passwords.chmod(0o600)
+    dask_config = dask_config_dir(profile)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__", "MLFLOW_TRACKING"))}
+    env.update({
+        "AIRFLOW_HOME": str(REPO_ROOT),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": profile.database_url("airflow", "postgresql+psycopg2"),
+        "AIRFLOW__CORE__EXECUTOR": profile.executor,
+        # airflow.cfg's short idle sleep leans on PreloadingLocalExecutor's wait for results (see its module)
+        **({} if profile.executor == PRELOADING_EXECUTOR else {"AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "1"}),
+        "AIRFLOW__CELERY__BROKER_URL": profile.celery_broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{profile.database_url('airflow')}",
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{keys['username']}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__API__PORT": str(profile.airflow_port),
+        "AIRFLOW__API__BASE_URL": profile.airflow_url,
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{profile.airflow_url}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
+        "AIRFLOW__API__SECRET_KEY": keys["api_secret_key"],
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(profile.state / "logs" / "airflow"),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({"conn_type": "http", "host": "127.0.0.1",
+                                                   "port": profile.mlflow_port}),
+        "AIRFLOW_CONN_DASK_DEFAULT": json.dumps({"conn_type": "generic", "host": "127.0.0.1",
+                                                 "port": profile.dask_port}),
+        "LEPTON_DATA_ROOT": str(profile.data_root),
+        "LEPTON_MLFLOW_UI_URL": profile.mlflow_url,
+        "LEPTON_DASK_DASHBOARD_URL": profile.dashboard_url,
+        "DASK_CONFIG": str(dask_config),
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        **MLFLOW_SERVER_ENV,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def dask_commands(profile: Profile) -> dict[str, list[str]]:
+    """The Dask scheduler and worker processes, each under the supervisor, by name."""
+    supervised = [sys.executable, "-m", "lepton_tasks.tools.supervisor", "--"]
+    scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(profile.dask_port),
+                 "--dashboard-address", f"127.0.0.1:{profile.dashboard_port}"]
+    if gpu_count():
+        workers = {"dask-worker": [str(BIN / "dask"), "cuda", "worker", profile.dask_address, "--host", "127.0.0.1"]}
+    else:  # one process per worker: losing one (its nanny and all) leaves the others working
+        count = profile.dask_workers or os.cpu_count() or 1
+        workers = {f"dask-worker-{i}": [str(BIN / "dask"), "worker", profile.dask_address, "--nthreads", "1",
+                                        "--host", "127.0.0.1", "--name", f"worker-{i}"] for i in range(1, count + 1)}
+    return {name: [*supervised, *command] for name, command in {"dask-scheduler": scheduler, **workers}.items()}
+
+
+def commands(profile: Profile) -> dict[str, list[str]]:
+    """Each service's command line, by name (the order they start in)."""
+    return {
+        "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(profile.mlflow_port),
+                   "--workers", "2", "--backend-store-uri", profile.database_url("mlflow"),
+                   "--artifacts-destination", str(profile.state / "mlartifacts")],
+        **dask_commands(profile),
+        **{name: [str(BIN / "airflow"), name] for name in AIRFLOW_PROCESSES},
+        **({"celery-worker": [str(BIN / "airflow"), "celery", "worker"]} if profile.executor == "CeleryExecutor"
+           else {}),
+    }
+
+
+def _pids_file(profile: Profile) -> Path:
+    return profile.state / "pids.json"
+
+
+def answers(url: str) -> bool:
+    """Whether a server answers at `url` (any HTTP status under 500)."""
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status < 500
+    except urllib.error.HTTPError as err:
+        return err.code < 500
+    except OSError:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait(what: str, ready, processes: dict[str, subprocess.Popen], logs: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready():
+        for name, process in processes.items():
+            if process.poll() is not None:
+                tail = (logs / f"{name}.log").read_text()[-3000:]
+                raise ServiceError(f"{name} exited with code {process.returncode} while waiting for {what}; "
+                                   f"log {logs / (name + '.log')}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{what} did not answer within {START_TIMEOUT_S}s; logs in {logs}")
+        time.sleep(1)
+
+
+def up(profile: Profile) -> dict[str, str]:
+    """Start every service (none may be running already); return the URLs and the login."""
+    if running(profile):
+        raise ServiceError(f"services are already up (see {_pids_file(profile)}); `make down` first")
+    busy = [p for p in (profile.airflow_port, profile.mlflow_port, profile.dask_port, profile.dashboard_port)
+            if _port_open(p)]
+    if busy:
+        raise ServiceError(f"port(s) {busy} on 127.0.0.1 are taken; set LEPTON_AIRFLOW_PORT, LEPTON_MLFLOW_PORT, "
+                           "LEPTON_DASK_PORT or LEPTON_DASK_DASHBOARD_PORT")
+    ensure_databases(profile)
+    env = service_env(profile)
+    logs = profile.state / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True)
+    if migrate.returncode != 0:
+        raise ServiceError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-2000:]}")
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        for name, command in commands(profile).items():
+            processes[name] = subprocess.Popen(command, env=env, cwd=profile.state, start_new_session=True,
+                                               stdout=(logs / f"{name}.log").open("ab"), stderr=subprocess.STDOUT)
+            _pids_file(profile).write_text(json.dumps({n: p.pid for n, p in processes.items()}))
+        _wait("MLflow", lambda: answers(f"{profile.mlflow_url}/health"), processes, logs)
+        _wait("the Dask scheduler", lambda: _port_open(profile.dask_port), processes, logs)
+        _wait("the Airflow api-server", lambda: answers(f"{profile.airflow_url}/api/v2/monitor/health"),
+              processes, logs)
+    except BaseException:
+        down(profile)
+        raise
+    keys = login(profile)
+    script = profile.state / "env.sh"  # holds the keys: private
+    script.write_text(env_script(env))
+    script.chmod(0o600)
+    return {"airflow": profile.airflow_url, "mlflow": profile.mlflow_url, "dask_dashboard": profile.dashboard_url,
+            "dask_scheduler": profile.dask_address, "username": keys["username"],
+            "password_file": str(profile.state / "login.json"), "logs": str(logs), "env": str(script)}
+
+
+def running(profile: Profile) -> dict[str, int]:
+    """The services whose processes are still alive, by name."""
+    path = _pids_file(profile)
+    if not path.exists():
+        return {}
+    alive = {}
+    for name, pid in json.loads(path.read_text()).items():
+        try:
+            os.kill(pid, 0)
+            alive[name] = pid
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def down(profile: Profile, timeout: float = 30) -> list[str]:
+    """Stop every service (its whole process group), Airflow first; return the names stopped."""
+    alive = running(profile)
+    for name in sorted(alive, key=lambda n: n.startswith(BACKING_PREFIXES)):
+        try:
+            os.killpg(alive[name], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while running(profile) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in running(profile).values():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _pids_file(profile).unlink(missing_ok=True)
+    return sorted(alive)
+
+
+def env_script(env: dict[str, str]) -> str:
+    """`export` lines (from `service_env`) that point a shell's `airflow` commands at the running profile."""
+    names = [k for k in env if k.startswith(("AIRFLOW", "LEPTON_"))]
+    return "\n".join(f"export {k}={shlex.quote(env[k])}" for k in names) + "\n"
