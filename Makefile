@@ -63,7 +63,7 @@ browser:
 test: setup browser
 	source var/secrets.env && $(BIN)/ruff check . && $(BIN)/pytest $(PYTEST_ARGS)
 
-# the local production profile: Airflow + MLflow on PostgreSQL (LEPTON_POSTGRES_URL), a Dask cluster; loopback only
+# the local production deployment: Airflow + MLflow on PostgreSQL (LEPTON_POSTGRES_URL), a Dask cluster; loopback only
 up: setup
 	lepton up
 

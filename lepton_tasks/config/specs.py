@@ -268,7 +268,7 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
     import yaml
 
     try:
-        # libyaml's safe loader where PyYAML has it: the same documents, parsed about 10x faster (every task
+        # libyaml's safe loader where PyYAML has it: the same documents, parsed many times faster (every task
         # parses its spec)
         raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as err:

@@ -130,8 +130,8 @@ def combined_sha256(file_digests: list[str]) -> str:
 
 def parquet_dictionary_columns(schema) -> list[str]:
     """The columns worth Parquet dictionary encoding: all but floating-point ones. Measured features hardly repeat,
-    so pyarrow's default (every column) spends about 9x the write time on float columns for a file that comes out
-    larger (MNIST-1D, 500k rows: 1.43 s and 119 MB with it, 0.16 s and 81 MB without)."""
+    so pyarrow's default (every column) spends most of the write time building float dictionaries for a file
+    that comes out larger (bench `shard`)."""
     import pyarrow as pa
 
     return [field.name for field in schema if not pa.types.is_floating(field.type)]

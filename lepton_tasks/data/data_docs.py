@@ -1,7 +1,7 @@
 """GX data docs views whose Jinja templates are compiled once per machine, not once per build.
 
 GX makes a new Jinja environment for every page view of every data docs build, so each validate task compiled
-the same ~50 templates again: a third of a build (0.40 s here, 0.26 s with these views). These views are GX's
+the same ~50 templates again, a large part of a build (bench `validate`). These views are GX's
 own, with Jinja's standard file-system bytecode cache (a private folder under the temp dir, keyed by each
 template's source checksum, so a GX upgrade recompiles), shared by every task process on the machine.
 `SITE_VIEWS` is the site config that selects them.

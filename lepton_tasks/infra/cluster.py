@@ -49,21 +49,20 @@ RUN_CLUSTER_IDLE_S = 1800  # a run's cluster with no client and no task this lon
 RUN_CLUSTER_WAIT_S = 120  # how long a task beside the setup task waits for the run's cluster to answer
 T = TypeVar("T")
 
-# Worker settings for training speed, measured with bench/stages.py's train benchmark on this CPU:
+# Worker settings for training speed and an idle cluster's cost (bench/stages.py's train benchmark measures them):
 # - Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker; any explicit value turns off glibc's adaptive
-#   mmap threshold and PyTorch then pays an mmap/munmap per activation (2.2x slower). Lepton's workers run
+#   mmap threshold and PyTorch then pays an mmap/munmap per activation (several times slower). Lepton's workers run
 #   without it; memory still goes back to the OS when the worker exits.
 # - the statistical profiler samples every thread's stack every 10 ms under the GIL, which a Python-level
 #   training loop of small batches feels; off (the dashboard's profile page stays empty).
 # - MKL_CBWR=AUTO,STRICT: MKL's results stop depending on buffer alignment, part of the determinism policy (see
 #   `train`); no measurable cost for these models.
-# - the event-loop health tick every 1 s, not every 20 ms: an idle run cluster's scheduler process (with its
-#   nannies) took 4.3% of a core, 1.9% with this; a loop blocked for longer than the 3 s limit is still reported.
+# - the event-loop health tick every 1 s, not every 20 ms: it is most of what an idle run cluster's scheduler
+#   and nannies spend; a loop blocked for longer than the 3 s limit is still reported.
 # - every process's system monitor (CPU, network and disk counters for the dashboard) every 2 s, not 0.5 s; the
 #   workers' and nannies' memory checks every 0.5 s, not 0.1 s (a run's tasks are few and long: the spill, pause
-#   and restart thresholds are still met, half a second later at most). An idle 2-worker cluster here took 3.8%
-#   of a core with the settings above, 1.4-1.7% with these too: the run's cluster idles through validate, drift,
-#   compress and register.
+#   and restart thresholds are still met, half a second later at most). Together these more than halve what an
+#   idle cluster costs, and the run's cluster idles through validate, drift, compress and register.
 # - every worker imports torch and the train stage as it starts (`lepton_tasks.orchestration.worker_preload`),
 #   not in its first shard: the run's cluster starts beside ingest.
 WORKER_DASK_CONFIG = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None,
@@ -102,7 +101,7 @@ def nvidia_driver_present() -> bool:
 
 def gpu_count() -> int:
     """CUDA devices torch itself can use: 0 with a CPU build of torch, without a driver or without a device.
-    Without a driver torch is not imported: the cluster helper would pay its import (1.5 s of CPU) for nothing."""
+    Without a driver torch is not imported: the cluster helper would pay its import (seconds of CPU) for nothing."""
     if not nvidia_driver_present():
         return 0
     try:
@@ -403,7 +402,7 @@ def restart_without_validation(client) -> None:
 def call_by_name(target: str, *args):
     """Call `target` ("module:function") with `args` on a Dask worker. Dask's scheduler unpickles every task it is
     given, so a task that names its function's module, or carries an instance of a class from it, makes the
-    scheduler import that module; for a stage module that imports torch it was 1.4 s here, in series before any
+    scheduler import that module; for a stage module that imports torch that is seconds, in series before any
     worker could start. Submitted as `call_by_name` with plain-data arguments, only the worker imports it."""
     import importlib
 
@@ -463,7 +462,7 @@ def _local_cluster_process(n_workers: int | None) -> Iterator[Path]:
         process = subprocess.Popen(command, start_new_session=True, cwd=tmp, stdin=subprocess.DEVNULL,
                                    env=_helper_env())
         try:
-            import distributed  # noqa: F401  (the client's import, while the helper starts: 0.4 s here)
+            import distributed  # noqa: F401  (the client's import, paid while the helper starts)
 
             _wait_for_file(scheduler_file, process)
             yield scheduler_file

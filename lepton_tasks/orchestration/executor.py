@@ -17,9 +17,9 @@ scheduler still loops about once a second, and a task's end reaches the next loo
 
 A task's end is told twice. The task process itself, once its state is committed, writes a byte to a pipe made
 here before the forks (`TaskEndListener`, an Airflow listener the Lepton plugin registers). The worker's result
-follows when the task's supervisor has reaped the process: usually 40 ms later, but a heartbeat interval later
-(`[workers] min_heartbeat_interval`: 5 s by default, 1 s in airflow.cfg) when the supervisor sees the process's
-sockets close before it can reap it, as it did for about one task in three of a pipeline run here.
+follows when the task's supervisor has reaped the process: usually at once, but a heartbeat interval later
+(`[workers] min_heartbeat_interval`) when the supervisor sees the process's sockets close before it can reap it,
+which happens often enough to cost a pipeline run seconds (bench `orchestration_overhead`).
 
 What it uses of Airflow's private API is in `airflow_internals.py`, with the fallback to the stock LocalExecutor.
 

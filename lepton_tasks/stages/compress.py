@@ -8,7 +8,7 @@ turn, round after round, so a slow moment of the machine is shared rather than p
 
 The chosen variant is the smallest on disk that is both within `tolerance` of the merged model's metric (in the
 metric's own units) and not slower than the plain fp32 ONNX export, for a single row and for a batch (within
-LATENCY_NOISE, what repeated timings of one model differ by here); ties go to the smaller deflated size, then the
+LATENCY_NOISE, what repeated timings of one model differ by); ties go to the smaller deflated size, then the
 lower latency. Each variant's `verdict` says why it was or was not chosen (MLflow: `onnx/tradeoff.json`).
 """
 
@@ -40,7 +40,7 @@ BATCH_ROWS = 256
 # rows per ONNX Runtime call when scoring a variant on the held-out split: each session's memory arena keeps the
 # buffers of its largest call, so one call over 2M rows left every variant holding about a GiB
 SCORING_ROWS = 16_384
-LATENCY_NOISE = 0.05  # "not slower" allows this much: the spread of one model's p50 between repeats here
+LATENCY_NOISE = 0.05  # "not slower" allows this much: about the spread of one model's p50 between repeats
 CHOSEN_FILE = "model.onnx"
 FP32 = "onnx_fp32"  # the plain export every other variant must not be slower than
 
@@ -72,7 +72,7 @@ def with_weights(exported: Path, dense: dict[str, torch.Tensor], model: torch.nn
     """`model` as ONNX, where it has the architecture of the model `exported` (not slimmed) came from, whose
     weights were `dense`: the same graph with the weights that differ replaced, by state-dict key. Pruning only
     zeroes weights, so this gives what exporting the pruned model gives, without a second export (each one
-    builds the exporter's operator registry: 0.7 s of the 1.4 s an export takes here). Exported after all where
+    builds the exporter's operator registry again, about half of an export's time). Exported after all where
     a changed weight is not an initializer of that name and shape."""
     import onnx
     from onnx import numpy_helper

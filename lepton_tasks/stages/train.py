@@ -299,8 +299,8 @@ def privacy(params, rows: int, rounds: int) -> dict:
 
 
 def _privacy_by_shard(shards: list[ShardInfo], params, client) -> dict[str, dict]:
-    """`privacy` for every shard, computed on the cluster's workers: Opacus' search for a noise multiplier takes
-    up to a second a shard (0.8 s at epsilon 8 on this CPU), which the workers share."""
+    """`privacy` for every shard, computed on the cluster's workers: Opacus' search for a noise multiplier is a
+    numeric search per shard, which the workers share."""
     rows = [s.rows for s in shards]
 
     def calibrate(attempt: int) -> list[dict]:

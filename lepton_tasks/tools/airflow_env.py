@@ -24,9 +24,9 @@ from lepton_tasks.config.settings import REPO_ROOT
 from lepton_tasks.tools.services import MLFLOW_SERVER_ENV, answers
 
 BIN = Path(sys.executable).parent
-# The bound on one small DAG run under a real scheduler. Such a run takes 1-3 minutes on this 2-core machine in a
-# loaded suite, and took 7-10 minutes on a machine 2.3x slower, where 420 s failed a passing run. A bound is paid
-# only when the run is stuck, so it is generous; on timeout the task states are printed.
+# The bound on one small DAG run under a real scheduler. A run in a loaded suite on a slow 2-core machine takes
+# several times what it takes alone, and a tight bound failed passing runs there. A bound is paid only when the
+# run is stuck, so it is generous; on timeout the task states are printed.
 RUN_TIMEOUT_S = 1200
 
 

@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-data", help="write a bundled example's demo data to its landing folder")
     demo.add_argument("name", nargs="?", default=DEFAULT_PIPELINE)
     demo.add_argument("--rows", "--samples", type=int)
-    commands.add_parser("up", help="start the local production profile (Airflow, MLflow on PostgreSQL; Dask)")
+    commands.add_parser("up", help="start the local production deployment (Airflow, MLflow on PostgreSQL; Dask)")
     commands.add_parser("down", help="stop what `lepton up` started")
     return parser
 
@@ -159,14 +159,14 @@ def backfill(args: argparse.Namespace) -> int:
 
 
 def services_up() -> int:
-    """Start the production profile with bundled demo data in place; print the URLs and the login."""
+    """Start the production deployment with bundled demo data in place; print the URLs and the login."""
     from lepton_tasks.tools import services
     from lepton_tasks.tools.demo_data import EXAMPLES, ensure_example_data
 
-    profile = services.Profile.from_env()
+    deployment = services.Deployment.from_env()
     for example in EXAMPLES:  # every bundled pipeline runs from the UI with its defaults
-        ensure_example_data(example, profile.data_root, None)
-    urls = services.up(profile)
+        ensure_example_data(example, deployment.data_root, None)
+    urls = services.up(deployment)
     print(f"Airflow UI:     {urls['airflow']}  (user {urls['username']}, password in {urls['password_file']})")
     print(f"MLflow UI:      {urls['mlflow']}")
     print(f"Dask dashboard: {urls['dask_dashboard']}  (scheduler {urls['dask_scheduler']})")
@@ -178,7 +178,7 @@ def services_up() -> int:
 def services_down() -> int:
     from lepton_tasks.tools import services
 
-    stopped = services.down(services.Profile.from_env())
+    stopped = services.down(services.Deployment.from_env())
     print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     return 0
 

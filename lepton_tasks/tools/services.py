@@ -1,4 +1,4 @@
-"""`make up` / `make down`: the local production profile, every service its own process on loopback.
+"""`make up` / `make down`: the local production deployment, every service its own process on loopback.
 
 - Airflow 3 (api-server, scheduler, dag-processor, triggerer; LocalExecutor, preloading the stage libraries) on a
   PostgreSQL database;
@@ -49,7 +49,7 @@ class ServiceError(LeptonError):
 
 
 @dataclass(frozen=True)
-class Profile:
+class Deployment:
     """Where the services listen and keep their state."""
 
     state: Path
@@ -65,7 +65,7 @@ class Profile:
     celery_broker_url: str = "redis://127.0.0.1:6379/0"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Profile:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Deployment:
         env = (os.environ if environ is None else environ).get
         state = Path(env("LEPTON_UP_DIR", REPO_ROOT / "var" / "up")).resolve()
         return cls(state=state, data_root=Path(env("LEPTON_DATA_ROOT", REPO_ROOT / "var" / "data")).resolve(),
@@ -96,46 +96,48 @@ class Profile:
         return f"http://127.0.0.1:{self.dashboard_port}/status"
 
     def database_url(self, purpose: str, driver: str = "postgresql") -> str:
-        """The URL of database `{prefix}_{purpose}` on the profile's server."""
+        """The URL of database `{prefix}_{purpose}` on the deployment's server."""
         from sqlalchemy.engine import make_url
 
         return make_url(self.postgres_url).set(drivername=driver, database=f"{self.db_prefix}_{purpose}") \
             .render_as_string(hide_password=False)
 
 
-def ensure_databases(profile: Profile, purposes: tuple[str, ...] = ("airflow", "mlflow")) -> None:
-    """Create the profile's databases where missing; a clear error when no PostgreSQL answers."""
+def ensure_databases(deployment: Deployment, purposes: tuple[str, ...] = ("airflow", "mlflow")) -> None:
+    """Create the deployment's databases where missing; a clear error when no PostgreSQL answers."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(profile.postgres_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    engine = sa.create_engine(deployment.postgres_url, isolation_level="AUTOCOMMIT",
+                              connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as conn:
             existing = {row[0] for row in conn.execute(sa.text("SELECT datname FROM pg_database"))}
             for purpose in purposes:
-                name = f"{profile.db_prefix}_{purpose}"
+                name = f"{deployment.db_prefix}_{purpose}"
                 if name not in existing:
                     conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as err:
-        raise ServiceError(f"no PostgreSQL answers at {redact_uri(profile.postgres_url)} (set LEPTON_POSTGRES_URL to "
+        raise ServiceError(f"no PostgreSQL answers at {redact_uri(deployment.postgres_url)} "
+                           "(set LEPTON_POSTGRES_URL to "
                            f"a server Lepton may create databases on): {err.orig}") from None
     finally:
         engine.dispose()
 
 
-def login(profile: Profile) -> dict[str, str]:
+def login(deployment: Deployment) -> dict[str, str]:
     """The admin login and the shared JWT/API keys: generated once, kept in the state folder (mode 600)."""
-    path = profile.state / "login.json"
+    path = deployment.state / "login.json"
     if not path.exists():
-        profile.state.mkdir(parents=True, exist_ok=True)
+        deployment.state.mkdir(parents=True, exist_ok=True)
         values = {"username": "admin", "password": secrets.token_urlsafe(18),
                   "jwt_secret": secrets.token_hex(32), "api_secret_key": secrets.token_hex(32)}
         write_private(path, json.dumps(values))
     return json.loads(path.read_text())
 
 
-def dask_config_dir(profile: Profile) -> Path:
+def dask_config_dir(deployment: Deployment) -> Path:
     """A DASK_CONFIG folder with the same worker settings as Lepton's local clusters."""
-    folder = profile.state / "dask"
+    folder = deployment.state / "dask"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "lepton.yaml").write_text(json.dumps(WORKER_DASK_CONFIG))  # JSON is YAML
     return folder
@@ -146,40 +148,41 @@ def dask_config_dir(profile: Profile) -> Path:
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def service_env(profile: Profile) -> dict[str, str]:
+def service_env(deployment: Deployment) -> dict[str, str]:
     """The environment every service (and so every task) runs with."""
-    keys = login(profile)
-    passwords = profile.state / "passwords.json"  # SimpleAuthManager's user file
+    keys = login(deployment)
+    passwords = deployment.state / "passwords.json"  # SimpleAuthManager's user file
     passwords.write_text(json.dumps({keys["username"]: keys["password"]}))
     passwords.chmod(0o600)
-    dask_config = dask_config_dir(profile)
+    dask_config = dask_config_dir(deployment)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__", "MLFLOW_TRACKING"))}
     env.update({
         "AIRFLOW_HOME": str(REPO_ROOT),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": profile.database_url("airflow", "postgresql+psycopg2"),
-        "AIRFLOW__CORE__EXECUTOR": profile.executor,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": deployment.database_url("airflow", "postgresql+psycopg2"),
+        "AIRFLOW__CORE__EXECUTOR": deployment.executor,
         # airflow.cfg's short idle sleep leans on PreloadingLocalExecutor's wait for results (see its module)
-        **({} if profile.executor == PRELOADING_EXECUTOR else {"AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "1"}),
-        "AIRFLOW__CELERY__BROKER_URL": profile.celery_broker_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{profile.database_url('airflow')}",
+        **({} if deployment.executor == PRELOADING_EXECUTOR
+           else {"AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "1"}),
+        "AIRFLOW__CELERY__BROKER_URL": deployment.celery_broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{deployment.database_url('airflow')}",
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{keys['username']}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__API__PORT": str(profile.airflow_port),
-        "AIRFLOW__API__BASE_URL": profile.airflow_url,
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{profile.airflow_url}/execution/",
+        "AIRFLOW__API__PORT": str(deployment.airflow_port),
+        "AIRFLOW__API__BASE_URL": deployment.airflow_url,
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{deployment.airflow_url}/execution/",
         "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
         "AIRFLOW__API__SECRET_KEY": keys["api_secret_key"],
-        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(profile.state / "logs" / "airflow"),
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(deployment.state / "logs" / "airflow"),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({"conn_type": "http", "host": "127.0.0.1",
-                                                   "port": profile.mlflow_port}),
+                                                   "port": deployment.mlflow_port}),
         "AIRFLOW_CONN_DASK_DEFAULT": json.dumps({"conn_type": "generic", "host": "127.0.0.1",
-                                                 "port": profile.dask_port}),
-        "LEPTON_DATA_ROOT": str(profile.data_root),
-        "LEPTON_MLFLOW_UI_URL": profile.mlflow_url,
-        "LEPTON_DASK_DASHBOARD_URL": profile.dashboard_url,
+                                                 "port": deployment.dask_port}),
+        "LEPTON_DATA_ROOT": str(deployment.data_root),
+        "LEPTON_MLFLOW_UI_URL": deployment.mlflow_url,
+        "LEPTON_DASK_DASHBOARD_URL": deployment.dashboard_url,
         "DASK_CONFIG": str(dask_config),
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
@@ -190,35 +193,35 @@ def service_env(profile: Profile) -> dict[str, str]:
     return env
 
 
-def dask_commands(profile: Profile) -> dict[str, list[str]]:
+def dask_commands(deployment: Deployment) -> dict[str, list[str]]:
     """The Dask scheduler and worker processes, each under the supervisor, by name."""
     supervised = [sys.executable, "-m", "lepton_tasks.tools.supervisor", "--"]
-    scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(profile.dask_port),
-                 "--dashboard-address", f"127.0.0.1:{profile.dashboard_port}"]
+    scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(deployment.dask_port),
+                 "--dashboard-address", f"127.0.0.1:{deployment.dashboard_port}"]
     if gpu_count():
-        workers = {"dask-worker": [str(BIN / "dask"), "cuda", "worker", profile.dask_address, "--host", "127.0.0.1"]}
+        workers = {"dask-worker": [str(BIN / "dask"), "cuda", "worker", deployment.dask_address, "--host", "127.0.0.1"]}
     else:  # one process per worker: losing one (its nanny and all) leaves the others working
-        count = profile.dask_workers or os.cpu_count() or 1
-        workers = {f"dask-worker-{i}": [str(BIN / "dask"), "worker", profile.dask_address, "--nthreads", "1",
+        count = deployment.dask_workers or os.cpu_count() or 1
+        workers = {f"dask-worker-{i}": [str(BIN / "dask"), "worker", deployment.dask_address, "--nthreads", "1",
                                         "--host", "127.0.0.1", "--name", f"worker-{i}"] for i in range(1, count + 1)}
     return {name: [*supervised, *command] for name, command in {"dask-scheduler": scheduler, **workers}.items()}
 
 
-def commands(profile: Profile) -> dict[str, list[str]]:
+def commands(deployment: Deployment) -> dict[str, list[str]]:
     """Each service's command line, by name (the order they start in)."""
     return {
-        "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(profile.mlflow_port),
-                   "--workers", "2", "--backend-store-uri", profile.database_url("mlflow"),
-                   "--artifacts-destination", str(profile.state / "mlartifacts")],
-        **dask_commands(profile),
+        "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(deployment.mlflow_port),
+                   "--workers", "2", "--backend-store-uri", deployment.database_url("mlflow"),
+                   "--artifacts-destination", str(deployment.state / "mlartifacts")],
+        **dask_commands(deployment),
         **{name: [str(BIN / "airflow"), name] for name in AIRFLOW_PROCESSES},
-        **({"celery-worker": [str(BIN / "airflow"), "celery", "worker"]} if profile.executor == "CeleryExecutor"
+        **({"celery-worker": [str(BIN / "airflow"), "celery", "worker"]} if deployment.executor == "CeleryExecutor"
            else {}),
     }
 
 
-def _pids_file(profile: Profile) -> Path:
-    return profile.state / "pids.json"
+def _pids_file(deployment: Deployment) -> Path:
+    return deployment.state / "pids.json"
 
 
 def answers(url: str) -> bool:
@@ -251,47 +254,48 @@ def _wait(what: str, ready, processes: dict[str, subprocess.Popen], logs: Path) 
         time.sleep(1)
 
 
-def up(profile: Profile) -> dict[str, str]:
+def up(deployment: Deployment) -> dict[str, str]:
     """Start every service (none may be running already); return the URLs and the login."""
-    if running(profile):
-        raise ServiceError(f"services are already up (see {_pids_file(profile)}); `make down` first")
-    busy = [p for p in (profile.airflow_port, profile.mlflow_port, profile.dask_port, profile.dashboard_port)
-            if _port_open(p)]
+    if running(deployment):
+        raise ServiceError(f"services are already up (see {_pids_file(deployment)}); `make down` first")
+    ports = (deployment.airflow_port, deployment.mlflow_port, deployment.dask_port, deployment.dashboard_port)
+    busy = [p for p in ports if _port_open(p)]
     if busy:
         raise ServiceError(f"port(s) {busy} on 127.0.0.1 are taken; set LEPTON_AIRFLOW_PORT, LEPTON_MLFLOW_PORT, "
                            "LEPTON_DASK_PORT or LEPTON_DASK_DASHBOARD_PORT")
-    ensure_databases(profile)
-    env = service_env(profile)
-    logs = profile.state / "logs"
+    ensure_databases(deployment)
+    env = service_env(deployment)
+    logs = deployment.state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True)
     if migrate.returncode != 0:
         raise ServiceError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-2000:]}")
     processes: dict[str, subprocess.Popen] = {}
     try:
-        for name, command in commands(profile).items():
-            processes[name] = subprocess.Popen(command, env=env, cwd=profile.state, start_new_session=True,
+        for name, command in commands(deployment).items():
+            processes[name] = subprocess.Popen(command, env=env, cwd=deployment.state, start_new_session=True,
                                                stdout=(logs / f"{name}.log").open("ab"), stderr=subprocess.STDOUT)
-            _pids_file(profile).write_text(json.dumps({n: p.pid for n, p in processes.items()}))
-        _wait("MLflow", lambda: answers(f"{profile.mlflow_url}/health"), processes, logs)
-        _wait("the Dask scheduler", lambda: _port_open(profile.dask_port), processes, logs)
-        _wait("the Airflow api-server", lambda: answers(f"{profile.airflow_url}/api/v2/monitor/health"),
+            _pids_file(deployment).write_text(json.dumps({n: p.pid for n, p in processes.items()}))
+        _wait("MLflow", lambda: answers(f"{deployment.mlflow_url}/health"), processes, logs)
+        _wait("the Dask scheduler", lambda: _port_open(deployment.dask_port), processes, logs)
+        _wait("the Airflow api-server", lambda: answers(f"{deployment.airflow_url}/api/v2/monitor/health"),
               processes, logs)
     except BaseException:
-        down(profile)
+        down(deployment)
         raise
-    keys = login(profile)
-    script = profile.state / "env.sh"  # holds the keys: private
+    keys = login(deployment)
+    script = deployment.state / "env.sh"  # holds the keys: private
     script.write_text(env_script(env))
     script.chmod(0o600)
-    return {"airflow": profile.airflow_url, "mlflow": profile.mlflow_url, "dask_dashboard": profile.dashboard_url,
-            "dask_scheduler": profile.dask_address, "username": keys["username"],
-            "password_file": str(profile.state / "login.json"), "logs": str(logs), "env": str(script)}
+    return {"airflow": deployment.airflow_url, "mlflow": deployment.mlflow_url,
+            "dask_dashboard": deployment.dashboard_url,
+            "dask_scheduler": deployment.dask_address, "username": keys["username"],
+            "password_file": str(deployment.state / "login.json"), "logs": str(logs), "env": str(script)}
 
 
-def running(profile: Profile) -> dict[str, int]:
+def running(deployment: Deployment) -> dict[str, int]:
     """The services whose processes are still alive, by name."""
-    path = _pids_file(profile)
+    path = _pids_file(deployment)
     if not path.exists():
         return {}
     alive = {}
@@ -304,27 +308,27 @@ def running(profile: Profile) -> dict[str, int]:
     return alive
 
 
-def down(profile: Profile, timeout: float = 30) -> list[str]:
+def down(deployment: Deployment, timeout: float = 30) -> list[str]:
     """Stop every service (its whole process group), Airflow first; return the names stopped."""
-    alive = running(profile)
+    alive = running(deployment)
     for name in sorted(alive, key=lambda n: n.startswith(BACKING_PREFIXES)):
         try:
             os.killpg(alive[name], signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while running(profile) and time.monotonic() < deadline:
+    while running(deployment) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for pid in running(profile).values():
+    for pid in running(deployment).values():
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _pids_file(profile).unlink(missing_ok=True)
+    _pids_file(deployment).unlink(missing_ok=True)
     return sorted(alive)
 
 
 def env_script(env: dict[str, str]) -> str:
-    """`export` lines (from `service_env`) that point a shell's `airflow` commands at the running profile."""
+    """`export` lines (from `service_env`) that point a shell's `airflow` commands at the running deployment."""
     names = [k for k in env if k.startswith(("AIRFLOW", "LEPTON_"))]
     return "\n".join(f"export {k}={shlex.quote(env[k])}" for k in names) + "\n"

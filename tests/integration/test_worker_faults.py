@@ -28,7 +28,7 @@ from lepton_tasks.tools.airflow_env import (
     unscheduled_specs,
     write_demo,
 )
-from lepton_tasks.tools.services import Profile, dask_commands, dask_config_dir
+from lepton_tasks.tools.services import Deployment, dask_commands, dask_config_dir
 from tests.integration.faults import (
     FaultDriver,
     KillOnce,
@@ -49,15 +49,15 @@ CONF = {**SMALL_CONF, "merge_rounds": 3}
 @pytest.fixture
 def make_up_dask(tmp_path):
     """The supervised Dask processes of `lepton up`; workers see this repository (for the test's plugin)."""
-    profile = Profile(tmp_path / "dask", tmp_path / "data", dask_port=free_port(), dashboard_port=free_port(),
+    deployment = Deployment(tmp_path / "dask", tmp_path / "data", dask_port=free_port(), dashboard_port=free_port(),
                       dask_workers=2)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LEPTON"))}
-    env.update({"PYTHONPATH": str(REPO_ROOT), "DASK_CONFIG": str(dask_config_dir(profile))})
+    env.update({"PYTHONPATH": str(REPO_ROOT), "DASK_CONFIG": str(dask_config_dir(deployment))})
     log = (tmp_path / "dask.log").open("w")
     supervisors = {name: subprocess.Popen(command, env=env, start_new_session=True, stdout=log,
                                           stderr=subprocess.STDOUT)
-                   for name, command in dask_commands(profile).items()}
-    yield profile, supervisors
+                   for name, command in dask_commands(deployment).items()}
+    yield deployment, supervisors
     for process in supervisors.values():
         os.killpg(process.pid, 15)
         process.wait(timeout=60)
@@ -73,13 +73,13 @@ def _kill_the_dask_scheduler(supervisor_pid: int) -> str:
     return str(pid)
 
 
-def _fault_free_run(env: AirflowEnv, profile: Profile, monkeypatch, pipelines) -> Path:
+def _fault_free_run(env: AirflowEnv, deployment: Deployment, monkeypatch, pipelines) -> Path:
     """The same params as the faulty run, stage by stage up to merge, on the same Dask scheduler and workers."""
     from lepton_tasks.config.specs import find_spec
     from lepton_tasks.orchestration import pipeline
 
     for name, value in {"LEPTON_DATA_ROOT": str(env.data_root), "MLFLOW_TRACKING_URI": env.mlflow_uri,
-                        "LEPTON_DASK_ADDRESS": profile.dask_address, "LEPTON_PIPELINES_DIR": str(pipelines)}.items():
+                        "LEPTON_DASK_ADDRESS": deployment.dask_address, "LEPTON_PIPELINES_DIR": str(pipelines)}.items():
         monkeypatch.setenv(name, value)
     pipeline.run_in_process(pipeline.context(find_spec("lepton_mnist1d"), "clean", CONF), last="merge")
     return env.data_root / "lepton_mnist1d" / "clean"
@@ -94,25 +94,25 @@ def test_a_run_survives_killed_workers_and_a_restarted_scheduler_with_the_same_m
                                                                                      monkeypatch):
     from distributed import Client
 
-    profile, supervisors = make_up_dask
+    deployment, supervisors = make_up_dask
     env = AirflowEnv.sqlite(tmp_path)
     write_demo(env.data_root, 1500)
     env.migrate()
     markers = tmp_path / "markers"
     markers.mkdir()
-    with Client(profile.dask_address, timeout="60s") as monitor:
+    with Client(deployment.dask_address, timeout="60s") as monitor:
         monitor.wait_for_workers(2, timeout=120)
-    watch(profile.dask_address, markers / "left", [
+    watch(deployment.dask_address, markers / "left", [
         KillOnce("_write_partition", str(markers / "shard"), delay_s=0.0),
         KillOnce("train-r1-shard-000", str(markers / "round1"), delay_s=0.5)])
     faulty = env.data_root / "lepton_mnist1d" / "faulty"
     steps = [
         ("a whole dask worker in round 2", lambda: (faulty / "train/round-01/merged.safetensors").exists(),
-         lambda: kill_dask_worker_process(supervised_child(supervisors["dask-worker-2"].pid), profile.dask_address)),
+         lambda: kill_dask_worker_process(supervised_child(supervisors["dask-worker-2"].pid), deployment.dask_address)),
         ("the dask scheduler in round 3", lambda: (faulty / "train/round-02/merged.safetensors").exists(),
          lambda: _kill_the_dask_scheduler(supervisors["dask-scheduler"].pid)),
     ]
-    connection = json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": profile.dask_port})
+    connection = json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": deployment.dask_port})
     pipelines = unscheduled_specs(tmp_path / "pipelines")
     with env.serving(AIRFLOW_CONN_DASK_DEFAULT=connection, LEPTON_PIPELINES_DIR=str(pipelines)) as extra:
         env.unpause(extra)
@@ -127,7 +127,7 @@ def test_a_run_survives_killed_workers_and_a_restarted_scheduler_with_the_same_m
         assert key in killed_key and address in gone, (marker, killed_key, gone)
     assert set(driver.done["a whole dask worker in round 2"].split()) <= gone, (driver.done, gone)
     assert supervised_child(supervisors["dask-scheduler"].pid) != int(driver.done["the dask scheduler in round 3"])
-    clean = _fault_free_run(env, profile, monkeypatch, pipelines)
+    clean = _fault_free_run(env, deployment, monkeypatch, pipelines)
     assert first_difference(faulty, clean) is None
     # and byte for byte: a checkpoint's bytes are a function of its content (models.save_checkpoint)
     assert sha256_file(faulty / "merge/merged.safetensors") == sha256_file(clean / "merge/merged.safetensors")

@@ -1,6 +1,6 @@
 """`lepton up` (what `make up` runs) and a person in a real browser.
 
-The production profile is started as `make up` starts it (Airflow's four processes and an MLflow server on
+The production deployment is started as `make up` starts it (Airflow's four processes and an MLflow server on
 PostgreSQL, `dask scheduler` + `dask worker` processes), on free loopback ports and throwaway databases, with
 CeleryExecutor on the local Redis (an `airflow celery worker` runs the tasks: the scale-out executor). Then
 headless Chromium (Debian's, driven by Playwright) logs in to the Airflow UI, opens the pipeline, triggers it
@@ -30,7 +30,7 @@ import pytest
 from lepton_tasks.config.settings import REPO_ROOT
 from lepton_tasks.tools.airflow_env import BIN, RUN_TIMEOUT_S, free_port, unscheduled_specs, wait_for, write_demo
 from lepton_tasks.tools.demo_data import EXAMPLES
-from lepton_tasks.tools.services import DEFAULT_POSTGRES, Profile
+from lepton_tasks.tools.services import DEFAULT_POSTGRES, Deployment
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def _postgres_url() -> str:
     if url:
         return url
     if os.environ.get("CI"):
-        pytest.fail("CI runs the production profile on PostgreSQL: set LEPTON_TEST_POSTGRES_URL (.ci/run does)")
+        pytest.fail("CI runs the production deployment on PostgreSQL: set LEPTON_TEST_POSTGRES_URL (.ci/run does)")
     default = urlsplit(DEFAULT_POSTGRES)
     with socket.socket() as probe:
         probe.settimeout(2)
@@ -70,19 +70,19 @@ def chromium() -> Path:
                 "chromium)")
 
 
-def _drop_databases(profile: Profile) -> None:
+def _drop_databases(deployment: Deployment) -> None:
     import sqlalchemy as sa
 
-    engine = sa.create_engine(profile.postgres_url, isolation_level="AUTOCOMMIT")
+    engine = sa.create_engine(deployment.postgres_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         for purpose in ("airflow", "mlflow"):
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{profile.db_prefix}_{purpose}" WITH (FORCE)'))
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{deployment.db_prefix}_{purpose}" WITH (FORCE)'))
     engine.dispose()
 
 
 @pytest.fixture(scope="module")
-def profile(tmp_path_factory):
-    """The profile, up; the nightly spec copied without its schedule so the only run is the one we trigger."""
+def deployment(tmp_path_factory):
+    """The deployment, up; the nightly spec copied without its schedule so the only run is the one we trigger."""
     root = tmp_path_factory.mktemp("up")
     pipelines = unscheduled_specs(root / "pipelines", tuple(EXAMPLES))
     ports = {"LEPTON_AIRFLOW_PORT": free_port(), "LEPTON_MLFLOW_PORT": free_port(),
@@ -92,11 +92,11 @@ def profile(tmp_path_factory):
     env.update({"LEPTON_UP_DIR": str(root / "state"), "LEPTON_DATA_ROOT": str(root / "data"),
                 "LEPTON_POSTGRES_URL": _postgres_url(), "LEPTON_UP_DB_PREFIX": f"lepton_t{uuid.uuid4().hex[:8]}",
                 "LEPTON_PIPELINES_DIR": str(pipelines), "LEPTON_DASK_WORKERS": "2",
-                # CeleryExecutor on this machine's Redis: the scale-out executor, proven with the same profile
+                # CeleryExecutor on this machine's Redis: the scale-out executor, proven with the same deployment
                 "LEPTON_EXECUTOR": "CeleryExecutor", "LEPTON_CELERY_BROKER_URL": "redis://127.0.0.1:6379/7"})
     write_demo(root / "data", 1500)
     started = subprocess.run([str(BIN / "lepton"), "up"], env=env, capture_output=True, text=True, timeout=400)
-    up = Profile.from_env(env)
+    up = Deployment.from_env(env)
     assert started.returncode == 0, f"lepton up failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
     yield up, env, started.stdout
     stopped = subprocess.run([str(BIN / "lepton"), "down"], env=env, capture_output=True, text=True, timeout=120)
@@ -104,8 +104,8 @@ def profile(tmp_path_factory):
     assert stopped.returncode == 0 and "api-server" in stopped.stdout, stopped.stdout + stopped.stderr
 
 
-def _api(profile: Profile, path: str, token: str | None = None, body: dict | None = None, method: str = "GET"):
-    request = urllib.request.Request(f"{profile.airflow_url}{path}", method=method,
+def _api(deployment: Deployment, path: str, token: str | None = None, body: dict | None = None, method: str = "GET"):
+    request = urllib.request.Request(f"{deployment.airflow_url}{path}", method=method,
                                      data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Content-Type": "application/json",
                                               **({"Authorization": f"Bearer {token}"} if token else {})})
@@ -113,18 +113,18 @@ def _api(profile: Profile, path: str, token: str | None = None, body: dict | Non
         return json.loads(response.read() or b"null")
 
 
-def _token(profile: Profile) -> str:
-    keys = json.loads((profile.state / "login.json").read_text())
-    return _api(profile, "/auth/token", body={"username": keys["username"], "password": keys["password"]},
+def _token(deployment: Deployment) -> str:
+    keys = json.loads((deployment.state / "login.json").read_text())
+    return _api(deployment, "/auth/token", body={"username": keys["username"], "password": keys["password"]},
                 method="POST")["access_token"]
 
 
-def _runs(profile: Profile, token: str, dag_id: str) -> list[dict]:
-    return _api(profile, f"/api/v2/dags/{dag_id}/dagRuns?order_by=-run_after", token)["dag_runs"]
+def _runs(deployment: Deployment, token: str, dag_id: str) -> list[dict]:
+    return _api(deployment, f"/api/v2/dags/{dag_id}/dagRuns?order_by=-run_after", token)["dag_runs"]
 
 
-def test_up_prints_where_everything_is_and_refuses_anonymous_access(profile):
-    up, _, printed = profile
+def test_up_prints_where_everything_is_and_refuses_anonymous_access(deployment):
+    up, _, printed = deployment
     pids = json.loads((up.state / "pids.json").read_text())
     assert up.executor == "CeleryExecutor" and "celery-worker" in pids
     # airflow.cfg's 50 ms idle sleep is for PreloadingLocalExecutor, which waits for results itself
@@ -144,10 +144,10 @@ def test_up_prints_where_everything_is_and_refuses_anonymous_access(profile):
     assert {"lepton_mnist1d", "lepton_mnist1d_score"} <= dags
 
 
-def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(chromium, profile, house_prices_run):
+def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(chromium, deployment, house_prices_run):
     from playwright.sync_api import sync_playwright
 
-    up, _, _ = profile
+    up, _, _ = deployment
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     token = _token(up)
@@ -179,18 +179,18 @@ def test_a_person_triggers_from_the_form_and_follows_the_link_to_mlflow(chromium
 
 
 @pytest.fixture(scope="module")
-def house_prices_run(profile) -> str:
+def house_prices_run(deployment) -> str:
     """The house-prices pipeline triggered over the REST API with its defaults (an empty conf), right after
     `lepton up`: nothing but `up` wrote its demo data. Its run id."""
-    up, _, _ = profile
+    up, _, _ = deployment
     token = _token(up)
     _api(up, "/api/v2/dags/lepton_house_prices", token, {"is_paused": False}, "PATCH")
     run = _api(up, "/api/v2/dags/lepton_house_prices/dagRuns", token, {"logical_date": None, "conf": {}}, "POST")
     return run["dag_run_id"]
 
 
-def test_every_bundled_pipeline_runs_from_the_api_with_its_defaults(profile, house_prices_run):
-    up, _, _ = profile
+def test_every_bundled_pipeline_runs_from_the_api_with_its_defaults(deployment, house_prices_run):
+    up, _, _ = deployment
     token = _token(up)
     path = f"/api/v2/dags/lepton_house_prices/dagRuns/{urllib.parse.quote(house_prices_run, safe='')}"
     wait_for(lambda: _api(up, path, token)["state"] in ("success", "failed"), RUN_TIMEOUT_S, "the house-prices run",
@@ -199,7 +199,7 @@ def test_every_bundled_pipeline_runs_from_the_api_with_its_defaults(profile, hou
                                                                      "lepton_house_prices")
 
 
-def _log_in(page, up: Profile, password: str) -> None:
+def _log_in(page, up: Deployment, password: str) -> None:
     page.goto(up.airflow_url)
     page.get_by_label(re.compile("username", re.I)).fill("admin")
     page.get_by_label(re.compile("password", re.I)).fill(password)
@@ -208,7 +208,7 @@ def _log_in(page, up: Profile, password: str) -> None:
     page.wait_for_url(re.compile(r"^(?!.*auth/login).*$"))
 
 
-def _trigger_from_form(page, up: Profile, token: str) -> str:
+def _trigger_from_form(page, up: Deployment, token: str) -> str:
     """Open the DAG, fill the trigger form (2 shards, 2 rounds, 2 epochs, 16 channels), trigger; the run id."""
     page.goto(f"{up.airflow_url}/dags/lepton_mnist1d")
     page.get_by_role("button", name=re.compile("^trigger", re.I)).first.click()
@@ -223,16 +223,16 @@ def _trigger_from_form(page, up: Profile, token: str) -> str:
     return next(r["dag_run_id"] for r in _runs(up, token, "lepton_mnist1d") if r["dag_run_id"] not in before)
 
 
-def _state(up: Profile, token: str, run_id: str) -> str:
+def _state(up: Deployment, token: str, run_id: str) -> str:
     return _api(up, f"/api/v2/dags/lepton_mnist1d/dagRuns/{urllib.parse.quote(run_id, safe='')}", token)["state"]
 
 
-def _task_states(up: Profile, token: str, run_id: str, dag_id: str = "lepton_mnist1d") -> dict:
+def _task_states(up: Deployment, token: str, run_id: str, dag_id: str = "lepton_mnist1d") -> dict:
     path = f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances"
     return {t["task_id"]: t["state"] for t in _api(up, path, token)["task_instances"]}
 
 
-def _follow_model_version_link(page, context, up: Profile, run_id: str) -> str:
+def _follow_model_version_link(page, context, up: Deployment, run_id: str) -> str:
     """On the register task's details, click the extra link to MLflow; the version number MLflow shows."""
     page.goto(f"{up.airflow_url}/dags/lepton_mnist1d/runs/{urllib.parse.quote(run_id, safe='')}/tasks/register")
     page.get_by_role("link", name="Details").click()
