@@ -213,7 +213,7 @@ def test_backfill_three_nights_then_rerun_one(nightly):
     assert "drift" in inbox.events(nights[2]["run_id"])
     assert "champion_change" in inbox.events(nights[0]["run_id"])
     lineage = _registry(env).list_artifacts(versions[2].run_id, "drift")
-    assert {Path(a.path).name for a in lineage} == {"deployment.json", "report.html"}
+    assert {Path(a.path).name for a in lineage} == {"profile.json", "report.html"}
 
     # rerunning the middle night: the same DAG run again, the same MLflow run and version; the others untouched
     untouched = {r: r.read_bytes() for r in (reports[0], reports[2])}
