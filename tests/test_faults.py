@@ -232,14 +232,14 @@ def supervised_cluster(tmp_path):
     `lepton_tasks.tools.supervisor`; yields (the supervisor processes by name, a client)."""
     from distributed import Client
 
-    from lepton_tasks.tools.services import Profile, dask_commands
+    from lepton_tasks.tools.services import Deployment, dask_commands
 
-    profile = Profile(tmp_path / "state", tmp_path / "data", dask_port=free_port(), dashboard_port=free_port(),
-                      dask_workers=2)
+    deployment = Deployment(tmp_path / "state", tmp_path / "data", dask_port=free_port(),
+                            dashboard_port=free_port(), dask_workers=2)
     log = (tmp_path / "dask.log").open("w")
     supervisors = {name: subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-                   for name, command in dask_commands(profile).items()}
-    client = Client(profile.dask_address, timeout="60s")
+                   for name, command in dask_commands(deployment).items()}
+    client = Client(deployment.dask_address, timeout="60s")
     client.wait_for_workers(2, timeout=120)
     yield supervisors, client
     client.close()

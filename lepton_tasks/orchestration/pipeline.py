@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Manifest)
 
 
-
 @dataclass(frozen=True)
 class RunContext:
     """Who is running (DAG and run ids), which pipeline spec, with which params, where."""
@@ -56,7 +55,7 @@ class RunContext:
     params: RunParams
     settings: Settings
     ds: dt.date | None = None  # the run's date (Airflow's `ds`): what a date-templated source reads
-    alarm: Callable[[str], None] = logging.getLogger('lepton.drift').warning  # hears a drift over drift_max
+    alarm: Callable[[str], None] = log.warning  # hears a drift over drift_max: in a task, the spec's notifiers
 
     @property
     def spec(self) -> PipelineSpec:
@@ -593,9 +592,9 @@ def score(loaded: LoadedSpec, task_context: dict[str, Any]) -> dict:
     out_dir = RunPaths.of(settings.data_root, dag_id, run_id).stage("score")
     tracking_uri = mlflow_tracking_uri(settings)
     try:
-        manifest = stage.score(tracking_uri, spec.registered_model_name, uris, settings.data_root, out_dir)
-        manifest.scoring_run_id = stage.log_scoring(tracking_uri, spec.experiment_name, _artifact_root(settings),
-                                                   dag_id, run_id, manifest)
+        scored = stage.score(tracking_uri, spec.registered_model_name, uris, settings.data_root, out_dir)
+        manifest = replace(scored, scoring_run_id=stage.log_scoring(
+            tracking_uri, spec.experiment_name, _artifact_root(settings), dag_id, run_id, scored))
     except LeptonError as err:
         if err.retryable:
             raise
