@@ -46,7 +46,8 @@ def _build(cls: type, raw: dict) -> Any:
 
 @cache
 def _hints(cls: type) -> dict[str, Any]:
-    return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    declared = typing.get_type_hints(cls)
+    return {f.name: declared[f.name] for f in dataclasses.fields(cls)}
 
 
 def _value(hint: Any, value: Any) -> Any:
@@ -54,7 +55,7 @@ def _value(hint: Any, value: Any) -> Any:
     if value is None:
         return None
     if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else _build(hint, value)
+        return _build(hint, value)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
