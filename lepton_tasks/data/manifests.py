@@ -36,6 +36,11 @@ class Manifest:
         return self.to_dict()
 
 
+def pick(record: Any, names: tuple[str, ...]) -> dict:
+    """The named fields of a manifest or record, as a mapping (what a summary, an event or a table shows)."""
+    return {name: getattr(record, name) for name in names}
+
+
 def _build(cls: type, raw: dict) -> Any:
     hints = _hints(cls)
     unknown = set(raw) - set(hints)
@@ -150,12 +155,12 @@ class ValidationManifest(Manifest):
     REPORT_PREFIX: ClassVar[str] = "validate."
 
     def summary(self) -> dict:
-        return {k: getattr(self, k) for k in ("suite", "evaluated", "passed", "failed", "docs_index",
-                                               "quarantined_rows", "quarantine_path", "partitions")}
+        return pick(self, ("suite", "evaluated", "passed", "failed", "docs_index", "quarantined_rows",
+                           "quarantine_path", "partitions"))
 
     def asset_event(self) -> dict:
         """What the validated-data Asset event carries: where the rows are and how they fared."""
-        return {k: getattr(self, k) for k in ("suite", "rows", "passed", "failed", "quarantined_rows", "parts")}
+        return pick(self, ("suite", "rows", "passed", "failed", "quarantined_rows", "parts"))
 
 
 @dataclass
@@ -179,8 +184,8 @@ class DriftManifest(Manifest):
     REPORT_PREFIX: ClassVar[str] = "drift."
 
     def summary(self) -> dict:
-        return {k: getattr(self, k) for k in ("max_psi", "worst", "threshold", "action", "alarm", "columns",
-                                               "reference", "report_path", "note", "champion_unusable")}
+        return pick(self, ("max_psi", "worst", "threshold", "action", "alarm", "columns", "reference",
+                           "report_path", "note", "champion_unusable"))
 
 
 @dataclass
@@ -271,15 +276,14 @@ class MergeManifest(Manifest):
     strategy: str = "fedavg"
     soup: list[str] | None = None  # a strategy that chooses (greedy_soup): the models it chose, best first
 
+    REPORT_FIGURES: ClassVar[tuple[str, ...]] = ("metric", "merged_metrics", "shard_metrics")
+
     @property
     def merged_score(self) -> float:
         return self.merged_metrics[self.metric]
 
-    REPORT_FIGURES: ClassVar[tuple[str, ...]] = ("metric", "merged_metrics", "shard_metrics")
-
     def summary(self) -> dict:
-        return {k: getattr(self, k) for k in ("metric", "merged_metrics", "round_scores", "shard_metrics",
-                                               "strategy", "soup")}
+        return pick(self, ("metric", "merged_metrics", "round_scores", "shard_metrics", "strategy", "soup"))
 
 
 @dataclass
@@ -314,22 +318,22 @@ class CompressManifest(Manifest):
     sparsity: float
     plots: list[str] = field(default_factory=list)
 
-    def tradeoff_table(self) -> dict[str, list]:
-        """As MLflow's table shape (a column each): why each variant was or was not chosen."""
-        rows = [asdict(v) for v in (self.reference, *self.variants)]
-        columns = ("name", "score", "bytes", "deflated_bytes", "latency_p50_ms", "latency_p99_ms",
-                   "batch_latency_p50_ms", "within_tolerance", "not_slower", "verdict")
-        table = {column: [row[column] for row in rows] for column in columns}
-        table["verdict"][0] = "the merged model (reference)"
-        return table
-
     REPORT_FIGURES: ClassVar[tuple[str, ...]] = ("chosen", "variants")
     VARIANT_FIGURES: ClassVar[tuple[str, ...]] = ("score", "metrics", "bytes", "latency_p50_ms", "latency_p99_ms",
                                                  "batch_latency_p50_ms", "verdict")
 
+    def tradeoff_table(self) -> dict[str, list]:
+        """As MLflow's table shape (a column each): why each variant was or was not chosen."""
+        variants = (self.reference, *self.variants)
+        columns = ("name", "score", "bytes", "deflated_bytes", "latency_p50_ms", "latency_p99_ms",
+                   "batch_latency_p50_ms", "within_tolerance", "not_slower", "verdict")
+        table = {column: [getattr(v, column) for v in variants] for column in columns}
+        table["verdict"][0] = "the merged model (reference)"
+        return table
+
     def summary(self) -> dict:
-        return {"chosen": self.chosen, "variants": {v.name: {k: getattr(v, k) for k in self.VARIANT_FIGURES}
-                                                    for v in (self.reference, *self.variants)}}
+        return {"chosen": self.chosen,
+                "variants": {v.name: pick(v, self.VARIANT_FIGURES) for v in (self.reference, *self.variants)}}
 
 
 @dataclass

@@ -73,6 +73,11 @@ class Snapshot:
     champion: ChampionSnapshot | None
     unusable: str | None = None
 
+    @classmethod
+    def of(cls, champion: dict | None, unusable: str | None = None) -> Snapshot:
+        """A snapshot from its plain form (`snapshot.json`, or a drift manifest's `champion`, `champion_unusable`)."""
+        return cls(ChampionSnapshot(**champion) if champion else None, unusable)
+
     @property
     def note(self) -> str:
         if self.champion:
@@ -88,8 +93,7 @@ def snapshot(tracking_uri: str, model_name: str, folder: Path) -> Snapshot:
         saved = read_json(done)
         if "model_name" in saved:  # a snapshot taken before unusable champions were recorded: the champion itself
             saved = {"champion": saved}
-        return Snapshot(ChampionSnapshot(**saved["champion"]) if saved.get("champion") else None,
-                        saved.get("unusable"))
+        return Snapshot.of(saved.get("champion"), saved.get("unusable"))
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)

@@ -31,11 +31,13 @@ from lepton_tasks.data.manifests import (
     Manifest,
     MergeManifest,
     RegisterManifest,
+    ShardInfo,
     ShardManifest,
     TrainManifest,
     ValidationManifest,
     WaitManifest,
     WarmStart,
+    pick,
 )
 from lepton_tasks.data.windows import DaySource, parse_ds
 from lepton_tasks.ml.strategies import STRATEGIES
@@ -154,21 +156,14 @@ def summary_table(summary: dict, width: int = 72) -> str:
     return "\n".join([rule, *(f"| {k:<{key_width}} | {v:<{width}} |" for k, v in rows), rule])
 
 
-def _eval_tensors(shards: ShardManifest, max_rows: int | None = None, split: str = "eval"):
+def _tensors(shards: ShardManifest, split: ShardInfo, max_rows: int | None = None):
+    """One split's rows (the held-out split, the selection split, a shard), encoded as the shards were."""
     from lepton_tasks.ml.tensors import load_xy
 
-    held_out = shards.select if split == "select" else shards.eval
-    return load_xy(held_out.files, shards.encoder, max_rows=max_rows)
+    return load_xy(split.files, shards.encoder, max_rows=max_rows)
 
 
-CALIBRATION_ROWS = 1024
-
-
-def _calibration_rows(shards: ShardManifest):
-    """Encoded training rows (from the first shard) that static int8 quantization calibrates on."""
-    from lepton_tasks.ml.tensors import load_xy
-
-    return load_xy(shards.shards[0].files, shards.encoder, max_rows=CALIBRATION_ROWS)[0].numpy()
+CALIBRATION_ROWS = 1024  # encoded training rows (from the first shard) that static int8 quantization calibrates on
 
 
 def _shape(ctx: RunContext, shards: ShardManifest):
@@ -333,8 +328,7 @@ def warm_start(ctx: RunContext, drifted: DriftManifest | None) -> WarmStart:
     """Where round 1 starts, as the champion module decides it from the snapshot the drift stage took."""
     from lepton_tasks.ml import champion
 
-    found = champion.Snapshot(champion.ChampionSnapshot(**drifted.champion) if drifted and drifted.champion else None,
-                              drifted.champion_unusable if drifted else None)
+    found = champion.Snapshot.of(drifted.champion, drifted.champion_unusable) if drifted else champion.Snapshot(None)
     return champion.warm_start(found, ctx.spec, ctx.params)
 
 
@@ -371,18 +365,18 @@ def merge(ctx: RunContext, shards: ShardManifest, trained: TrainManifest) -> Mer
     from lepton_tasks.stages import merge as stage
 
     return _run_stage(ctx, "merge", lambda: stage.merge(
-        trained.rounds, trained.merged, _shape(ctx, shards), _eval_tensors(shards), ctx.stage_dir("merge"),
+        trained.rounds, trained.merged, _shape(ctx, shards), _tensors(shards, shards.eval), ctx.stage_dir("merge"),
         ctx.spec.metric, ctx.params.local_epochs, shards.encoder.get("classes", []), shards.shards,
-        ctx.params.merge_strategy, _eval_tensors(shards, split="select") if shards.select else None))
+        ctx.params.merge_strategy, _tensors(shards, shards.select) if shards.select else None))
 
 
 def compress(ctx: RunContext, shards: ShardManifest, merged: MergeManifest) -> CompressManifest:
     from lepton_tasks.stages import compress as stage
 
     return _run_stage(ctx, "compress", lambda: stage.compress(
-        Path(merged.merged_path), merged.merged_sha256, _shape(ctx, shards), _eval_tensors(shards),
+        Path(merged.merged_path), merged.merged_sha256, _shape(ctx, shards), _tensors(shards, shards.eval),
         ctx.stage_dir("compress"), ctx.spec.metric, ctx.params.compression_tolerance, ctx.params.prune_sparsity,
-        _calibration_rows(shards)))
+        _tensors(shards, shards.shards[0], CALIBRATION_ROWS)[0].numpy()))
 
 
 def register(ctx: RunContext, ingested: IngestManifest, validated: ValidationManifest, drifted: DriftManifest | None,
@@ -397,7 +391,7 @@ def register(ctx: RunContext, ingested: IngestManifest, validated: ValidationMan
                                  ctx.loaded.sha256, ingested, validated, shards, trained, merged, compressed, drifted)
         return stage.register(record, mlflow_tracking_uri(ctx.settings), ctx.spec.experiment_name,
                               ctx.spec.registered_model_name, _artifact_root(ctx.settings),
-                              _eval_tensors(shards, max_rows=stage.EXAMPLE_ROWS)[0])
+                              _tensors(shards, shards.eval, stage.EXAMPLE_ROWS)[0])
 
     return _run_stage(ctx, "register", body)
 
@@ -451,13 +445,12 @@ def run_task(stage: Stage, loaded: LoadedSpec, task_context: dict[str, Any], ups
     """The XCom boundary: an Airflow task's upstream manifests (plain mappings, with the run's cluster last where
     the stage runs after it) in, the stage's manifest out as a mapping; its Asset event set."""
     ctx = from_airflow(task_context, loaded)
-    inputs = [MANIFESTS[name].from_dict(raw) for name, raw in zip(stage.inputs, upstream, strict=False)]
+    manifests = {name: MANIFESTS[name].from_dict(raw) for name, raw in zip(stage.inputs, upstream, strict=False)}
     if stage.cluster == "after":
         run_cluster = upstream[len(stage.inputs)]
-        inputs.append(lambda: run_cluster)
-    elif stage.cluster == "beside":
-        inputs.append(lambda: await_cluster(ctx))
-    manifest = stage.run(ctx, *inputs)
+        manifest = _run(stage, ctx, manifests, lambda: run_cluster)
+    else:  # "beside" awaits the run's cluster only when it needs one
+        manifest = _run(stage, ctx, manifests, lambda: await_cluster(ctx))
     if stage.outlet:
         task_context["outlet_events"][task_context["task"].outlets[0]].extra = manifest.asset_event()
     return manifest.to_dict()
@@ -467,11 +460,13 @@ def run_stage(ctx: RunContext, name: str, manifests: dict[str, Manifest], cluste
               ) -> Manifest:
     """Stage `name` of `GRAPH` in this process, its inputs taken by name from `manifests` (and `cluster`, the run's
     Dask cluster, where it uses one: by default, one of its own)."""
-    stage = BY_NAME[name]
+    return _run(BY_NAME[name], ctx, manifests, cluster or (lambda: None))
+
+
+def _run(stage: Stage, ctx: RunContext, manifests: dict[str, Manifest], cluster: RunCluster) -> Manifest:
+    """`stage` on its inputs' manifests, and the run's cluster where it uses one."""
     inputs: list[Any] = [manifests[upstream] for upstream in stage.inputs]
-    if stage.cluster:
-        inputs.append(cluster or (lambda: None))
-    return stage.run(ctx, *inputs)
+    return stage.run(ctx, *inputs, *([cluster] if stage.cluster else []))
 
 
 def run_in_process(ctx: RunContext, last: str = "register", done: dict[str, Manifest] | None = None
@@ -519,8 +514,7 @@ def champion_event(ctx: RunContext, registered: RegisterManifest) -> dict:
         except ImportError:  # not under Airflow
             raise LeptonError(message) from None
         raise AirflowSkipException(message)
-    event = {k: getattr(registered, k) for k in ("model_name", "model_version", "run_id", "tracking_uri",
-                                                   "champion_before")}
+    event = pick(registered, ("model_name", "model_version", "run_id", "tracking_uri", "champion_before"))
     return {**event, "ds": ctx.day.isoformat()}
 
 
