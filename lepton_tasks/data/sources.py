@@ -15,7 +15,6 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".csv.gz": "c
            ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl"}
 
 
-
 def resolve_uri(source_uri: str, data_root: Path) -> str:
     """A relative local path is read under the data root (and may not leave it); URIs with a scheme and
     absolute paths are taken as given, since whoever sets them chose the location on purpose."""
