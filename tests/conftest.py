@@ -16,14 +16,18 @@ MNIST_SPEC = load_spec(PIPELINES_DIR / "lepton_mnist1d.yaml")
 HOUSE_SPEC = load_spec(PIPELINES_DIR / "lepton_house_prices.yaml")
 
 
-# The longest test files first (as measured run alone here): `make test` runs three files at a time
+# The longest test files first (as measured in the suite here): `make test` runs three files at a time
 # (`-n 3 --dist loadfile`), and a long file picked up last would be the suite's tail.
-SLOWEST_FIRST = ("test_nightly.py", "test_scheduler.py", "test_end_to_end.py", "test_worker_faults.py",
-                 "test_production_profile.py", "test_registry_faults.py", "test_faults.py", "test_validate.py",
-                 "test_secrets.py", "test_concurrent_runs.py", "test_new_pipeline.py", "test_cluster.py")
+SLOWEST_FIRST = ("test_nightly.py", "test_end_to_end.py", "test_scheduler.py", "test_production_deployment.py",
+                 "test_hosts.py", "test_faults.py", "test_registry_faults.py", "test_new_pipeline.py",
+                 "test_worker_faults.py", "test_dag_integrity.py", "test_concurrent_runs.py", "test_dask_hosts.py",
+                 "test_secrets.py", "test_score.py", "test_cluster.py", "test_validate.py")
 
 
 def pytest_collection_modifyitems(items) -> None:
+    named = {path.name for path in Path(__file__).parent.rglob("test_*.py")}
+    if stale := [name for name in SLOWEST_FIRST if name not in named]:  # a renamed file would drop to the tail
+        raise pytest.UsageError(f"tests/conftest.py's SLOWEST_FIRST names no test file {stale}")
     rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 

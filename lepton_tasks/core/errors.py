@@ -21,6 +21,17 @@ class BadSource(LeptonError):
     """The source cannot be read: missing, empty, corrupt or unsupported."""
 
 
+class StoreUnavailable(LeptonError):
+    """An object store (or other remote filesystem) did not answer; the message names it. Airflow's retry tries
+    again."""
+
+    retryable = True
+
+
+class StoreAccessDenied(LeptonError):
+    """An object store refused the credentials; the message names the setting that holds them, never its value."""
+
+
 class ValidationFailed(LeptonError):
     """The data failed its expectation suite."""
 

@@ -4,13 +4,18 @@ URI), one day of a date-templated source or a window of them; listed and read ba
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
 
-from lepton_tasks.core.errors import BadSource
+from lepton_tasks.core.errors import BadSource, LeptonError, StoreAccessDenied, StoreUnavailable
 from lepton_tasks.data.windows import DaySource
 
+# where each store's client reads its credentials (the environment, or the machine's role when they are unset)
+CREDENTIAL_SETTINGS = {"s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the instance role)",
+                       "gs": "GOOGLE_APPLICATION_CREDENTIALS (or the instance's service account)",
+                       "abfs": "AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (or a managed identity)"}
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl",
            ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl"}
 
@@ -45,13 +50,47 @@ def list_source_files(uri: str, fmt: str | None = None) -> tuple[object, list[st
             raise BadSource(f"source '{uri}' is a symlink that loops or points nowhere")
         else:
             raise BadSource(f"source '{uri}' does not exist")
-    except (OSError, RecursionError) as err:  # a symlink loop, a permission error, an unreachable store
-        raise BadSource(f"cannot list source '{uri}': {type(err).__name__}: {err}") from None
+    except Exception as err:
+        raise store_error(uri, err) or _unlistable(uri, err) from None
     files = sorted(p for p in candidates if _format_of(p) is not None and fmt in (None, _format_of(p)))
     if not files:
         wanted = ", ".join(ext for ext, f in FORMATS.items() if fmt in (None, f))
         raise BadSource(f"source '{uri}' holds no {fmt or 'CSV, Parquet or JSON-lines'} file (looked for {wanted})")
     return fs, files
+
+
+def _unlistable(uri: str, err: Exception) -> Exception:
+    if isinstance(err, (OSError, RecursionError)):  # a symlink loop, a local permission error
+        return BadSource(f"cannot list source '{uri}': {type(err).__name__}: {err}")
+    return err
+
+
+def _causes(err: BaseException | None):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def store_error(uri: str, err: BaseException) -> LeptonError | None:
+    """What a remote filesystem's error means for `uri`: the store unreachable (retryable, naming the store) or
+    refusing the credentials (naming the setting that holds them), else None. Local paths are never a store."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    if scheme in ("file", "local"):
+        return None
+    store = f"{scheme}://{uri.split('://', 1)[1].split('/', 1)[0]}"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") if scheme in ("s3", "s3a") else None
+    where = f"the store {store}" + (f" at {endpoint}" if endpoint else "")
+    for cause in _causes(err):
+        if isinstance(cause, PermissionError) or type(cause).__name__ == "NoCredentialsError":
+            setting = CREDENTIAL_SETTINGS.get(scheme.rstrip("a"), "the store's credential settings")
+            return StoreAccessDenied(f"{where} refused access to '{uri}' ({type(cause).__name__}: "
+                                     f"{str(cause)[:200]}): check {setting}")
+        if isinstance(cause, (ConnectionError, TimeoutError)) or "Connect" in type(cause).__name__:
+            return StoreUnavailable(f"{where} did not answer for '{uri}' ({type(cause).__name__}: "
+                                    f"{str(cause)[:200]}); Airflow's retry tries again")
+    return None
 
 
 def _format_of(path: str) -> str | None:
@@ -65,9 +104,9 @@ def read_batches(fs, path: str):
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
-    if fs.size(path) == 0:
-        raise BadSource(f"source file '{path}' is empty (0 bytes)")
     try:
+        if fs.size(path) == 0:
+            raise BadSource(f"source file '{path}' is empty (0 bytes)")
         with fs.open(path, "rb", compression="infer") as handle:
             if _format_of(path) == "parquet":
                 yield from pq.ParquetFile(handle).iter_batches(batch_size=65536)
@@ -76,8 +115,15 @@ def read_batches(fs, path: str):
             else:
                 # an empty CSV field is a missing value, for text columns too
                 yield from pacsv.open_csv(handle, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-    except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError) as err:
-        raise BadSource(f"cannot read '{path}' as {_format_of(path)}: {err}") from err
+    except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError, ConnectionError, TimeoutError) as err:
+        raise store_error(_url(fs, path), err) or BadSource(f"cannot read '{path}' as {_format_of(path)}: {err}") \
+            from err
+
+
+def _url(fs, path: str) -> str:
+    """`path` (as a filesystem lists it: no scheme) with its filesystem's scheme."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def list_days(days: list[DaySource], data_root: Path, fmt: str | None = None

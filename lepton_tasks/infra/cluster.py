@@ -49,7 +49,9 @@ RUN_CLUSTER_IDLE_S = 1800  # a run's cluster with no client and no task this lon
 RUN_CLUSTER_WAIT_S = 120  # how long a task beside the setup task waits for the run's cluster to answer
 T = TypeVar("T")
 
-# Worker settings for training speed and an idle cluster's cost (bench/stages.py's train benchmark measures them):
+# Dask settings for every Lepton cluster (the run's local cluster, `make up`, `lepton dask-scheduler` and
+# `lepton dask-worker`). For training speed and an idle cluster's cost (bench/stages.py's train benchmark measures
+# them):
 # - Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker; any explicit value turns off glibc's adaptive
 #   mmap threshold and PyTorch then pays an mmap/munmap per activation (several times slower). Lepton's workers run
 #   without it; memory still goes back to the OS when the worker exits.
@@ -65,20 +67,27 @@ T = TypeVar("T")
 #   idle cluster costs, and the run's cluster idles through validate, drift, compress and register.
 # - every worker imports torch and the train stage as it starts (`lepton_tasks.orchestration.worker_preload`),
 #   not in its first shard: the run's cluster starts beside ingest.
-WORKER_DASK_CONFIG = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None,
+# - a worker host that vanishes without closing its connections (a cut link, a dead VM, a stopped process) is
+#   given up within about a minute, not Dask's default five: its heartbeats stop, the scheduler checks every
+#   `worker-ttl` for workers silent for longer, tries their nannies for 30 s, then removes them, and their tasks
+#   go to the hosts left (a stopped process's kernel still answers TCP, so only the heartbeats can tell). A link
+#   that stops answering is closed sooner, after `comm.timeouts.tcp` of unanswered keepalive probes.
+LEPTON_DASK_CONFIG = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None,
                                                                       "MKL_CBWR": "AUTO,STRICT"}},
                                       "worker": {"profile": {"enabled": False},
                                                  "preload": ["lepton_tasks.orchestration.worker_preload"],
                                                  "memory": {"monitor-interval": "500ms"}},
+                                      "scheduler": {"worker-ttl": "15s"},
+                                      "comm": {"timeouts": {"tcp": "30s"}},
                                       "admin": {"tick": {"interval": "1s"}, "system-monitor": {"interval": "2s"}}}}
 
 
 def worker_config():
-    """Lepton's worker settings (WORKER_DASK_CONFIG) for the clusters made inside the block: a `dask.config.set`
+    """Lepton's Dask settings (LEPTON_DASK_CONFIG) for the clusters made inside the block: a `dask.config.set`
     context, for a cluster started in this process (tests, benchmarks)."""
     import dask
 
-    return dask.config.set(_dotted(WORKER_DASK_CONFIG))
+    return dask.config.set(_dotted(LEPTON_DASK_CONFIG))
 
 
 def _dotted(config: dict, prefix: str = "") -> dict:
@@ -147,7 +156,7 @@ EXTERNAL = "external"  # the kind of a run cluster record for the external sched
 
 def make_local_cluster(n_workers: int | None, threads_per_worker: int, preload: tuple[str, ...] = ()):
     """A `LocalCUDACluster` where GPUs exist, else a `LocalCluster`; returns (cluster, kind). `preload`: modules
-    every worker imports as it starts, beside Lepton's own (WORKER_DASK_CONFIG)."""
+    every worker imports as it starts, beside Lepton's own (LEPTON_DASK_CONFIG)."""
     import dask
 
     gpus = gpu_count()
@@ -517,7 +526,7 @@ def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int, 
     import dask
 
     logging.basicConfig(level=logging.INFO, format="[lepton.cluster] %(message)s")
-    dask.config.update(dask.config.config, WORKER_DASK_CONFIG, priority="new")
+    dask.config.update(dask.config.config, LEPTON_DASK_CONFIG, priority="new")
     cluster, kind = make_local_cluster(n_workers, threads_per_worker, preload)
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))

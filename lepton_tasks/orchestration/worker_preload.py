@@ -1,5 +1,5 @@
 """What every Lepton Dask worker imports as it starts (Dask's `distributed.worker.preload`, set in
-`cluster.WORKER_DASK_CONFIG`): torch and `torch._dynamo` (which building a torch optimizer imports the first
+`cluster.LEPTON_DASK_CONFIG`): torch and `torch._dynamo` (which building a torch optimizer imports the first
 time), the libraries that read a shard and write a checkpoint (pandas, pyarrow's Parquet reader, safetensors),
 and the train stage's own modules.
 

@@ -5,6 +5,8 @@
     lepton run [NAME] [-c '{"num_shards": 2}']           # one run end to end; prints the report.json path last
     lepton backfill NAME --from 2026-11-08 --to 2026-11-14  # one run per scheduled night (needs `make up`)
     lepton demo-data [NAME]                              # the bundled examples' data
+    lepton dask-scheduler [--host H] [--port P]          # a cluster across machines: the scheduler host
+    lepton dask-worker tcp://H:P [--nworkers N]          # ... and each worker host
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lepton_tasks.config.settings import REPO_ROOT, Settings, parse_params, reda
 from lepton_tasks.config.specs import expectations_dir, find_spec, load_spec, pipelines_dir, spec_files
 from lepton_tasks.core.errors import LeptonError
 from lepton_tasks.infra.connections import mlflow_tracking_uri
+from lepton_tasks.tools import dask_hosts
 
 DEFAULT_PIPELINE = "lepton_mnist1d"
 
@@ -135,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", "--samples", type=int)
     commands.add_parser("up", help="start the local production deployment (Airflow, MLflow on PostgreSQL; Dask)")
     commands.add_parser("down", help="stop what `lepton up` started")
+    dask_hosts.parser(commands)
     return parser
 
 
@@ -184,7 +188,13 @@ def services_down() -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "dask-worker":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("dask-scheduler", "dask-worker"):
+        command = dask_hosts.command(args, extra)
+        os.execv(command[0], command)  # this process becomes the supervisor: Ctrl-C or SIGTERM stops it all
     try:
         if args.command == "run":
             sys.exit(run(args.name, json.loads(args.conf), args.rows))

@@ -3,9 +3,8 @@
 - Airflow 3 (api-server, scheduler, dag-processor, triggerer; LocalExecutor, preloading the stage libraries) on a
   PostgreSQL database;
 - an MLflow tracking server on a PostgreSQL database, artifacts in `{state}/mlartifacts`;
-- a Dask cluster: a `dask scheduler` and one `dask worker` process per worker (`dask cuda worker` where torch can
-  use a GPU), each kept running by `lepton_tasks.tools.supervisor` (a worker exits for good when it loses its
-  scheduler; a scheduler that dies comes back at the same address);
+- a Dask cluster: `lepton dask-scheduler` and one `lepton dask-worker` process per worker (one for every GPU where
+  torch can use one), each kept running by `lepton_tasks.tools.supervisor` (`lepton_tasks.tools.dask_hosts`);
 - with LEPTON_EXECUTOR=CeleryExecutor, an `airflow celery worker` on the Redis broker LEPTON_CELERY_BROKER_URL
   (default the local Redis), results in the Airflow database.
 
@@ -25,7 +24,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -35,8 +33,9 @@ from pathlib import Path
 from lepton_tasks.config.settings import PRELOADING_EXECUTOR, REPO_ROOT, redact_uri
 from lepton_tasks.core.errors import LeptonError
 from lepton_tasks.core.storage import write_private
-from lepton_tasks.infra.cluster import WORKER_DASK_CONFIG, gpu_count
+from lepton_tasks.infra.cluster import gpu_count
 from lepton_tasks.tools.airflow_home import BIN
+from lepton_tasks.tools.dask_hosts import scheduler_command, worker_command
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 AIRFLOW_PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
@@ -135,14 +134,6 @@ def login(deployment: Deployment) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
-def dask_config_dir(deployment: Deployment) -> Path:
-    """A DASK_CONFIG folder with the same worker settings as Lepton's local clusters."""
-    folder = deployment.state / "dask"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "lepton.yaml").write_text(json.dumps(WORKER_DASK_CONFIG))  # JSON is YAML
-    return folder
-
-
 # MLflow's job runner (huey consumers for its GenAI jobs) starts beside the server by default: Lepton submits no
 # such jobs, and its idle consumers took more CPU than the server itself
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -154,7 +145,6 @@ def service_env(deployment: Deployment) -> dict[str, str]:
     passwords = deployment.state / "passwords.json"  # SimpleAuthManager's user file
     passwords.write_text(json.dumps({keys["username"]: keys["password"]}))
     passwords.chmod(0o600)
-    dask_config = dask_config_dir(deployment)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__", "MLFLOW_TRACKING"))}
     env.update({
         "AIRFLOW_HOME": str(REPO_ROOT),
@@ -183,7 +173,6 @@ def service_env(deployment: Deployment) -> dict[str, str]:
         "LEPTON_DATA_ROOT": str(deployment.data_root),
         "LEPTON_MLFLOW_UI_URL": deployment.mlflow_url,
         "LEPTON_DASK_DASHBOARD_URL": deployment.dashboard_url,
-        "DASK_CONFIG": str(dask_config),
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
         **MLFLOW_SERVER_ENV,
@@ -194,17 +183,16 @@ def service_env(deployment: Deployment) -> dict[str, str]:
 
 
 def dask_commands(deployment: Deployment) -> dict[str, list[str]]:
-    """The Dask scheduler and worker processes, each under the supervisor, by name."""
-    supervised = [sys.executable, "-m", "lepton_tasks.tools.supervisor", "--"]
-    scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(deployment.dask_port),
-                 "--dashboard-address", f"127.0.0.1:{deployment.dashboard_port}"]
+    """The Dask scheduler and worker processes (`lepton dask-scheduler`, `lepton dask-worker`), by name."""
+    scheduler = scheduler_command("127.0.0.1", deployment.dask_port, f"127.0.0.1:{deployment.dashboard_port}")
+    on_loopback = ["--host", "127.0.0.1"]
     if gpu_count():
-        workers = {"dask-worker": [str(BIN / "dask"), "cuda", "worker", deployment.dask_address, "--host", "127.0.0.1"]}
-    else:  # one process per worker: losing one (its nanny and all) leaves the others working
-        count = deployment.dask_workers or os.cpu_count() or 1
-        workers = {f"dask-worker-{i}": [str(BIN / "dask"), "worker", deployment.dask_address, "--nthreads", "1",
-                                        "--host", "127.0.0.1", "--name", f"worker-{i}"] for i in range(1, count + 1)}
-    return {name: [*supervised, *command] for name, command in {"dask-scheduler": scheduler, **workers}.items()}
+        return {"dask-scheduler": scheduler, "dask-worker": worker_command(deployment.dask_address, None, on_loopback)}
+    # one process per worker: losing one (its nanny and all) leaves the others working
+    count = deployment.dask_workers or os.cpu_count() or 1
+    return {"dask-scheduler": scheduler,
+            **{f"dask-worker-{i}": worker_command(deployment.dask_address, 1, [*on_loopback, "--name", f"worker-{i}"])
+               for i in range(1, count + 1)}}
 
 
 def commands(deployment: Deployment) -> dict[str, list[str]]:

@@ -28,7 +28,7 @@ from lepton_tasks.tools.airflow_env import (
     unscheduled_specs,
     write_demo,
 )
-from lepton_tasks.tools.services import Deployment, dask_commands, dask_config_dir
+from lepton_tasks.tools.services import Deployment, dask_commands
 from tests.integration.faults import (
     FaultDriver,
     KillOnce,
@@ -52,7 +52,7 @@ def make_up_dask(tmp_path):
     deployment = Deployment(tmp_path / "dask", tmp_path / "data", dask_port=free_port(), dashboard_port=free_port(),
                       dask_workers=2)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LEPTON"))}
-    env.update({"PYTHONPATH": str(REPO_ROOT), "DASK_CONFIG": str(dask_config_dir(deployment))})
+    env["PYTHONPATH"] = str(REPO_ROOT)
     log = (tmp_path / "dask.log").open("w")
     supervisors = {name: subprocess.Popen(command, env=env, start_new_session=True, stdout=log,
                                           stderr=subprocess.STDOUT)

@@ -1,0 +1,115 @@
+"""Several hosts on one machine: each a Linux network namespace on a bridge, for faults that cross a network.
+
+    with Network.create() as net:
+        scheduler, worker = net.host("sched"), net.host("a")
+        worker.popen(["lepton", "dask-worker", f"tcp://{scheduler.address}:8786"])
+        worker.cut()          # its link down: packets dropped both ways, no connection closed
+        worker.throttle(10)   # its link at 10 Mbit/s (tc tbf; this kernel has no netem)
+
+Addresses come from 198.18.0.0/15 (RFC 2544's range for such tests), on this network's own veths and bridge
+only; the machine's own namespace reaches every host through the bridge. Needs root (`ip netns`), as in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+
+def available() -> str | None:
+    """Why hosts cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "needs root for ip netns"
+    if not shutil.which("ip") or not shutil.which("tc"):
+        return "needs iproute2 (ip, tc)"
+    return None
+
+
+def _ip(*args: str, netns: str | None = None) -> None:
+    command = ["ip", *(["netns", "exec", netns, "ip"] if netns else []), *args]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str  # its network namespace
+    address: str
+    link: str  # its veth's end on the bridge: what `cut` and `throttle` act on
+
+    def command(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        """Start `argv` on this host (in its network namespace), in a session of its own."""
+        return subprocess.Popen(self.command(argv), start_new_session=True, **kwargs)
+
+    def cut(self) -> None:
+        _ip("link", "set", self.link, "down")
+
+    def restore(self) -> None:
+        _ip("link", "set", self.link, "up")
+
+    def throttle(self, mbit: int) -> None:
+        """Both ways at `mbit` Mbit/s: tbf on the bridge's end (traffic to the host) and on the host's own end."""
+        for device, netns in ((self.link, None), ("eth0", self.name)):
+            prefix = ["ip", "netns", "exec", netns] if netns else []
+            subprocess.run([*prefix, "tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", f"{mbit}mbit",
+                            "burst", "32kb", "latency", "400ms"], check=True, capture_output=True, text=True)
+
+
+@dataclass
+class Network:
+    """A bridge in this namespace and the hosts on it; `close` removes every one of them."""
+
+    prefix: str  # names: {prefix}-br, {prefix}-{host}, {prefix}-{host}-v
+    subnet: int  # 198.18.{subnet}.0/24
+    hosts: dict[str, Host] = field(default_factory=dict)
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.prefix}-br"
+
+    @property
+    def gateway(self) -> str:
+        """This (the machine's own) namespace's address on the bridge."""
+        return f"198.18.{self.subnet}.1"
+
+    @classmethod
+    def create(cls) -> Network:
+        number = os.getpid() % 250 + 1
+        net = cls(f"lpt{number}", number)
+        net.close()  # what a killed earlier run of this pid left
+        _ip("link", "add", net.bridge, "type", "bridge")
+        _ip("addr", "add", f"{net.gateway}/24", "dev", net.bridge)
+        _ip("link", "set", net.bridge, "up")
+        return net
+
+    def host(self, role: str) -> Host:
+        name, link = f"{self.prefix}-{role}", f"{self.prefix}-{role}-v"
+        address = f"198.18.{self.subnet}.{10 + len(self.hosts)}"
+        _ip("netns", "add", name)
+        _ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", name)
+        _ip("link", "set", link, "master", self.bridge)
+        _ip("link", "set", link, "up")
+        _ip("addr", "add", f"{address}/24", "dev", "eth0", netns=name)
+        _ip("link", "set", "eth0", "up", netns=name)
+        _ip("link", "set", "lo", "up", netns=name)
+        self.hosts[role] = Host(name, address, link)
+        return self.hosts[role]
+
+    def close(self) -> None:
+        listed = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+            if name.startswith(f"{self.prefix}-"):
+                subprocess.run(["ip", "netns", "delete", name], capture_output=True)  # its veths go with it
+        if f" {self.bridge}:" in listed:
+            subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
+        self.hosts.clear()
+
+    def __enter__(self) -> Network:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
