@@ -69,7 +69,7 @@ def _faults(run_dir: Path, markers: Path) -> list:
     """Watch the run's cluster once it is up (the kills fire inside its workers); kill it all in round 2."""
     cluster = run_dir / "cluster" / "scheduler.json"
     kills = [KillOnce("_write_partition", str(markers / "shard")),
-             KillOnce("train-r1-shard-000", str(markers / "round1"), delay_s=0.5)]
+             KillOnce("train-r1-shard-000", str(markers / "round1"))]
     return [
         ("watch the run's cluster", lambda: cluster.exists() and "pid" in json.loads(cluster.read_text()),
          lambda: watch(json.loads(cluster.read_text())["address"], markers / "left", kills)),
