@@ -37,8 +37,18 @@ def test_a_champion_fits_a_warm_start_only_with_the_same_columns_classes_and_mod
                                                                                 "hidden_size": "64"}})
     spec, params = MNIST_SPEC.spec, RunParams(source_uri="x", hidden_size=64)
     assert champion.unfit_reason(spec, params) is None
-    for knob, other in (("hidden_size", 32), ("model_kind", "cnn")):
-        reason = champion.unfit_reason(spec, params.model_copy(update={knob: other}))
-        assert f"{knob} {champion.params[knob]}, this run {other}" in reason
+    assert "has hidden_size 64, this run 32" in champion.unfit_reason(
+        spec, params.model_copy(update={"hidden_size": 32}))
+    assert "is a mlp model, this run trains cnn" in champion.unfit_reason(
+        spec, params.model_copy(update={"model_kind": "cnn"}))
+    own = spec.model_copy(update={"training": spec.training.model_copy(
+        update={"model": "tests.own_models:Linear", "model_kwargs": {"bias": False}})})
+    assert "this run trains tests.own_models:Linear" in champion.unfit_reason(own, params)
+    own_champion = ChampionSnapshot(**{**SAVED, "encoder": str(encoder), "params": {
+        "model_kind": "mlp", "hidden_size": "64", "model_class": "tests.own_models:Linear",
+        "model_kwargs": '{"bias": false}'}})
+    assert own_champion.unfit_reason(own, params) is None
+    other_kwargs = own.model_copy(update={"training": own.training.model_copy(update={"model_kwargs": {}})})
+    assert 'has model_kwargs {"bias": false}, this run {}' in own_champion.unfit_reason(other_kwargs, params)
     fewer = spec.model_copy(update={"features": dict(list(spec.features.items())[:-1])})
     assert "trained on other columns" in champion.unfit_reason(fewer, params)

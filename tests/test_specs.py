@@ -21,7 +21,8 @@ expectations: mnist1d.json
 
 def test_every_bundled_spec_loads_with_its_values_as_the_param_defaults():
     loaded, errors = load_all(PIPELINES_DIR)
-    assert errors == {} and {s.name for s in loaded} == {"lepton_mnist1d", "lepton_house_prices", "lepton_sensors"}
+    assert errors == {} and {s.name for s in loaded} == {"lepton_mnist1d", "lepton_house_prices",
+                                                        "lepton_house_prices_resmlp", "lepton_sensors"}
     mnist = find_spec("lepton_mnist1d").spec
     defaults = mnist.run_defaults()
     assert (defaults.model_kind, defaults.num_shards, defaults.merge_rounds) == ("cnn", 4, 8)

@@ -24,9 +24,11 @@ from lepton_tasks.ml.strategies import STRATEGIES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # lepton_tasks/config/settings.py -> the checkout
 EXPECTATIONS_DIR = REPO_ROOT / "expectations"
+PLUGINS_DIR = REPO_ROOT / "plugins"  # Airflow's plugins folder (AIRFLOW_HOME is the checkout); own models too
 PIPELINES_DIR = REPO_ROOT / "dags" / "pipelines"  # one YAML spec per pipeline; LEPTON_PIPELINES_DIR overrides
 
 ModelKind = Literal["mlp", "cnn"]
+MODEL_CLASS_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"  # an own model
 InitFrom = Literal["scratch", "champion"]
 DriftAction = Literal["fail", "warn"]
 # the merge strategies, one module each in lepton_tasks.ml.strategies: names, help and local optimizers come from there

@@ -22,7 +22,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from lepton_tasks.config.settings import EXPECTATIONS_DIR, PIPELINES_DIR, DriftAction, RunParams, TemplatedUri
+from lepton_tasks.config.settings import (
+    EXPECTATIONS_DIR,
+    MODEL_CLASS_PATH,
+    PIPELINES_DIR,
+    DriftAction,
+    RunParams,
+    TemplatedUri,
+)
 from lepton_tasks.core.errors import SpecError
 
 FeatureType = Literal["numeric", "categorical"]
@@ -62,7 +69,20 @@ def _params_section(name: str, fields: tuple[str, ...]) -> type[BaseModel]:
                         **{f: (RunParams.model_fields[f].annotation, RunParams.model_fields[f]) for f in fields})
 
 
-TrainingSection = _params_section("TrainingSection", PARAM_SECTIONS["training"])
+_TrainingParams = _params_section("_TrainingParams", PARAM_SECTIONS["training"])
+
+
+class TrainingSection(_TrainingParams):
+    model: str | None = Field(None, pattern=MODEL_CLASS_PATH,
+                              description="The pipeline's own torch.nn.Module, 'package.module:ClassName' (see "
+                              "lepton_tasks.ml.models for the contract); replaces model_kind and hidden_size.")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `model`.")
+
+    @model_validator(mode="after")
+    def _kwargs_need_a_model(self) -> TrainingSection:
+        if self.model_kwargs and self.model is None:
+            raise ValueError("training.model_kwargs is for a pipeline's own model: set training.model too")
+        return self
 MergeSection = _params_section("MergeSection", PARAM_SECTIONS["merge"])
 ValidationSection = _params_section("ValidationSection", PARAM_SECTIONS["validation"])
 _CompressionParams = _params_section("_CompressionParams", PARAM_SECTIONS["compression"])
@@ -175,7 +195,8 @@ class PipelineSpec(_Strict):
                 raise ValueError("target.classes must list every label once for a classification target")
         elif target.classes is not None:
             raise ValueError("target.classes is for classification targets only")
-        if self.training.model_kind == "cnn" and any(t != "numeric" for t in features.values()):
+        if self.training.model is None and self.training.model_kind == "cnn" and any(
+                t != "numeric" for t in features.values()):
             raise ValueError("training.model_kind 'cnn' reads the features as one sequence: all must be numeric")
         allowed = METRICS[target.task]
         if self.compression.metric is not None and self.compression.metric not in allowed:
@@ -217,6 +238,10 @@ class PipelineSpec(_Strict):
         """The Airflow Asset a run updates when its data passed validation."""
         return f"x-lepton://{self.name}/validated-data"
 
+    def model_kind(self, params: RunParams) -> str:
+        """What the run trains: the spec's own model class, else the run's `model_kind`."""
+        return self.training.model or params.model_kind
+
     @property
     def feature_columns(self) -> list[str]:
         return list(self.features)
@@ -229,7 +254,7 @@ class PipelineSpec(_Strict):
                                   "wait_poke_seconds": source.wait.poke_seconds,
                                   "drift_max": self.drift.max, "drift_action": self.drift.action}
         for section in (self.training, self.merge, self.compression, self.validation):
-            values.update(section.model_dump(exclude={"metric"}))
+            values.update(section.model_dump(exclude={"metric", "model", "model_kwargs"}))
         return RunParams(**values)
 
 

@@ -74,13 +74,14 @@ def _value(hint: Any, value: Any) -> Any:
 class ModelShape:
     """Everything needed to rebuild a model before loading its weights."""
 
-    kind: str  # "mlp" or "cnn"
+    kind: str  # "mlp", "cnn", or a pipeline's own model class, "package.module:ClassName"
     in_features: int
     out_features: int  # classes, or 1 for regression
     hidden: int
     task: str = "classification"
     target_mean: float = 0.0  # regression: the model predicts in the target's units, learning on a unit scale
     target_std: float = 1.0
+    kwargs: dict = field(default_factory=dict)  # an own model class's keyword arguments (the spec's model_kwargs)
 
 
 @dataclass
@@ -317,8 +318,9 @@ class CompressManifest(Manifest):
     tolerance: float
     sparsity: float
     plots: list[str] = field(default_factory=list)
+    unmade: dict[str, str] = field(default_factory=dict)  # variant -> why it could not be made (an own model's op)
 
-    REPORT_FIGURES: ClassVar[tuple[str, ...]] = ("chosen", "variants")
+    REPORT_FIGURES: ClassVar[tuple[str, ...]] = ("chosen", "variants", "unmade")
     VARIANT_FIGURES: ClassVar[tuple[str, ...]] = ("score", "metrics", "bytes", "latency_p50_ms", "latency_p99_ms",
                                                  "batch_latency_p50_ms", "verdict")
 

@@ -58,10 +58,14 @@ class ChampionSnapshot:
             return f"champion version {self.version} was trained on other columns ({theirs} vs {ours})"
         if spec.target.task == "classification" and encoder.classes != [str(c) for c in spec.target.classes]:
             return f"champion version {self.version} has classes {encoder.classes}, not {spec.target.classes}"
-        for knob in ("model_kind", "hidden_size"):  # MLflow keeps the run's params as strings
-            if str(self.params.get(knob)) != str(getattr(params, knob)):
-                return (f"champion version {self.version} has {knob} {self.params.get(knob)}, this run "
-                        f"{getattr(params, knob)}")
+        theirs, ours = self.params.get("model_class") or self.params.get("model_kind"), spec.model_kind(params)
+        if theirs != ours:
+            return f"champion version {self.version} is a {theirs} model, this run trains {ours}"
+        ours_knobs = ({"model_kwargs": json.dumps(spec.training.model_kwargs, sort_keys=True)} if spec.training.model
+                      else {"hidden_size": str(params.hidden_size)})  # MLflow keeps the run's params as strings
+        for knob, value in ours_knobs.items():
+            if self.params.get(knob, "{}" if knob == "model_kwargs" else None) != value:
+                return f"champion version {self.version} has {knob} {self.params.get(knob)}, this run {value}"
         return None
 
 

@@ -1,16 +1,40 @@
-"""The model kinds a pipeline can train, and their checkpoints (safetensors: tensors plus string metadata)."""
+"""The models a pipeline can train, and their checkpoints (safetensors: tensors plus string metadata).
+
+Built in: `mlp` and `cnn` (`training.model_kind`). A pipeline's own model is any `torch.nn.Module` importable in
+the deployment, named in its spec as `training.model: "package.module:ClassName"` (with `training.model_kwargs`);
+the project's `plugins/` folder is importable everywhere Lepton runs, Dask workers included. The contract:
+
+- `ClassName(in_features=F, out_features=K, **model_kwargs)` builds it: F is the encoded feature width (numeric
+  columns, then one-hot categories), K the number of classes, or 1 for a regression target;
+- `forward(x)` takes float32 features of shape (batch, F) and returns (batch, K): logits for classification
+  (softmax and cross-entropy are Lepton's), or the prediction on a unit scale for regression (Lepton rescales it to
+  the target's units);
+- it is deterministic given its weights (no dropout at `eval()`), its state dict holds every weight (what the
+  merge strategies average), and `torch.onnx.export` (dynamo) and `torch.export` can trace it (compression,
+  the registered model). With `dp_epsilon`, Opacus must be able to make it private (no BatchNorm, say).
+`check_model` tries all of this on a dummy batch when a spec is checked (`lepton validate-spec`) and before a run
+ingests anything.
+"""
 
 from __future__ import annotations
 
+import importlib
+import io
 import json
+import re
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lepton_tasks.core.errors import IntegrityError
+from lepton_tasks.config.settings import MODEL_CLASS_PATH, PLUGINS_DIR
+from lepton_tasks.core.errors import IntegrityError, SpecError
 from lepton_tasks.core.storage import atomic_file, sha256_file
 from lepton_tasks.data.manifests import ModelShape
+
+BUILT_IN = ("mlp", "cnn")
 
 
 class MLP(nn.Module):
@@ -59,12 +83,75 @@ class TargetScale(nn.Module):
         return self.body(x).squeeze(-1) * self.std + self.mean
 
 
+def model_class(path: str) -> type[nn.Module]:
+    """The `torch.nn.Module` subclass that "package.module:ClassName" names (`plugins/` importable)."""
+    if not re.match(MODEL_CLASS_PATH, path):
+        raise ValueError(f"'{path}' is not a class path like 'package.module:ClassName'")
+    if str(PLUGINS_DIR) not in sys.path:  # as Airflow's own processes have it; Dask workers do not
+        sys.path.append(str(PLUGINS_DIR))
+    module_name, class_name = path.split(":")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import '{path}': {type(err).__name__}: {err}") from None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise ValueError(f"'{path}' is not a torch.nn.Module subclass")
+    return found
+
+
 def build_model(shape: ModelShape) -> nn.Module:
-    kinds = {"mlp": MLP, "cnn": CNN}
-    if shape.kind not in kinds:
-        raise ValueError(f"unknown model kind '{shape.kind}' (allowed: {', '.join(kinds)})")
-    body = kinds[shape.kind](shape)
+    if shape.kind == "mlp":
+        body = MLP(shape)
+    elif shape.kind == "cnn":
+        body = CNN(shape)
+    elif ":" in shape.kind:
+        body = model_class(shape.kind)(in_features=shape.in_features, out_features=shape.out_features,
+                                       **shape.kwargs)
+    else:
+        raise ValueError(f"unknown model kind '{shape.kind}' (allowed: {', '.join(BUILT_IN)} or a class path)")
     return TargetScale(body, shape.target_mean, shape.target_std) if shape.task == "regression" else body
+
+
+def check_spec_model(spec, params) -> None:
+    """`check_model` for a spec (`PipelineSpec`) with a model of its own, at a plausible width (each feature one
+    column: the encoded width is only known from the data); nothing to check for the built-in kinds."""
+    if spec.training.model is None:
+        return
+    classes = len(spec.target.classes) if spec.target.task == "classification" else 1
+    shape = ModelShape(spec.training.model, len(spec.features), classes, params.hidden_size, spec.target.task,
+                       kwargs=spec.training.model_kwargs)
+    check_model(shape, private=params.dp_epsilon is not None)
+
+
+def check_model(shape: ModelShape, private: bool = False, field: str = "training.model") -> None:
+    """Build the model, run a dummy batch through it, export it to ONNX and (`private`) ask Opacus whether DP-SGD
+    can train it; a SpecError naming `field` (or `training.dp_epsilon`) and what failed."""
+    try:
+        model = build_model(shape).eval()
+        with torch.no_grad():
+            out = model(torch.zeros(2, shape.in_features))
+    except Exception as err:
+        raise SpecError(f"field '{field}': building {shape.kind} or running a batch through it failed: "
+                        f"{type(err).__name__}: {err}") from None
+    want = (2,) if shape.task == "regression" else (2, shape.out_features)
+    if tuple(out.shape) != want:
+        raise SpecError(f"field '{field}': {shape.kind} returned shape {tuple(out.shape)} for a batch of 2 rows of "
+                        f"{shape.in_features} features; the contract is (batch, {shape.out_features})")
+    try:
+        with warnings.catch_warnings():  # the exporter's deprecation notices are torch's, not the model's
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(2, shape.in_features),), io.BytesIO(), input_names=["features"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
+    except Exception as err:
+        raise SpecError(f"field '{field}': {shape.kind} cannot be exported to ONNX (compression needs it): "
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    if private:
+        from opacus.validators import ModuleValidator
+
+        problems = ModuleValidator.validate(build_model(shape), strict=False)
+        if problems:
+            raise SpecError(f"field 'training.dp_epsilon': Opacus cannot make {shape.kind} private: "
+                            + "; ".join(str(p) for p in problems))
 
 
 def loss_fn(shape: ModelShape, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

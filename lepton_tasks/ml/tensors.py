@@ -43,10 +43,21 @@ def load_xy(files: list[str], encoder: Encoder | dict,
     raise TrainingError(f"read {at} of the {total} rows the Parquet metadata of {files} promised")
 
 
-def model_shape(encoder: Encoder | dict, kind: str, hidden: int) -> ModelShape:
-    """The model that fits this encoding: its input width, outputs and target scale."""
+def model_shape(encoder: Encoder | dict, kind: str, hidden: int, kwargs: dict | None = None) -> ModelShape:
+    """The model that fits this encoding: its input width, outputs and target scale (`kind` a built-in kind or a
+    pipeline's own model class, with its `kwargs`)."""
     if isinstance(encoder, dict):
         encoder = Encoder.from_dict(encoder)
     if encoder.task == "regression":
-        return ModelShape(kind, encoder.width, 1, hidden, "regression", encoder.target_mean, encoder.target_std)
-    return ModelShape(kind, encoder.width, len(encoder.classes), hidden)
+        return ModelShape(kind, encoder.width, 1, hidden, "regression", encoder.target_mean, encoder.target_std,
+                          kwargs or {})
+    return ModelShape(kind, encoder.width, len(encoder.classes), hidden, kwargs=kwargs or {})
+
+
+def version_shape(encoder: Encoder | dict, params: dict[str, str]) -> ModelShape:
+    """The shape of a registered version from its encoder and its MLflow run's params (strings): its own model
+    class and kwargs where the run logged them (`model_class`, `model_kwargs`), else its `model_kind`."""
+    import json
+
+    kind = params.get("model_class") or params["model_kind"]
+    return model_shape(encoder, kind, int(params["hidden_size"]), json.loads(params.get("model_kwargs") or "{}"))

@@ -169,7 +169,8 @@ CALIBRATION_ROWS = 1024  # encoded training rows (from the first shard) that sta
 def _shape(ctx: RunContext, shards: ShardManifest):
     from lepton_tasks.ml.tensors import model_shape
 
-    return model_shape(shards.encoder, ctx.params.model_kind, ctx.params.hidden_size)
+    return model_shape(shards.encoder, ctx.spec.model_kind(ctx.params), ctx.params.hidden_size,
+                       ctx.spec.training.model_kwargs)
 
 
 def window(ctx: RunContext) -> list[DaySource]:
@@ -212,9 +213,16 @@ def ingest(ctx: RunContext) -> IngestManifest:
 
     expected = {c: "numeric" if kind == "numeric" else "any" for c, kind in ctx.spec.features.items()}
     expected[ctx.spec.target.column] = "numeric" if ctx.spec.target.task == "regression" else "any"
-    return _run_stage(ctx, "ingest", lambda: stage.ingest(
-        ctx.params.source_uri, ctx.settings.data_root, ctx.stage_dir("ingest"), ctx.spec.source.format, expected,
-        ctx.day, ctx.params.window_days))
+
+    def body() -> IngestManifest:
+        if ctx.spec.training.model:  # a model of the pipeline's own fails here, before any data is read
+            from lepton_tasks.ml.models import check_spec_model
+
+            check_spec_model(ctx.spec, ctx.params)
+        return stage.ingest(ctx.params.source_uri, ctx.settings.data_root, ctx.stage_dir("ingest"),
+                            ctx.spec.source.format, expected, ctx.day, ctx.params.window_days)
+
+    return _run_stage(ctx, "ingest", body)
 
 
 def start_cluster(ctx: RunContext) -> dict:

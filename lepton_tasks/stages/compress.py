@@ -43,6 +43,8 @@ SCORING_ROWS = 16_384
 LATENCY_NOISE = 0.05  # "not slower" allows this much: about the spread of one model's p50 between repeats
 CHOSEN_FILE = "model.onnx"
 FP32 = "onnx_fp32"  # the plain export every other variant must not be slower than
+VARIANT_ORDER = ("onnx_fp32", "onnx_pruned_fp32", "onnx_int8", "onnx_pruned_int8", "onnx_static_int8",
+                 "onnx_pruned_static_int8")
 
 
 def prune_global(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
@@ -190,28 +192,36 @@ def _deflated(path: Path) -> int:
 
 
 def _build_variants(shape: ModelShape, state: dict, sparsity: float, out: Path,
-                    calibration: np.ndarray | None) -> dict[str, Path]:
+                    calibration: np.ndarray | None) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every variant that can be made, and why each other one could not (an op of a pipeline's own model that a
+    quantizer cannot handle, say): those are said in the manifest and the log, and the rest still compete. The
+    fp32 export itself must work (the spec check tried it)."""
     dense_model = load_model(shape, state)
     exported = export_onnx(dense_model, shape.in_features, out / "fp32.onnx", slim=False)
-    pruned = with_weights(exported, dense_model.state_dict(), prune_global(load_model(shape, state), sparsity),
-                          shape.in_features, out / "pruned_fp32.onnx")
-    dense = slim_onnx(exported)
-    variants = {
-        "onnx_fp32": dense,
-        "onnx_pruned_fp32": pruned,
-        "onnx_int8": quantize_int8(dense, out / "int8.onnx"),
-        "onnx_pruned_int8": quantize_int8(pruned, out / "pruned_int8.onnx"),
+    makers = {
+        "onnx_pruned_fp32": lambda: with_weights(exported, dense_model.state_dict(),
+                                                 prune_global(load_model(shape, state), sparsity),
+                                                 shape.in_features, out / "pruned_fp32.onnx"),
+        "onnx_fp32": lambda: slim_onnx(exported),
+        "onnx_int8": lambda: quantize_int8(variants["onnx_fp32"], out / "int8.onnx"),
+        "onnx_pruned_int8": lambda: quantize_int8(variants["onnx_pruned_fp32"], out / "pruned_int8.onnx"),
     }
     if calibration is not None and len(calibration):
+        makers["onnx_static_int8"] = lambda: quantize_static_int8(variants["onnx_fp32"], out / "static_int8.onnx",
+                                                                  calibration)
+        makers["onnx_pruned_static_int8"] = lambda: quantize_static_int8(
+            variants["onnx_pruned_fp32"], out / "pruned_static_int8.onnx", calibration)
+    variants: dict[str, Path] = {}
+    unmade: dict[str, str] = {}
+    for name, make in makers.items():
         try:
-            variants["onnx_static_int8"] = quantize_static_int8(dense, out / "static_int8.onnx", calibration)
-            variants["onnx_pruned_static_int8"] = quantize_static_int8(pruned, out / "pruned_static_int8.onnx",
-                                                                       calibration)
-        except Exception as err:  # an op the static quantizer cannot handle: the other variants still compete
-            log.warning("static int8 quantization failed (%s: %s); choosing among the other variants",
-                        type(err).__name__, err)
-            variants.pop("onnx_static_int8", None)
-    return variants
+            variants[name] = make()
+        except Exception as err:
+            if name == FP32:
+                raise
+            unmade[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            log.warning("variant %s could not be made (%s); choosing among the others", name, unmade[name])
+    return {name: variants[name] for name in VARIANT_ORDER if name in variants}, unmade
 
 
 def compress(merged_path: Path, merged_sha256: str, shape: ModelShape, eval_data: tuple[torch.Tensor, torch.Tensor],
@@ -225,7 +235,7 @@ def compress(merged_path: Path, merged_sha256: str, shape: ModelShape, eval_data
     x, y = features.numpy(), targets.numpy()
     torch.set_num_threads(1)
     with atomic_dir(stage_dir) as tmp:
-        paths = _build_variants(shape, state, sparsity, tmp, calibration)
+        paths, unmade = _build_variants(shape, state, sparsity, tmp, calibration)
         predictors = {"pytorch_fp32": _torch_predictor(model)} | {n: _onnx_session(p) for n, p in paths.items()}
         latency = _latencies(predictors, x)
         reference = _variant("pytorch_fp32", Path(merged_path), predict(model, features).numpy(), shape.task, y,
@@ -246,7 +256,7 @@ def compress(merged_path: Path, merged_sha256: str, shape: ModelShape, eval_data
                  v.latency_p50_ms, v.batch_latency_p50_ms, v.verdict)
     chosen_path = Path(stage_dir) / CHOSEN_FILE
     return CompressManifest(reference, variants, chosen.name, str(chosen_path), sha256_file(chosen_path),
-                            metric, tolerance, sparsity, [str(Path(stage_dir) / "plots" / tradeoff.name)])
+                            metric, tolerance, sparsity, [str(Path(stage_dir) / "plots" / tradeoff.name)], unmade)
 
 
 def _torch_predictor(model: torch.nn.Module) -> Callable:

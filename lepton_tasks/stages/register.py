@@ -15,6 +15,7 @@ Order matters for safety: everything is logged first, the version registered sec
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,6 @@ EXAMPLE_ROWS = 2  # the model's input example: pt2 export needs a batch of at le
 
 def _version_files(record: RunRecord, folder: Path) -> list[str]:
     """The files a version carries for the gate, drift, the warm start and scoring (champion.WEIGHTS, ...)."""
-    import json
     import shutil
 
     (folder / champions.ENCODER).write_text(json.dumps(record.shards.encoder))
@@ -255,17 +255,16 @@ def _champion_on_this_data(client, champion, record: RunRecord, metric: str) -> 
     """The champion re-scored on this run's held-out rows, with its version's own encoder and weights
     (safetensors: no pickle), or (None, why) when its files are gone or its columns no longer fit the data. A
     registry that cannot be reached raises (retryable): that decides nothing."""
-    import json
     import tempfile
 
     from lepton_tasks.ml.models import evaluate
-    from lepton_tasks.ml.tensors import load_xy, model_shape
+    from lepton_tasks.ml.tensors import load_xy, version_shape
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             weights, encoder_file, params = champions.version_model(client, champion, Path(tmp))
             encoder = json.loads(encoder_file.read_text())
-            shape = model_shape(encoder, params["model_kind"], int(params["hidden_size"]))
+            shape = version_shape(encoder, params)
             model = load_model(shape, load_checkpoint(weights)[0])
             features, targets = load_xy(record.shards.eval.files, encoder)
             return evaluate(model, shape, features, targets)[metric], None
@@ -453,11 +452,18 @@ def _note_superseded(client, experiment_id: str, run_id: str, record: RunRecord)
                     "were", record.run_id, ", ".join(earlier))
 
 
+def _own_model_params(shape) -> dict[str, str]:
+    """A pipeline's own model class and kwargs, as params: what rebuilds the version (`tensors.version_shape`)."""
+    if ":" not in shape.kind:
+        return {}
+    return {"model_class": shape.kind, "model_kwargs": json.dumps(shape.kwargs, sort_keys=True)}
+
+
 def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord, model_name: str, example_features):
     """Everything about the run, then the model version (found again by its DAG-run tag on a retry)."""
     for key, value in _lineage(record).items():
         client.set_tag(run_id, key, value)
-    for key, value in record.params.items():
+    for key, value in {**record.params, **_own_model_params(record.train.shape)}.items():
         client.log_param(run_id, key, value)
     log_metrics(client, run_id, summary_metrics(record))
     if record.drift and record.drift.max_psi is not None:

@@ -86,6 +86,10 @@ def validate_specs(files: list[str]) -> int:
     for path in paths:
         try:
             loaded = load_spec(path)
+            if loaded.spec.training.model:  # built, run on a dummy batch, exported (needs torch: only here)
+                from lepton_tasks.ml.models import check_spec_model
+
+                check_spec_model(loaded.spec, loaded.spec.run_defaults())
             print(f"ok     {path}  (pipeline {loaded.name}, {loaded.spec.target.task}, metric {loaded.spec.metric})")
         except LeptonError as err:
             failed += 1

@@ -179,6 +179,7 @@ def write_sensors(landing_dir: Path, rows: int = 1500) -> Path:
 EXAMPLES = {
     "lepton_mnist1d": ("landing/mnist1d", write_mnist1d, DEFAULT_SAMPLES),
     "lepton_house_prices": ("landing/house_prices", write_house_prices, 6000),
+    "lepton_house_prices_resmlp": ("landing/house_prices", write_house_prices, 6000),  # the same data, own model
     "lepton_sensors": ("landing/sensors", write_sensors, 1500),
 }
 

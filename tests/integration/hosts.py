@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -25,6 +27,20 @@ def available() -> str | None:
     if not shutil.which("ip") or not shutil.which("tc"):
         return "needs iproute2 (ip, tc)"
     return None
+
+
+def stop_sessions(processes: Iterable[subprocess.Popen], grace_s: float = 40) -> None:
+    """Stop each process's whole session (a `lepton dask-*` supervisor and its Dask processes), stopped
+    (SIGSTOP) ones included: SIGCONT and SIGTERM, then SIGKILL after `grace_s`."""
+    processes = list(processes)
+    for process in processes:
+        os.killpg(process.pid, signal.SIGCONT)
+        os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _ip(*args: str, netns: str | None = None) -> None:

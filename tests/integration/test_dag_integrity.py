@@ -39,7 +39,8 @@ def parsed(tmp_path_factory):
 def test_one_dag_per_bundled_spec_imports_without_errors(parsed):
     result, _ = parsed
     assert result["errors"] == {} and set(result["dags"]) == {
-        "lepton_mnist1d", "lepton_house_prices", "lepton_sensors",  # + the consumers of specs with `score:`
+        "lepton_mnist1d", "lepton_house_prices", "lepton_house_prices_resmlp", "lepton_sensors",  # + the consumers
+        # of specs with `score:`
         "lepton_mnist1d_score", "lepton_sensors_score"}
 
 
@@ -52,7 +53,7 @@ def test_every_dag_is_scheduled_retried_owned_tagged_and_documented(parsed):
     nightly = parsed[0]["dags"]["lepton_mnist1d"]
     assert nightly["schedule"] == "0 2 * * *" and nightly["max_active_runs"] == 1 and nightly["catchup"] is False
     pipelines = [dag for dag in parsed[0]["dags"].values() if dag["register_upstream"] is not None]
-    assert len(pipelines) == 3
+    assert len(pipelines) == 4
     for dag in pipelines:  # a failed stage never reaches register, so never moves `champion`
         assert dag["register_rule"].endswith("all_success")
         assert dag["register_upstream"] == ["compress", "drift", "ingest", "merge", "shard", "train", "validate"]

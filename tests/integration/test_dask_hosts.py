@@ -19,6 +19,7 @@ import pytest
 
 from lepton_tasks.config.settings import REPO_ROOT
 from lepton_tasks.tools.airflow_env import free_port, wait_for
+from tests.integration.hosts import stop_sessions
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +52,7 @@ def hosts(tmp_path):
             processes[name] = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
                                                stdout=log, stderr=subprocess.STDOUT)
     yield address, processes
-    for process in processes.values():
-        os.killpg(process.pid, signal.SIGCONT)
-        os.killpg(process.pid, signal.SIGTERM)
-    for process in processes.values():
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    stop_sessions(processes.values())
 
 
 def test_a_silent_worker_host_is_given_up_within_a_minute_and_its_task_finishes_on_the_other(hosts):

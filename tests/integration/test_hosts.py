@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -60,13 +59,7 @@ def network(tmp_path):
         try:
             yield net, address, processes
         finally:
-            for process in processes.values():
-                os.killpg(process.pid, signal.SIGTERM)
-            for process in processes.values():
-                try:
-                    process.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+            hosts.stop_sessions(processes.values())
 
 
 def _workers_by_name(address: str) -> dict[str, str]:
