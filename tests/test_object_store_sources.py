@@ -1,6 +1,8 @@
-"""Sources on an S3-compatible store (moto's server, IAM authentication on), with the credentials only in the
-standard AWS environment: a pipeline reads them, the scaffold profiles them, a wrong secret and a store that does
-not answer fail clearly, and the secret ends up in nothing the run wrote."""
+"""Sources and MLflow artifacts on an S3-compatible store (moto's server, IAM authentication on), the credentials
+only in the standard AWS environment: a pipeline reads its source there and registers through an MLflow server
+whose artifacts are on the store (proxied: the run's own process then holds no credentials), the scaffold profiles
+a source there, a wrong secret and a store that does not answer fail clearly, and the secret ends up in nothing
+the run wrote."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from lepton_tasks.config.specs import find_spec
 from lepton_tasks.core.errors import StoreAccessDenied, StoreUnavailable
 from lepton_tasks.core.storage import sha256_file
 from lepton_tasks.orchestration import pipeline
+from lepton_tasks.tools.airflow_env import TrackingServer
 from lepton_tasks.tools.demo_data import write_mnist1d
 from tests.store import S3Store
 
@@ -40,14 +43,31 @@ def _files_holding(root, secret: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
-def test_a_pipeline_reads_and_validates_its_source_on_the_store(data_root, store, landed):
+def test_a_pipeline_reads_its_source_on_the_store_and_registers_through_mlflow_proxying_it(tmp_path, data_root, store,
+                                                                                         landed, monkeypatch):
     local, uri = landed
     ctx = pipeline.context(find_spec("lepton_mnist1d"), "from-s3", {**CONF, "source_uri": "s3://lepton/landing/mnist1d/"})
-    manifests, _ = pipeline.run_in_process(ctx, last="validate")
+    manifests, _ = pipeline.run_in_process(ctx, last="ingest")
     ingest = manifests["ingest"]
     assert ingest.source_files == [uri.removeprefix("s3://")] and ingest.rows == 900
     assert ingest.window[0]["files"][0]["sha256"] == sha256_file(local)  # the bytes read are the bytes uploaded
-    assert manifests["validate"].success
+
+    (tmp_path / "mlflow").mkdir()
+    server = TrackingServer(tmp_path / "mlflow", "s3://lepton/mlartifacts", store.environ())
+    server.start()
+    try:
+        for name in store.environ():  # from here on this process holds no store credential: MLflow proxies
+            monkeypatch.delenv(name)
+        S3FileSystem.clear_instance_cache()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        ctx = pipeline.context(ctx.loaded, ctx.run_id, ctx.params.model_dump())  # the same run, these settings
+        manifests, _ = pipeline.run_in_process(ctx, done=manifests)
+    finally:
+        server.stop()
+    registered = manifests["register"]
+    assert registered.tracking_uri == server.uri and "champion" in registered.aliases
+    stored = [o["Key"] for o in store.client("s3").list_objects_v2(Bucket="lepton", Prefix="mlartifacts/")["Contents"]]
+    assert any(key.endswith("model.onnx") for key in stored), stored  # the compressed model, on the store
     written = [m.to_dict() for m in manifests.values()]
     assert store.secret not in str(written) and not _files_holding(data_root, store.secret)
 

@@ -284,19 +284,23 @@ _MIGRATED_SQLITE: list[Path] = []  # this process's first freshly migrated SQLit
 
 
 class TrackingServer:
-    """`mlflow server` on a free loopback port, with its own SQLite store and artifact folder."""
+    """`mlflow server` on a free loopback port, with its own SQLite store and an artifact folder (or the
+    `artifacts_destination` given, an object store whose credentials are in `env`: the server proxies it)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, artifacts_destination: str | None = None, env: dict[str, str] | None = None):
         self.root = root
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts_destination = artifacts_destination or str(root / "artifacts")
+        self.env = env or {}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")], env={**os.environ, **MLFLOW_SERVER_ENV},
+             "--artifacts-destination", self.artifacts_destination],
+            env={**os.environ, **MLFLOW_SERVER_ENV, **self.env},
             stdout=subprocess.DEVNULL, stderr=(self.root / "server.log").open("ab"), start_new_session=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

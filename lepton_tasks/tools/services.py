@@ -2,7 +2,8 @@
 
 - Airflow 3 (api-server, scheduler, dag-processor, triggerer; LocalExecutor, preloading the stage libraries) on a
   PostgreSQL database;
-- an MLflow tracking server on a PostgreSQL database, artifacts in `{state}/mlartifacts`;
+- an MLflow tracking server on a PostgreSQL database, artifacts in `{state}/mlartifacts` or on an object store
+  (LEPTON_ARTIFACTS_DESTINATION), proxied: only the server needs the store's credentials;
 - a Dask cluster: `lepton dask-scheduler` and one `lepton dask-worker` process per worker (one for every GPU where
   torch can use one), each kept running by `lepton_tasks.tools.supervisor` (`lepton_tasks.tools.dask_hosts`);
 - with LEPTON_EXECUTOR=CeleryExecutor, an `airflow celery worker` on the Redis broker LEPTON_CELERY_BROKER_URL
@@ -62,6 +63,9 @@ class Deployment:
     dask_workers: int = 0  # 0: one per core
     executor: str = PRELOADING_EXECUTOR  # or CeleryExecutor: adds an `airflow celery worker` on the Redis broker
     celery_broker_url: str = "redis://127.0.0.1:6379/0"
+    # where the MLflow server keeps artifacts, a folder or an object store (s3://bucket/prefix: the server alone
+    # needs the store's credentials, its clients upload and download through it); default {state}/mlartifacts
+    artifacts_destination: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Deployment:
@@ -76,7 +80,8 @@ class Deployment:
                    dashboard_port=int(env("LEPTON_DASK_DASHBOARD_PORT", 8787)),
                    dask_workers=int(env("LEPTON_DASK_WORKERS", 0)),
                    executor=env("LEPTON_EXECUTOR", PRELOADING_EXECUTOR),
-                   celery_broker_url=env("LEPTON_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
+                   celery_broker_url=env("LEPTON_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+                   artifacts_destination=env("LEPTON_ARTIFACTS_DESTINATION"))
 
     @property
     def airflow_url(self) -> str:
@@ -85,6 +90,10 @@ class Deployment:
     @property
     def mlflow_url(self) -> str:
         return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def mlflow_artifacts(self) -> str:
+        return self.artifacts_destination or str(self.state / "mlartifacts")
 
     @property
     def dask_address(self) -> str:
@@ -200,7 +209,7 @@ def commands(deployment: Deployment) -> dict[str, list[str]]:
     return {
         "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(deployment.mlflow_port),
                    "--workers", "2", "--backend-store-uri", deployment.database_url("mlflow"),
-                   "--artifacts-destination", str(deployment.state / "mlartifacts")],
+                   "--artifacts-destination", deployment.mlflow_artifacts],
         **dask_commands(deployment),
         **{name: [str(BIN / "airflow"), name] for name in AIRFLOW_PROCESSES},
         **({"celery-worker": [str(BIN / "airflow"), "celery", "worker"]} if deployment.executor == "CeleryExecutor"

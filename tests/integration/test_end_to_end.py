@@ -1,10 +1,14 @@
-"""The whole DAG, then MLflow and report.json checked: on SQLite, and on PostgreSQL. The first run goes through
-`.venv/bin/lepton run` from a plain shell (as cron would run it), the others through `airflow dags test`."""
+"""The whole DAG, then MLflow and report.json checked: on PostgreSQL where the suite has one (as CI does), else on
+the embedded SQLite default (whose `lepton run` path `test_new_pipeline.py` runs too, on every machine). The first
+run goes through `.venv/bin/lepton run` from a plain shell (as cron would run it), a worse and a failed run after
+it through `airflow dags test`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -105,28 +109,29 @@ def _check_failed_run_registers_nothing(env: AirflowEnv, good_dir: Path) -> None
     assert _tree_digest(good_dir) == before
 
 
-def _pipeline_story(env: AirflowEnv, whole: bool = True) -> None:
-    """The first run from a plain shell; with `whole`, a worse run and a failed one after it."""
+def test_pipeline_end_to_end(tmp_path):
+    url = postgres_url()
+    if not url:
+        _pipeline_story(AirflowEnv.sqlite(tmp_path))
+        return
+    with postgres_databases(url) as (airflow_db, mlflow_db):
+        _pipeline_story(AirflowEnv(tmp_path, tmp_path / "data",
+                                   airflow_db.replace("postgresql://", "postgresql+psycopg2://", 1), mlflow_db))
+
+
+def _pipeline_story(env: AirflowEnv) -> None:
+    """The first run from a plain shell, then a worse run and a failed one after it."""
     write_demo(env.data_root, 1500)
     env.migrate()
     _, good_dir = env.lepton_run(SMALL_CONF)
     _check_good_run(env, good_dir)
-    if whole:
-        _check_worse_run_keeps_champion(env, good_dir)
-        _check_failed_run_registers_nothing(env, good_dir)
+    _check_worse_run_keeps_champion(env, good_dir)
+    _check_failed_run_registers_nothing(env, good_dir)
 
 
-def test_pipeline_on_sqlite(tmp_path):
-    """The embedded default (`make run`). The worse and failed runs that follow test the registry's and the
-    stages' logic, not the database: they run once a suite, on PostgreSQL where the suite has it, else here."""
-    _pipeline_story(AirflowEnv.sqlite(tmp_path), whole=not postgres_url())
-
-
-@pytest.fixture
-def postgres_databases():
-    url = postgres_url()
-    if not url:
-        pytest.skip("LEPTON_TEST_POSTGRES_URL is not set")
+@contextmanager
+def postgres_databases(url: str) -> Iterator[list[str]]:
+    """Two throwaway databases (Airflow's and MLflow's) on the server at `url`."""
     import sqlalchemy
 
     names = [unique("lepton_airflow"), unique("lepton_mlflow")]
@@ -135,16 +140,10 @@ def postgres_databases():
         for name in names:
             conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     base = url.rsplit("/", 1)[0]
-    yield [f"{base}/{name}" for name in names]
-    with engine.connect() as conn:
-        for name in names:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
-
-
-@pytest.mark.postgres
-def test_pipeline_on_postgres(tmp_path, postgres_databases):
-    airflow_db, mlflow_db = postgres_databases
-    env = AirflowEnv(tmp_path, tmp_path / "data", airflow_db.replace("postgresql://", "postgresql+psycopg2://", 1),
-                     mlflow_db)
-    _pipeline_story(env)
+    try:
+        yield [f"{base}/{name}" for name in names]
+    finally:
+        with engine.connect() as conn:
+            for name in names:
+                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
