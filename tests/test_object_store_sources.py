@@ -105,3 +105,13 @@ def test_a_store_that_does_not_answer_is_named_and_retryable(data_root, store, l
         pipeline.run_in_process(ctx, last="ingest")
     assert store.endpoint in str(raised.value) and "s3://lepton" in str(raised.value) and raised.value.retryable
     assert not ctx.stage_dir("ingest").exists()
+
+
+def test_a_store_that_stops_answering_mid_read_is_named_and_retryable(store, landed):
+    from lepton_tasks.data.sources import list_source_files, read_batches
+
+    fs, files = list_source_files(landed[1])
+    store.stop()
+    with pytest.raises(StoreUnavailable, match="s3://lepton") as raised:
+        list(read_batches(fs, files[0]))
+    assert raised.value.retryable

@@ -115,9 +115,12 @@ def read_batches(fs, path: str):
             else:
                 # an empty CSV field is a missing value, for text columns too
                 yield from pacsv.open_csv(handle, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-    except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError, ConnectionError, TimeoutError) as err:
-        raise store_error(_url(fs, path), err) or BadSource(f"cannot read '{path}' as {_format_of(path)}: {err}") \
-            from err
+    except Exception as err:  # a remote store's client raises its own error classes, not only OSError
+        if (mapped := store_error(_url(fs, path), err)) is not None:
+            raise mapped from err
+        if isinstance(err, (pa.ArrowException, OSError, EOFError, UnicodeDecodeError)):
+            raise BadSource(f"cannot read '{path}' as {_format_of(path)}: {err}") from err
+        raise
 
 
 def _url(fs, path: str) -> str:
