@@ -39,6 +39,28 @@ def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(t
     assert table["name"][0] == "pytorch_fp32" and len(table["verdict"]) == len(manifest.variants) + 1
 
 
+def test_a_variant_that_cannot_be_made_is_listed_with_why_and_the_others_compete(tmp_path, monkeypatch):
+    """What an own model's op that the dynamic quantizer refuses does: the int8 variants are said to be unmade."""
+    from lepton_tasks.ml.tensors import load_xy
+    from lepton_tasks.stages import compress as stage
+
+    def refuse(src, dst):
+        raise NotImplementedError(f"no int8 kernel for an op of {src.name}")
+
+    monkeypatch.setattr(stage, "quantize_int8", refuse)
+    shape = ModelShape("mlp", 40, 10, 16)
+    merged = tmp_path / "merged.safetensors"
+    sha = save_checkpoint(merged, init_weights(shape, 0), {})
+    path = tmp_path / "eval.parquet"
+    mnist_frame(200).to_parquet(path, index=False)
+    eval_data = load_xy([str(path)], encoder_for(mnist_frame(200)))
+    manifest = compress(merged, sha, shape, eval_data, tmp_path / "c", "accuracy", 0.02, 0.3)
+    assert {v.name for v in manifest.variants} == {"onnx_fp32", "onnx_pruned_fp32"}
+    assert set(manifest.unmade) == {"onnx_int8", "onnx_pruned_int8"}
+    assert "NotImplementedError: no int8 kernel" in manifest.unmade["onnx_int8"]
+    assert manifest.chosen in {"onnx_fp32", "onnx_pruned_fp32"} and (tmp_path / "c" / "model.onnx").exists()
+
+
 def test_scoring_a_large_split_runs_in_bounded_calls_with_the_same_outputs(tmp_path, monkeypatch):
     import numpy as np
     import onnxruntime as ort

@@ -83,6 +83,8 @@ class TrainingSection(_TrainingParams):
         if self.model_kwargs and self.model is None:
             raise ValueError("training.model_kwargs is for a pipeline's own model: set training.model too")
         return self
+
+
 MergeSection = _params_section("MergeSection", PARAM_SECTIONS["merge"])
 ValidationSection = _params_section("ValidationSection", PARAM_SECTIONS["validation"])
 _CompressionParams = _params_section("_CompressionParams", PARAM_SECTIONS["compression"])

@@ -123,9 +123,10 @@ def check_spec_model(spec, params) -> None:
     check_model(shape, private=params.dp_epsilon is not None)
 
 
-def check_model(shape: ModelShape, private: bool = False, field: str = "training.model") -> None:
+def check_model(shape: ModelShape, private: bool = False) -> None:
     """Build the model, run a dummy batch through it, export it to ONNX and (`private`) ask Opacus whether DP-SGD
-    can train it; a SpecError naming `field` (or `training.dp_epsilon`) and what failed."""
+    can train it; a SpecError naming the field (`training.model`, or `training.dp_epsilon`) and what failed."""
+    field = "training.model"
     try:
         model = build_model(shape).eval()
         with torch.no_grad():
