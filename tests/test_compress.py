@@ -12,16 +12,21 @@ def test_global_pruning_zeroes_the_asked_fraction():
     assert abs((weights == 0).float().mean().item() - 0.6) < 0.01
 
 
-def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(tmp_path):
+def _compressed(tmp_path, hidden: int, rows: int):
+    """`compress` of a freshly initialised MLP (tolerance 0.02, sparsity 0.3) on `rows` held-out MNIST-1D rows."""
     from lepton_tasks.ml.tensors import load_xy
 
-    shape = ModelShape("mlp", 40, 10, 64)
+    shape = ModelShape("mlp", 40, 10, hidden)
     merged = tmp_path / "merged.safetensors"
     sha = save_checkpoint(merged, init_weights(shape, 0), {})
     path = tmp_path / "eval.parquet"
-    mnist_frame(300).to_parquet(path, index=False)
-    eval_data = load_xy([str(path)], encoder_for(mnist_frame(300)))
-    manifest = compress(merged, sha, shape, eval_data, tmp_path / "c", "accuracy", 0.02, 0.3)
+    mnist_frame(rows).to_parquet(path, index=False)
+    eval_data = load_xy([str(path)], encoder_for(mnist_frame(rows)))
+    return compress(merged, sha, shape, eval_data, tmp_path / "c", "accuracy", 0.02, 0.3)
+
+
+def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(tmp_path):
+    manifest = _compressed(tmp_path, hidden=64, rows=300)
     by_name = {v.name: v for v in manifest.variants}
     assert set(by_name) == {"onnx_fp32", "onnx_pruned_fp32", "onnx_int8", "onnx_pruned_int8"}
     assert abs(by_name["onnx_fp32"].score - manifest.reference.score) < 1e-9
@@ -41,20 +46,13 @@ def test_compress_scores_every_variant_and_keeps_the_smallest_within_tolerance(t
 
 def test_a_variant_that_cannot_be_made_is_listed_with_why_and_the_others_compete(tmp_path, monkeypatch):
     """What an own model's op that the dynamic quantizer refuses does: the int8 variants are said to be unmade."""
-    from lepton_tasks.ml.tensors import load_xy
     from lepton_tasks.stages import compress as stage
 
     def refuse(src, dst):
         raise NotImplementedError(f"no int8 kernel for an op of {src.name}")
 
     monkeypatch.setattr(stage, "quantize_int8", refuse)
-    shape = ModelShape("mlp", 40, 10, 16)
-    merged = tmp_path / "merged.safetensors"
-    sha = save_checkpoint(merged, init_weights(shape, 0), {})
-    path = tmp_path / "eval.parquet"
-    mnist_frame(200).to_parquet(path, index=False)
-    eval_data = load_xy([str(path)], encoder_for(mnist_frame(200)))
-    manifest = compress(merged, sha, shape, eval_data, tmp_path / "c", "accuracy", 0.02, 0.3)
+    manifest = _compressed(tmp_path, hidden=16, rows=200)
     assert {v.name for v in manifest.variants} == {"onnx_fp32", "onnx_pruned_fp32"}
     assert set(manifest.unmade) == {"onnx_int8", "onnx_pruned_int8"}
     assert "NotImplementedError: no int8 kernel" in manifest.unmade["onnx_int8"]

@@ -8,6 +8,7 @@ of its fields the stage summary and the run report show (`summary`, `REPORT_FIGU
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,14 @@ class ModelShape:
     target_mean: float = 0.0  # regression: the model predicts in the target's units, learning on a unit scale
     target_std: float = 1.0
     kwargs: dict = field(default_factory=dict)  # an own model class's keyword arguments (the spec's model_kwargs)
+
+
+def own_model_params(kind: str, kwargs: dict) -> dict[str, str]:
+    """A pipeline's own model class and kwargs as MLflow run params (strings), what a registered version is rebuilt
+    from (`tensors.version_shape`) and a warm start compared on; {} for a built-in kind."""
+    if ":" not in kind:
+        return {}
+    return {"model_class": kind, "model_kwargs": json.dumps(kwargs, sort_keys=True)}
 
 
 @dataclass

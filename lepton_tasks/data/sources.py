@@ -51,7 +51,10 @@ def list_source_files(uri: str, fmt: str | None = None) -> tuple[object, list[st
         else:
             raise BadSource(f"source '{uri}' does not exist")
     except Exception as err:
-        raise store_error(uri, err) or _unlistable(uri, err) from None
+        raised = _source_error(uri, err, f"cannot list source '{uri}': {type(err).__name__}: {err}")
+        if raised is err:
+            raise
+        raise raised from None
     files = sorted(p for p in candidates if _format_of(p) is not None and fmt in (None, _format_of(p)))
     if not files:
         wanted = ", ".join(ext for ext, f in FORMATS.items() if fmt in (None, f))
@@ -59,9 +62,14 @@ def list_source_files(uri: str, fmt: str | None = None) -> tuple[object, list[st
     return fs, files
 
 
-def _unlistable(uri: str, err: Exception) -> Exception:
-    if isinstance(err, (OSError, RecursionError)):  # a symlink loop, a local permission error
-        return BadSource(f"cannot list source '{uri}': {type(err).__name__}: {err}")
+def _source_error(url: str, err: Exception, unreadable: str) -> Exception:
+    """What to raise for `err`, met listing or reading the source at `url`: the store's error where a store is at
+    fault, BadSource(`unreadable`) where the source is (a symlink loop, a local permission error, a corrupt file),
+    else `err` itself (a BadSource already, or a bug)."""
+    if (mapped := store_error(url, err)) is not None:
+        return mapped
+    if isinstance(err, (OSError, RecursionError, EOFError, UnicodeDecodeError, pa.ArrowException)):
+        return BadSource(unreadable)
     return err
 
 
@@ -116,11 +124,10 @@ def read_batches(fs, path: str):
                 # an empty CSV field is a missing value, for text columns too
                 yield from pacsv.open_csv(handle, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     except Exception as err:  # a remote store's client raises its own error classes, not only OSError
-        if (mapped := store_error(_url(fs, path), err)) is not None:
-            raise mapped from err
-        if isinstance(err, (pa.ArrowException, OSError, EOFError, UnicodeDecodeError)):
-            raise BadSource(f"cannot read '{path}' as {_format_of(path)}: {err}") from err
-        raise
+        raised = _source_error(_url(fs, path), err, f"cannot read '{path}' as {_format_of(path)}: {err}")
+        if raised is err:
+            raise
+        raise raised from err
 
 
 def _url(fs, path: str) -> str:

@@ -82,6 +82,14 @@ LEPTON_DASK_CONFIG = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TR
                                       "admin": {"tick": {"interval": "1s"}, "system-monitor": {"interval": "2s"}}}}
 
 
+def apply_config() -> None:
+    """Lepton's Dask settings (LEPTON_DASK_CONFIG) for this whole process: the one that holds a cluster or is one of
+    its processes (`serve`, `lepton dask-scheduler`, `lepton dask-worker`)."""
+    import dask
+
+    dask.config.update(dask.config.config, LEPTON_DASK_CONFIG, priority="new")
+
+
 def worker_config():
     """Lepton's Dask settings (LEPTON_DASK_CONFIG) for the clusters made inside the block: a `dask.config.set`
     context, for a cluster started in this process (tests, benchmarks)."""
@@ -523,10 +531,8 @@ def serve(scheduler_file: Path, n_workers: int | None, threads_per_worker: int, 
     """Start a local cluster (its workers also importing the `preload` modules as they start), publish its address
     in `scheduler_file`, and hold it until SIGTERM (or until it has had no client and no task for
     `idle_timeout_s`)."""
-    import dask
-
     logging.basicConfig(level=logging.INFO, format="[lepton.cluster] %(message)s")
-    dask.config.update(dask.config.config, LEPTON_DASK_CONFIG, priority="new")
+    apply_config()
     cluster, kind = make_local_cluster(n_workers, threads_per_worker, preload)
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))

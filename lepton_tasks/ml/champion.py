@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lepton_tasks.core.storage import atomic_dir, read_json, write_json
-from lepton_tasks.data.manifests import WarmStart
+from lepton_tasks.data.manifests import WarmStart, own_model_params
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,10 @@ class ChampionSnapshot:
         theirs, ours = self.params.get("model_class") or self.params.get("model_kind"), spec.model_kind(params)
         if theirs != ours:
             return f"champion version {self.version} is a {theirs} model, this run trains {ours}"
-        ours_knobs = ({"model_kwargs": json.dumps(spec.training.model_kwargs, sort_keys=True)} if spec.training.model
-                      else {"hidden_size": str(params.hidden_size)})  # MLflow keeps the run's params as strings
-        for knob, value in ours_knobs.items():
-            if self.params.get(knob, "{}" if knob == "model_kwargs" else None) != value:
-                return f"champion version {self.version} has {knob} {self.params.get(knob)}, this run {value}"
+        own = own_model_params(ours, spec.training.model_kwargs)  # MLflow keeps the run's params as strings
+        knob, value = ("model_kwargs", own["model_kwargs"]) if own else ("hidden_size", str(params.hidden_size))
+        if self.params.get(knob) != value:
+            return f"champion version {self.version} has {knob} {self.params.get(knob)}, this run {value}"
         return None
 
 

@@ -31,6 +31,7 @@ from lepton_tasks.data.manifests import (
     ShardManifest,
     TrainManifest,
     ValidationManifest,
+    own_model_params,
 )
 from lepton_tasks.infra.tracking import (
     TAG_CHAMPION_UNUSABLE,
@@ -452,18 +453,12 @@ def _note_superseded(client, experiment_id: str, run_id: str, record: RunRecord)
                     "were", record.run_id, ", ".join(earlier))
 
 
-def _own_model_params(shape) -> dict[str, str]:
-    """A pipeline's own model class and kwargs, as params: what rebuilds the version (`tensors.version_shape`)."""
-    if ":" not in shape.kind:
-        return {}
-    return {"model_class": shape.kind, "model_kwargs": json.dumps(shape.kwargs, sort_keys=True)}
-
-
 def _log_and_register(client, experiment_id: str, run_id: str, record: RunRecord, model_name: str, example_features):
     """Everything about the run, then the model version (found again by its DAG-run tag on a retry)."""
     for key, value in _lineage(record).items():
         client.set_tag(run_id, key, value)
-    for key, value in {**record.params, **_own_model_params(record.train.shape)}.items():
+    shape = record.train.shape
+    for key, value in {**record.params, **own_model_params(shape.kind, shape.kwargs)}.items():
         client.log_param(run_id, key, value)
     log_metrics(client, run_id, summary_metrics(record))
     if record.drift and record.drift.max_psi is not None:

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from lepton_tasks.infra.cluster import LEPTON_DASK_CONFIG, gpu_count
+from lepton_tasks.infra.cluster import apply_config, gpu_count
 
 DEFAULT_PORT = 8786
 ROLES = ("scheduler", "worker", "cuda-worker")
@@ -57,10 +57,8 @@ def _dask_cli(role: str):
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m lepton_tasks.tools.dask_hosts ROLE ARGS...`: Dask's ROLE command with Lepton's settings."""
-    import dask
-
     role, *args = sys.argv[1:] if argv is None else argv
-    dask.config.update(dask.config.config, LEPTON_DASK_CONFIG, priority="new")
+    apply_config()
     _dask_cli(role).main(args=args, prog_name=f"dask {role.replace('-', ' ')}")
 
 

@@ -69,10 +69,10 @@ class Host:
 
     def throttle(self, mbit: int) -> None:
         """Both ways at `mbit` Mbit/s: tbf on the bridge's end (traffic to the host) and on the host's own end."""
-        for device, netns in ((self.link, None), ("eth0", self.name)):
-            prefix = ["ip", "netns", "exec", netns] if netns else []
-            subprocess.run([*prefix, "tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", f"{mbit}mbit",
-                            "burst", "32kb", "latency", "400ms"], check=True, capture_output=True, text=True)
+        tbf = ["root", "tbf", "rate", f"{mbit}mbit", "burst", "32kb", "latency", "400ms"]
+        for command in (["tc", "qdisc", "replace", "dev", self.link, *tbf],
+                        self.command(["tc", "qdisc", "replace", "dev", "eth0", *tbf])):
+            subprocess.run(command, check=True, capture_output=True, text=True)
 
 
 @dataclass
