@@ -6,6 +6,8 @@ per-repeat ratios), "repeats", "spread" [min, max], "goal", "unit", "higher_is_b
 detail file per benchmark group beside it, and PNG plots. Groups (`python -m bench.run GROUP...` runs some,
 merged into an existing summary): shard, validate (validate, validate_vs_gx, validate_vs_gx_partitioned), train,
 merge_vs_central, compression (compression_size, compression_latency, compression_latency_batch), scaffold_profile,
+sql_ingest (sql_ingest, a PostgreSQL table's window against a hand-written COPY/pyarrow script; validate_in_database,
+the validate stage on the extract against GX's SQL engine in the database; sql_ingest.json),
 scheduler (orchestration_overhead and whole_run_10m_memory, on one Airflow; details in orchestration.json and
 whole_run_10m_memory.json), federated (merge strategies on non-IID, poisoned and private
 shards: federated.json and federated.png, accuracies without a ratio) and flower (flower_side_by_side,
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench import federated, profiling, stages, whole_run
+from bench import federated, profiling, stages, warehouse, whole_run
 from bench.common import REPEATS, RESULTS, Repeats, record, shared_cluster, write_json
 from bench.quality import merge_vs_central
 
@@ -101,6 +103,13 @@ def bench_profile(work) -> dict:
     return {"scaffold_profile": summary}
 
 
+def bench_sql_ingest(work) -> dict:
+    summary, detail = warehouse.sql_ingest_bench(work)
+    in_database, validate_detail = warehouse.validate_in_database_bench(work)
+    write_json("sql_ingest.json", {**detail, "validate_in_database": validate_detail})
+    return {"sql_ingest": summary, "validate_in_database": in_database}
+
+
 def bench_federated(work) -> dict:
     detail = federated.federated_bench(work)
     write_json("federated.json", detail)
@@ -127,7 +136,8 @@ def bench_scheduler(work) -> dict:
 
 
 BENCHES = {"shard": bench_shard, "validate": bench_validate, "train": bench_train, "compression": bench_compression,
-           "merge_vs_central": bench_merge, "scaffold_profile": bench_profile, "scheduler": bench_scheduler,
+           "merge_vs_central": bench_merge, "scaffold_profile": bench_profile, "sql_ingest": bench_sql_ingest,
+           "scheduler": bench_scheduler,
            "federated": bench_federated, "flower": bench_flower}
 
 

@@ -88,3 +88,26 @@ def has_gpu() -> bool:
 
 def postgres_url() -> str | None:
     return os.environ.get("LEPTON_TEST_POSTGRES_URL") or None
+
+
+def postgres_server_url(what: str) -> str:
+    """LEPTON_TEST_POSTGRES_URL; else, outside CI, the local default where something listens on its port. Once a
+    server is configured or found, any failure (a refused login included) fails the test: only a machine with
+    nothing configured skips, and CI, which always configures one, never does."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from lepton_tasks.tools.services import DEFAULT_POSTGRES
+
+    url = os.environ.get("LEPTON_TEST_POSTGRES_URL")
+    if url:
+        return url
+    if os.environ.get("CI"):
+        pytest.fail(f"CI runs {what} on PostgreSQL: set LEPTON_TEST_POSTGRES_URL (.ci/run does)")
+    default = urlsplit(DEFAULT_POSTGRES)
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        if probe.connect_ex((default.hostname, default.port or 5432)) != 0:
+            pytest.skip(f"no PostgreSQL configured: LEPTON_TEST_POSTGRES_URL is unset and nothing listens at "
+                        f"{default.hostname}:{default.port or 5432}")
+    return DEFAULT_POSTGRES

@@ -22,7 +22,8 @@ expectations: mnist1d.json
 def test_every_bundled_spec_loads_with_its_values_as_the_param_defaults():
     loaded, errors = load_all(PIPELINES_DIR)
     assert errors == {} and {s.name for s in loaded} == {"lepton_mnist1d", "lepton_house_prices",
-                                                        "lepton_house_prices_resmlp", "lepton_sensors"}
+                                                        "lepton_house_prices_resmlp", "lepton_sensors",
+                                                        "lepton_sensors_warehouse"}
     mnist = find_spec("lepton_mnist1d").spec
     defaults = mnist.run_defaults()
     assert (defaults.model_kind, defaults.num_shards, defaults.merge_rounds) == ("cnn", 4, 8)
@@ -35,6 +36,9 @@ def test_every_bundled_spec_loads_with_its_values_as_the_param_defaults():
     assert "{ds}" in nightly.source_uri and (nightly.window_days, nightly.init_from) == (1, "champion")
     assert nightly.wait_timeout_minutes == sensors.source.wait.timeout_minutes == 120
     assert sensors.score is not None and sensors.score_dag_id == "lepton_sensors_score"
+    warehouse = find_spec("lepton_sensors_warehouse").spec  # a SQL source: the form names it, the spec holds it
+    assert warehouse.source.sql.conn_id == "lepton_warehouse" and warehouse.source.sql.partition_column == "day"
+    assert warehouse.run_defaults().source_uri == "sql://lepton_warehouse/sensor_readings"
 
 
 def test_a_minimal_spec_gets_defaults_for_everything_else(tmp_path):

@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # lepton_tasks/config/settings.
 EXPECTATIONS_DIR = REPO_ROOT / "expectations"
 PLUGINS_DIR = REPO_ROOT / "plugins"  # Airflow's plugins folder (AIRFLOW_HOME is the checkout); own models too
 PIPELINES_DIR = REPO_ROOT / "dags" / "pipelines"  # one YAML spec per pipeline; LEPTON_PIPELINES_DIR overrides
+WAREHOUSE_CONN_ID = "lepton_warehouse"  # the bundled warehouse example's Airflow connection
 
 ModelKind = Literal["mlp", "cnn"]
 MODEL_CLASS_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"  # an own model
@@ -237,6 +238,12 @@ class Settings:
             dask_recovery_s=float(os.environ.get("LEPTON_DASK_RECOVERY_S", DEFAULT_DASK_RECOVERY_S)),
             train_threads=int(os.environ.get("LEPTON_TRAIN_THREADS", 1)),
         )
+
+    def local_warehouse_env(self) -> dict[str, str]:
+        """The warehouse example's Airflow connection (`WAREHOUSE_CONN_ID`) where nothing defines it: a SQLite
+        file under the data root (`make up` defines it on its PostgreSQL)."""
+        connection = json.dumps({"conn_type": "sqlite", "host": str(self.data_root / "warehouse.db")})
+        return {f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}": connection}
 
     def local_mlflow_uri(self) -> str:
         return f"sqlite:///{self.data_root / 'mlflow.db'}"

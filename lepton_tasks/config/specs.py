@@ -6,7 +6,7 @@ defaults of its run params. The run params' bounds are declared once, in `config
 value the Airflow form would refuse.
 
     name: house_prices
-    source: {uri: "landing/house_prices/*.csv"}
+    source: {uri: "landing/house_prices/*.csv"}   # or {conn_id: warehouse, table: sales, partition_column: day}
     features: {area_m2: numeric, neighbourhood: categorical}
     target: {column: price_k, task: regression}
 """
@@ -31,6 +31,7 @@ from lepton_tasks.config.settings import (
     TemplatedUri,
 )
 from lepton_tasks.core.errors import SpecError
+from lepton_tasks.data.warehouse import IDENTIFIER, QUERY_PLACEHOLDERS, TABLE_NAME, SqlSource, check_query
 
 FeatureType = Literal["numeric", "categorical"]
 TaskKind = Literal["classification", "regression"]
@@ -100,11 +101,51 @@ class WaitSection(_Strict):
 
 
 class SourceSection(_Strict):
-    uri: TemplatedUri = Field(min_length=1, description="File, folder or glob; local path or any fsspec URI; "
-                              "may hold {ds}, {ds_nodash}, {yyyy}, {mm}, {dd} (the run's date).")
+    """Files (`uri`), or a SQL table or query through an Airflow connection (`conn_id` with `table` or `query`)."""
+
+    uri: TemplatedUri | None = Field(None, min_length=1, description="File, folder or glob; local path or any fsspec "
+                                     "URI; may hold {ds}, {ds_nodash}, {yyyy}, {mm}, {dd} (the run's date).")
     format: SourceFormat | None = Field(None, description="csv, parquet or jsonl; default: each file's extension.")
+    conn_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                                description="Airflow connection of the database a SQL source reads.")
+    table: str | None = Field(None, pattern=TABLE_NAME, description="Table (or schema.table) a SQL source reads.")
+    partition_column: str | None = Field(None, pattern=rf"^{IDENTIFIER}$", description="The table's date column: "
+                                         "a run reads the rows of its window's days.")
+    query: Annotated[str, AfterValidator(check_query)] | None = Field(
+        None, min_length=1, description="SELECT a SQL source reads; may hold " + ", ".join(
+            "{" + p + "}" for p in QUERY_PLACEHOLDERS) + " (bound as parameters; the window is [window_start, "
+        "next_ds)). End it with ORDER BY a key, so that a retry reads the rows in the same order.")
     window_days: int = RunParams.model_fields["window_days"]
     wait: WaitSection = Field(default_factory=WaitSection)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceSection:
+        if (self.uri is None) == (self.conn_id is None):
+            raise ValueError("a source is either files ('uri') or a SQL table or query ('conn_id' with 'table' or "
+                             "'query'): set one of 'uri' and 'conn_id'")
+        if self.uri is not None:
+            if extra := [f for f in ("table", "query", "partition_column") if getattr(self, f) is not None]:
+                raise ValueError(f"{', '.join(extra)} belong(s) to a SQL source ('conn_id'), not to 'uri'")
+        elif (self.table is None) == (self.query is None):
+            raise ValueError("a SQL source reads either a 'table' or a 'query': set one of them")
+        elif self.format is not None:
+            raise ValueError("'format' is for files; a SQL source has none")
+        elif self.partition_column is not None and self.table is None:
+            raise ValueError("'partition_column' is for a 'table'; a query filters its window itself with "
+                             "{window_start} and {next_ds}")
+        return self
+
+    @property
+    def sql(self) -> SqlSource | None:
+        """The SQL source, or None for files."""
+        if self.conn_id is None:
+            return None
+        return SqlSource(self.conn_id, self.table, self.query, self.partition_column)
+
+    @property
+    def run_uri(self) -> str:
+        """What the run param `source_uri` holds by default: the files' URI, or `sql://CONN_ID/TABLE`."""
+        return self.uri if self.sql is None else self.sql.uri
 
 
 class DriftSection(_Strict):
@@ -251,7 +292,7 @@ class PipelineSpec(_Strict):
     def run_defaults(self) -> RunParams:
         """The run params this pipeline starts from: the Airflow form's defaults."""
         source = self.source
-        values: dict[str, Any] = {"source_uri": source.uri, "window_days": source.window_days,
+        values: dict[str, Any] = {"source_uri": source.run_uri, "window_days": source.window_days,
                                   "wait_timeout_minutes": source.wait.timeout_minutes,
                                   "wait_poke_seconds": source.wait.poke_seconds,
                                   "drift_max": self.drift.max, "drift_action": self.drift.action}

@@ -32,6 +32,17 @@ class StoreAccessDenied(LeptonError):
     """An object store refused the credentials; the message names the setting that holds them, never its value."""
 
 
+class WarehouseUnavailable(LeptonError):
+    """A database behind a SQL source did not answer; the message names its Airflow connection (never the
+    password). Airflow's retry tries again."""
+
+    retryable = True
+
+
+class WarehouseAccessDenied(LeptonError):
+    """A database refused the login of a SQL source's Airflow connection; the message names the connection."""
+
+
 class ValidationFailed(LeptonError):
     """The data failed its expectation suite."""
 

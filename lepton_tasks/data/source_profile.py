@@ -1,4 +1,5 @@
-"""Profile a source for `lepton new-pipeline`: every row of every file, streamed batch by batch.
+"""Profile a source for `lepton new-pipeline`: every row of every file, streamed batch by batch; a SQL table in
+its database (`profile_table`).
 
 Exact, over the whole source: rows, nulls (NaN counts as null, as in validation), numeric min and max, whether a
 numeric column holds only whole numbers, and value counts of text, boolean and integer columns and of the target
@@ -17,6 +18,7 @@ import pyarrow.compute as pc
 
 from lepton_tasks.core.errors import BadSource
 from lepton_tasks.data.sources import list_source_files, read_batches
+from lepton_tasks.data.warehouse import SqlSource
 
 MAX_TRACKED = 1000  # distinct values counted per column; past this a column is high-cardinality
 SAMPLE_ROWS = 100_000
@@ -132,3 +134,98 @@ def profile_source(uri: str, fmt: str | None, counted: set[str] = frozenset(), s
     if profiler is None or profiler.rows == 0:
         raise BadSource(f"source '{uri}' holds no rows to profile")
     return profiler.result(files)
+
+
+def profile_table(source: SqlSource, counted: set[str] = frozenset(), sample_rows: int = SAMPLE_ROWS,
+                  seed: int = 0) -> SourceProfile:
+    """Profile a SQL source's whole table in the database: counts, nulls, min, max and whole-number checks in one
+    aggregate query, value counts by GROUP BY, quantiles from a sample the database draws (PostgreSQL's
+    TABLESAMPLE, else ORDER BY random()); only the aggregates and the sample leave the database."""
+    import sqlalchemy as sa
+
+    from lepton_tasks.data import warehouse
+
+    conn = warehouse.connection(source.conn_id)
+    db = warehouse.engine(conn)
+    try:
+        with db.connect() as sa_conn:
+            schema, _, name = source.table.rpartition(".")
+            inspector = sa.inspect(sa_conn)
+            if not inspector.has_table(name, schema=schema or None):
+                raise BadSource(f"table '{source.table}' does not exist (through connection '{source.conn_id}')")
+            columns = inspector.get_columns(name, schema=schema or None)
+            table = sa.table(name, *(sa.column(c["name"]) for c in columns), schema=schema or None)
+            profiles = {c["name"]: ColumnProfile(c["name"], _sql_numeric(c["type"])) for c in columns}
+            rows = _aggregate(sa_conn, table, profiles)
+            for c in columns:  # as for files: the target, text, booleans and integers
+                if c["name"] in counted or not profiles[c["name"]].numeric or isinstance(c["type"], sa.Integer):
+                    profiles[c["name"]].counts = _value_counts(sa_conn, table, c["name"])
+            _sample(sa_conn, table, profiles, rows, sample_rows, seed)
+    except BadSource:
+        raise
+    except Exception as err:
+        raise warehouse.sql_error(conn, err, f"profiling {source.uri}") from None
+    finally:
+        db.dispose()
+    if rows == 0:
+        raise BadSource(f"table '{source.table}' (connection '{source.conn_id}') holds no rows to profile")
+    return SourceProfile([source.uri], rows, profiles)
+
+
+def _sql_numeric(sql_type) -> bool:
+    import sqlalchemy as sa
+
+    return isinstance(sql_type, (sa.Integer, sa.Float, sa.Numeric)) and not isinstance(sql_type, sa.Boolean)
+
+
+def _aggregate(sa_conn, table, profiles: dict[str, ColumnProfile]) -> int:
+    """Rows, and each column's nulls (and min, max, whether all whole, for numbers), in one query."""
+    import sqlalchemy as sa
+
+    items = [sa.func.count()]
+    for column in profiles.values():
+        c = table.c[column.name]
+        items.append(sa.func.count(c))
+        if column.numeric:
+            items += [sa.func.min(c), sa.func.max(c), sa.func.sum(sa.case((c != sa.func.round(c), 1), else_=0))]
+    values = list(sa_conn.execute(sa.select(*items).select_from(table)).one())
+    rows = values.pop(0)
+    for column in profiles.values():
+        column.nulls = rows - values.pop(0)
+        if column.numeric:
+            low, high, fractional = values.pop(0), values.pop(0), values.pop(0)
+            column.low, column.high = (None if low is None else float(low)), (None if high is None else float(high))
+            column.integral = not fractional
+    return rows
+
+
+def _value_counts(sa_conn, table, name: str) -> dict | None:
+    """A column's values and their rows, most frequent first; None past MAX_TRACKED distinct values."""
+    import sqlalchemy as sa
+
+    c = table.c[name]
+    query = sa.select(c, sa.func.count()).where(c.is_not(None)).group_by(c).order_by(sa.func.count().desc()) \
+        .limit(MAX_TRACKED + 1)
+    # dates and decimals as text, so that a suite can hold them as JSON
+    counts = {value if isinstance(value, (str, int, float, bool)) else str(value): count
+              for value, count in sa_conn.execute(query)}
+    return None if len(counts) > MAX_TRACKED else counts
+
+
+def _sample(sa_conn, table, profiles: dict[str, ColumnProfile], rows: int, sample_rows: int, seed: int) -> None:
+    """The numeric columns' values in a sample of about `sample_rows` rows, drawn by the database."""
+    import sqlalchemy as sa
+
+    numeric = [name for name, column in profiles.items() if column.numeric]
+    if not numeric or not rows:
+        return
+    share = min(100.0, 100.0 * sample_rows / rows)
+    if sa_conn.dialect.name == "postgresql":
+        sampled = sa.tablesample(table, sa.func.bernoulli(share), seed=sa.literal(seed))
+        query = sa.select(*(sampled.c[n] for n in numeric))
+    else:
+        query = sa.select(*(table.c[n] for n in numeric)).order_by(sa.func.random()).limit(sample_rows)
+    values = np.array(sa_conn.execute(query).all(), dtype=np.float64).reshape(-1, len(numeric))
+    for index, name in enumerate(numeric):
+        column = values[:, index]
+        profiles[name].sample = column[~np.isnan(column)]

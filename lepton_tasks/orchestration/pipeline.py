@@ -39,6 +39,7 @@ from lepton_tasks.data.manifests import (
     WarmStart,
     pick,
 )
+from lepton_tasks.data.warehouse import SqlSource
 from lepton_tasks.data.windows import DaySource, parse_ds
 from lepton_tasks.ml.strategies import STRATEGIES
 
@@ -173,16 +174,36 @@ def _shape(ctx: RunContext, shards: ShardManifest):
                        ctx.spec.training.model_kwargs)
 
 
+def sql_source(ctx: RunContext) -> SqlSource | None:
+    """The spec's SQL table or query when the run reads it (its `source_uri` is the spec's `sql://CONN_ID/...`),
+    else None: files, those of the spec or a URI given for this run."""
+    sql, uri = ctx.spec.source.sql, ctx.params.source_uri
+    if sql is not None and uri == sql.uri:
+        return sql
+    if uri.startswith("sql://"):
+        from lepton_tasks.core.errors import BadParam
+
+        raise BadParam(f"param 'source_uri' ('{uri}') names a SQL source, which only a spec can define (this "
+                       f"pipeline's source is {ctx.spec.source.run_uri}); give a file URI to read files instead")
+    return None
+
+
 def window(ctx: RunContext) -> list[DaySource]:
+    from lepton_tasks.data.warehouse import window_days
     from lepton_tasks.data.windows import resolve
 
+    if (sql := sql_source(ctx)) is not None:
+        return window_days(sql, ctx.day, ctx.params.window_days)
     return resolve(ctx.params.source_uri, ctx.day, ctx.params.window_days)
 
 
 def missing_days(ctx: RunContext) -> list[DaySource]:
-    """The days of the run's window that have no data file yet."""
+    """The days of the run's window that have no data yet (no file, or no row in the table)."""
+    from lepton_tasks.data import warehouse
     from lepton_tasks.data.sources import missing
 
+    if (sql := sql_source(ctx)) is not None:
+        return warehouse.missing_days(sql, window(ctx))
     return missing(window(ctx), ctx.settings.data_root, ctx.spec.source.format)
 
 
@@ -219,6 +240,8 @@ def ingest(ctx: RunContext) -> IngestManifest:
             from lepton_tasks.ml.models import check_spec_model
 
             check_spec_model(ctx.spec, ctx.params)
+        if (sql := sql_source(ctx)) is not None:
+            return stage.ingest_sql(sql, ctx.stage_dir("ingest"), expected, ctx.day, ctx.params.window_days)
         return stage.ingest(ctx.params.source_uri, ctx.settings.data_root, ctx.stage_dir("ingest"),
                             ctx.spec.source.format, expected, ctx.day, ctx.params.window_days)
 
@@ -247,6 +270,8 @@ def source_decoded_bytes(ctx: RunContext) -> int:
     from lepton_tasks.data.sources import list_source_files, resolve_uri
 
     total = 0
+    if sql_source(ctx) is not None:
+        return total  # a table's size is the database's to tell; validate partitions the extract if it is big
     for day in window(ctx):
         try:
             fs, files = list_source_files(resolve_uri(day.uri, ctx.settings.data_root), ctx.spec.source.format)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,25 +26,33 @@ GRACE_MINUTES = 10
 
 
 class WindowFilesTrigger(BaseTrigger):
-    """Fires when every URI (absolute, one per day) holds a data file, or at `deadline` (epoch seconds) with
-    the days still missing."""
+    """Fires when every URI (absolute, one per day) holds a data file, or every day has rows in a SQL source, or
+    at `deadline` (epoch seconds) with the days still missing."""
 
-    def __init__(self, sources: list[dict], fmt: str | None, poke_seconds: float, deadline: float):
+    def __init__(self, sources: list[dict], fmt: str | None, poke_seconds: float, deadline: float,
+                 sql: dict | None = None):
         super().__init__()
         self.sources, self.fmt, self.poke_seconds, self.deadline = sources, fmt, poke_seconds, deadline
+        self.sql = sql  # a SqlSource's fields (its connection is looked up by id: no login in the trigger's row)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"sources": self.sources, "fmt": self.fmt, "poke_seconds": self.poke_seconds,
-                 "deadline": self.deadline})
+                 "deadline": self.deadline, "sql": self.sql})
 
-    async def run(self):
+    def _missing(self, days: list[DaySource]) -> list[DaySource]:
+        from lepton_tasks.data import warehouse
         from lepton_tasks.data.sources import missing
 
+        if self.sql is not None:
+            return warehouse.missing_days(warehouse.SqlSource(**self.sql), days)
+        return missing(days, Path("/"), self.fmt)  # the URIs are absolute already
+
+    async def run(self):
         days = [DaySource(**s) for s in self.sources]
         while True:
-            # listing a store is blocking I/O: off the triggerer's event loop (the URIs are absolute already)
-            absent = await asyncio.to_thread(missing, days, Path("/"), self.fmt)
+            # listing a store or querying a database is blocking I/O: off the triggerer's event loop
+            absent = await asyncio.to_thread(self._missing, days)
             if not absent or time.time() >= self.deadline:
                 yield TriggerEvent({"missing": [s.to_dict() for s in absent]})
                 return
@@ -65,10 +74,10 @@ class WaitForWindow(BaseOperator):
         absent = pipeline.missing_days(ctx)
         if not absent or ctx.params.wait_timeout_minutes == 0:
             return pipeline.wait(ctx, absent).to_dict()
-        minutes = ctx.params.wait_timeout_minutes
+        minutes, sql = ctx.params.wait_timeout_minutes, pipeline.sql_source(ctx)
         self.defer(trigger=WindowFilesTrigger([s.to_dict() for s in pipeline.absolute(ctx, absent)],
                                               ctx.spec.source.format, ctx.params.wait_poke_seconds,
-                                              time.time() + minutes * 60),
+                                              time.time() + minutes * 60, asdict(sql) if sql else None),
                    method_name="execute_complete",
                    # the trigger ends the wait itself, naming the days; this only bounds a triggerer that is gone
                    timeout=timedelta(minutes=minutes + GRACE_MINUTES))

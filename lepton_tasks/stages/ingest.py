@@ -1,5 +1,5 @@
-"""Ingest: a CSV, Parquet or JSON-lines source (local path or any fsspec URI, a file, folder or glob) into an
-immutable, run-scoped Parquet stage.
+"""Ingest: a CSV, Parquet or JSON-lines source (local path or any fsspec URI, a file, folder or glob) or a SQL
+table or query (`lepton_tasks.data.warehouse`) into an immutable, run-scoped Parquet stage.
 
 The source is streamed batch by batch into Parquet parts (one per source file), so memory stays bounded by a
 batch, not by the data set.
@@ -19,6 +19,7 @@ from lepton_tasks.core.storage import atomic_dir, parquet_dictionary_columns, sh
 from lepton_tasks.data import windows
 from lepton_tasks.data.manifests import IngestManifest
 from lepton_tasks.data.sources import list_days, read_batches, resolve_uri
+from lepton_tasks.data.warehouse import SqlSource, extract, window_values
 from lepton_tasks.data.windows import DaySource
 
 log = logging.getLogger(__name__)
@@ -59,24 +60,25 @@ def _schema_text(schema: pa.Schema) -> str:
     return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"
 
 
-def _check_columns(path: str, part: Path, schema: pa.Schema, expected: dict[str, str]) -> None:
-    """The columns the spec names are there, once each, as text or numbers as it says."""
+def _check_columns(source: str, part: Path, schema: pa.Schema, expected: dict[str, str]) -> None:
+    """The columns the spec names are there, once each, as text or numbers as it says (`source`: what error
+    messages call the source: "source file 'x.csv'", say)."""
     names = schema.names
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise BadSource(f"source file '{path}' has duplicate column names {duplicated}")
+        raise BadSource(f"{source} has duplicate column names {duplicated}")
     missing = [c for c in expected if c not in names]
     if missing:
         delimiter = next((d for d in ";\t|" if len(names) == 1 and d in names[0]), None)
         hint = f"; it looks delimited by {delimiter!r}, not ','" if delimiter else ""
-        raise BadSource(f"source file '{path}' lacks column(s) {missing} that the pipeline spec names "
+        raise BadSource(f"{source} lacks column(s) {missing} that the pipeline spec names "
                         f"(it has {names[:12]}{'...' if len(names) > 12 else ''}){hint}")
     for column, kind in expected.items():
         arrow_type = schema.field(column).type
         if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
-            raise BadSource(f"column '{column}' of source file '{path}' is not valid UTF-8 text")
+            raise BadSource(f"column '{column}' of {source} is not valid UTF-8 text")
         if kind == "numeric" and (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)):
-            raise BadSource(f"column '{column}' of source file '{path}' is numeric in the pipeline spec but holds "
+            raise BadSource(f"column '{column}' of {source} is numeric in the pipeline spec but holds "
                             f"text, e.g. {_first_non_number(part, column)!r}")
 
 
@@ -109,7 +111,7 @@ def ingest(source_uri: str, data_root: Path, stage_dir: Path, fmt: str | None = 
             for path in day_files:
                 part = tmp / f"part-{len(files):05d}.parquet"
                 part_rows, schema, digest = _copy_file(fs, path, part, schema)
-                _check_columns(path, part, schema, expected or {})
+                _check_columns(f"source file '{path}'", part, schema, expected or {})
                 rows += part_rows
                 files.append(path)
                 listed.append({"path": path, "rows": part_rows, "sha256": digest})
@@ -128,6 +130,41 @@ def ingest(source_uri: str, data_root: Path, stage_dir: Path, fmt: str | None = 
         bytes=sum(p.stat().st_size for p in parts),
         window=window,
     )
+
+
+def ingest_sql(source: SqlSource, stage_dir: Path, expected: dict[str, str], ds: dt.date,
+               window_days: int) -> IngestManifest:
+    """Stream a SQL source's rows for the window ending `ds` into one Parquet part (a row group per batch) and
+    describe what was written: the statement, its bound values, rows, and the digest of what the database sent."""
+    import pyarrow.parquet as pq
+
+    with atomic_dir(stage_dir) as tmp:
+        part, writer = tmp / "part-00000.parquet", None
+
+        def write(batch: pa.RecordBatch) -> None:
+            nonlocal writer
+            writer = writer or pq.ParquetWriter(part, batch.schema,
+                                                use_dictionary=parquet_dictionary_columns(batch.schema))
+            writer.write_batch(batch)
+
+        try:
+            statement, read = extract(source, ds, window_days, write)
+        finally:
+            if writer is not None:
+                writer.close()
+        if read.rows == 0:
+            bounds = window_values(ds, window_days)
+            raise BadSource(f"{source.uri} (connection '{source.conn_id}') returned no rows for the window "
+                            f"{bounds['window_start']} to {bounds['ds']}")
+        _check_columns(source.uri, part, read.schema, expected)
+        log.info("ingested %s: %d rows", source.uri, read.rows)
+    parts = sorted(Path(stage_dir).glob("part-*.parquet"))
+    return IngestManifest(
+        source_uri=source.uri, source_files=[], source_sha256=read.sha256, stage_dir=str(stage_dir),
+        parts=[str(p) for p in parts], rows=read.rows, columns={f.name: str(f.type) for f in read.schema},
+        sha256=sha256_files(parts), bytes=sum(p.stat().st_size for p in parts),
+        window=[{"day": ds.isoformat(), "uri": source.uri, "statement": statement.sql, "values": statement.params,
+                 "rows": read.rows}])
 
 
 def _window(source_uri: str, data_root: Path, fmt: str | None, ds: dt.date | None,

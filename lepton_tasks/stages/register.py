@@ -178,10 +178,46 @@ def _log_dataset(run_id: str, record: RunRecord) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(record.ingest.source_uri)
+    uri = record.ingest.source_uri
+    source = _sql_dataset_source(record.ingest) if uri.startswith("sql://") else resolve_dataset_source(uri)
     staged = MetaDataset(source, name="ingested", digest=record.ingest.sha256[:36])
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(staged, context="training")
+
+
+def _sql_dataset_source(ingested: IngestManifest):
+    """A SQL source as MLflow's dataset source: the connection and table (`sql://CONN_ID/TABLE`), the statement and
+    the values it was run with (never a login)."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class SqlDatasetSource(DatasetSource):
+        def __init__(self, uri: str, statement: str, values: dict):
+            self.uri, self.statement, self.values = uri, statement, values
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "sql"
+
+        def load(self):
+            raise NotImplementedError("re-read it with its Airflow connection: lepton_tasks.data.warehouse")
+
+        @staticmethod
+        def _can_resolve(raw_source) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source):
+            raise NotImplementedError
+
+        def to_dict(self) -> dict:
+            return {"uri": self.uri, "statement": self.statement, "values": self.values}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict):
+            return cls(**source_dict)
+
+    read = ingested.window[0]
+    return SqlDatasetSource(ingested.source_uri, read["statement"], read["values"])
 
 
 EXAMPLE_ROWS = 2  # the model's input example: pt2 export needs a batch of at least 2

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lepton_tasks.config.settings import REPO_ROOT
+from lepton_tasks.config.settings import REPO_ROOT, Settings
 from lepton_tasks.core.storage import write_private
 
 SECRETS_FILE = REPO_ROOT / "var" / "secrets.env"
@@ -52,7 +52,8 @@ def checkout_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """`environ` (default: this process's) completed with AIRFLOW_HOME, the shared keys and the quiet flags."""
     env = dict(os.environ if environ is None else environ)
     env.setdefault("AIRFLOW_HOME", str(REPO_ROOT))
-    for name, value in {**read_secrets(ensure_secrets()), **QUIET}.items():
+    local = Settings.from_env().local_warehouse_env()
+    for name, value in {**read_secrets(ensure_secrets()), **QUIET, **local}.items():
         env.setdefault(name, value)
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])  # Dask and Airflow start their own helpers
     return env

@@ -44,6 +44,12 @@ def _ui_hints(settings: Settings) -> list[str]:
     ]
 
 
+def _define_local_warehouse(settings: Settings) -> None:
+    """The warehouse example's connection, in this process too (it loads the demo table), where none is set."""
+    for name, value in settings.local_warehouse_env().items():
+        os.environ.setdefault(name, value)
+
+
 def run(name: str, conf: dict, rows: int | None) -> int:
     """Run the pipeline's DAG once with `airflow dags test` (a real DagRun in the metadata DB).
 
@@ -55,9 +61,10 @@ def run(name: str, conf: dict, rows: int | None) -> int:
     settings = Settings.from_env()
     loaded = find_spec(name)
     parse_params(conf, loaded.spec.run_defaults())  # fail here, naming the param, before Airflow starts
-    if "source_uri" not in conf:
-        ensure_example_data(loaded.name, settings.data_root, rows)
     env = checkout_env()
+    if "source_uri" not in conf:
+        _define_local_warehouse(settings)
+        ensure_example_data(loaded.name, settings.data_root, rows)
     migrated = subprocess.run([airflow_command(), "db", "migrate"], env=env, capture_output=True, text=True)
     if migrated.returncode != 0:
         print(f"airflow db migrate failed:\n{migrated.stdout[-2000:]}{migrated.stderr[-2000:]}")
@@ -116,14 +123,16 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     new = commands.add_parser("new-pipeline", help="scaffold a spec and an expectation suite from a source")
     new.add_argument("name", help="pipeline (DAG) name, e.g. churn_scores")
-    new.add_argument("--source", required=True, help="file, folder or glob; local path or fsspec URI")
+    new.add_argument("--source", required=True, help="file, folder or glob (local path or fsspec URI), or a table: "
+                     "'conn_id:CONN/table:TABLE[/partition_column:DAY]' (CONN an Airflow connection)")
     new.add_argument("--target", required=True, help="the column to predict")
     new.add_argument("--task", choices=("classification", "regression"), help="default: inferred from the target")
     new.add_argument("--format", choices=("csv", "parquet", "jsonl"), help="default: each file's extension")
     new.add_argument("--sample-rows", type=int, default=100_000,
                      help="rows sampled (uniformly, over the whole source) for quantiles; every row is profiled")
     new.add_argument("--window-days", type=int, default=1,
-                     help="with {ds} (or {ds_nodash}, {yyyy}, {mm}, {dd}) in --source: days each run reads")
+                     help="with {ds} (or {ds_nodash}, {yyyy}, {mm}, {dd}) in --source, or a partition column: "
+                     "days each run reads")
     new.add_argument("--schedule", help='cron expression or preset, e.g. "0 3 * * *" (default: triggered only)')
     new.add_argument("--force", action="store_true", help="overwrite an existing spec and suite")
     check = commands.add_parser("validate-spec", help="check pipeline specs without starting Airflow")
@@ -169,12 +178,15 @@ def backfill(args: argparse.Namespace) -> int:
 def services_up() -> int:
     """Start the production deployment with bundled demo data in place; print the URLs and the login."""
     from lepton_tasks.tools import services
-    from lepton_tasks.tools.demo_data import EXAMPLES, ensure_example_data
+    from lepton_tasks.tools.demo_data import EXAMPLES, WAREHOUSE_EXAMPLES, ensure_example_data
 
     deployment = services.Deployment.from_env()
     for example in EXAMPLES:  # every bundled pipeline runs from the UI with its defaults
         ensure_example_data(example, deployment.data_root, None)
     urls = services.up(deployment)
+    os.environ.update(services.warehouse_env(deployment))
+    for example in WAREHOUSE_EXAMPLES:  # its table, once the deployment's PostgreSQL has its database
+        ensure_example_data(example, deployment.data_root, None)
     print(f"Airflow UI:     {urls['airflow']}  (user {urls['username']}, password in {urls['password_file']})")
     print(f"MLflow UI:      {urls['mlflow']}")
     print(f"Dask dashboard: {urls['dask_dashboard']}  (scheduler {urls['dask_scheduler']})")
@@ -212,11 +224,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(services_up())
         if args.command == "down":
             sys.exit(services_down())
-        from lepton_tasks.tools.demo_data import EXAMPLES, ensure_example_data
+        from lepton_tasks.tools.demo_data import EXAMPLES, WAREHOUSE_EXAMPLES, ensure_example_data
 
-        if args.name not in EXAMPLES:
-            sys.exit(f"lepton: no bundled demo data for '{args.name}' (examples: {', '.join(EXAMPLES)})")
-        print(ensure_example_data(args.name, Settings.from_env().data_root, args.rows))
+        examples = [*EXAMPLES, *WAREHOUSE_EXAMPLES]
+        if args.name not in examples:
+            sys.exit(f"lepton: no bundled demo data for '{args.name}' (examples: {', '.join(examples)})")
+        settings = Settings.from_env()
+        _define_local_warehouse(settings)
+        print(ensure_example_data(args.name, settings.data_root, args.rows))
     except (LeptonError, json.JSONDecodeError) as err:
         sys.exit(f"lepton: {err}")
 

@@ -175,6 +175,49 @@ def write_sensors(landing_dir: Path, rows: int = 1500) -> Path:
     return Path(landing_dir)
 
 
+SENSOR_TABLE = "sensor_readings"  # the warehouse example's table: the sensor days, a `day` column partitioning them
+
+
+def sensor_table(metadata):
+    """The warehouse example's table, `SENSOR_TABLE`: one row a reading, its `day` a DATE."""
+    import sqlalchemy as sa
+
+    return sa.Table(SENSOR_TABLE, metadata, sa.Column("day", sa.Date, nullable=False, index=True),
+                    sa.Column("machine_type", sa.Text), sa.Column("line", sa.Text),
+                    *(sa.Column(name, sa.Float) for name in ("temperature_c", "vibration_mm_s", "pressure_bar",
+                                                             "load_pct")),
+                    sa.Column("fault", sa.Integer))
+
+
+def load_sensor_days(engine, days: list[str], rows: int = 1500) -> list[str]:
+    """Load the days of `days` that `SENSOR_TABLE` (created if need be) has no row of yet, each in one
+    transaction (a day lands whole); returns the days loaded. PostgreSQL through COPY, others by INSERT."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    table = sensor_table(sa.MetaData())
+    table.create(engine, checkfirst=True)
+    with engine.connect() as conn:
+        present = {str(day) for (day,) in conn.execute(sa.select(table.c.day).distinct())}
+    loaded = [day for day in days if day not in present]
+    for day in loaded:
+        frame = make_sensor_day(day, rows)
+        frame.insert(0, "day", dt.date.fromisoformat(day))
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                columns = ", ".join(frame.columns)
+                with conn.connection.driver_connection.cursor().copy(
+                        f"COPY {SENSOR_TABLE} ({columns}) FROM STDIN (FORMAT csv)") as copy:
+                    copy.write(frame.to_csv(index=False, header=False))
+            else:
+                conn.execute(table.insert(), frame.to_dict("records"))
+    return loaded
+
+
+# the warehouse example -> the Airflow connection its table is loaded through
+WAREHOUSE_EXAMPLES = {"lepton_sensors_warehouse": "lepton_warehouse"}
+
 # bundled example pipeline -> (landing folder under the data root, writer(folder, rows), default rows)
 EXAMPLES = {
     "lepton_mnist1d": ("landing/mnist1d", write_mnist1d, DEFAULT_SAMPLES),
@@ -185,7 +228,10 @@ EXAMPLES = {
 
 
 def ensure_example_data(pipeline: str, data_root: Path, rows: int | None = None) -> Path | None:
-    """Write a bundled example's demo data if its landing folder is empty; None for other pipelines."""
+    """Write a bundled example's demo data if its landing folder is empty (a warehouse example's: load the days
+    its table lacks); None for other pipelines."""
+    if pipeline in WAREHOUSE_EXAMPLES:
+        return load_warehouse_example(pipeline, rows)
     if pipeline not in EXAMPLES:
         return None
     folder, writer, default_rows = EXAMPLES[pipeline]
@@ -202,11 +248,28 @@ def ensure_example_data(pipeline: str, data_root: Path, rows: int | None = None)
     return landing
 
 
+def load_warehouse_example(pipeline: str, rows: int | None = None) -> str:
+    """Load the sensor days into the warehouse example's table, through its Airflow connection."""
+    from lepton_tasks.data import warehouse
+
+    conn = warehouse.connection(WAREHOUSE_EXAMPLES[pipeline])
+    engine = warehouse.engine(conn)
+    try:
+        loaded = load_sensor_days(engine, sensor_days(), rows or 1500)
+    finally:
+        engine.dispose()
+    if loaded:
+        print(f"loaded {rows or 1500} demo rows a day for {loaded[0]}..{loaded[-1]} into table {SENSOR_TABLE} of "
+              f"{warehouse.describe(conn)}")
+    return f"sql://{conn.conn_id}/{SENSOR_TABLE}"
+
+
 def main(argv: list[str] | None = None) -> None:
     from lepton_tasks.config.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pipeline", nargs="?", default="lepton_mnist1d", choices=sorted(EXAMPLES))
+    parser.add_argument("pipeline", nargs="?", default="lepton_mnist1d",
+                        choices=sorted([*EXAMPLES, *WAREHOUSE_EXAMPLES]))
     parser.add_argument("--rows", type=int, help="rows to generate (default: the example's demo size)")
     args = parser.parse_args(argv)
     print(ensure_example_data(args.pipeline, Settings.from_env().data_root, args.rows))

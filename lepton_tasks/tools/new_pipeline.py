@@ -22,8 +22,15 @@ from pathlib import Path
 
 from lepton_tasks.config.specs import parse_spec
 from lepton_tasks.core.errors import SpecError
-from lepton_tasks.data.source_profile import SAMPLE_ROWS, ColumnProfile, SourceProfile, profile_source
+from lepton_tasks.data.source_profile import (
+    SAMPLE_ROWS,
+    ColumnProfile,
+    SourceProfile,
+    profile_source,
+    profile_table,
+)
 from lepton_tasks.data.sources import resolve_uri
+from lepton_tasks.data.warehouse import SqlSource
 from lepton_tasks.ml.features import label_key
 
 MAX_CLASSES = 20  # an integer target with at most this many values is taken as classes
@@ -135,8 +142,10 @@ def profile_suite(name: str, profile: SourceProfile, features: dict[str, str], t
 def spec_text(name: str, source: str, fmt: str | None, features: dict[str, str], target: str, task: str,
               classes: list | None, suite_file: str, window_days: int = 1, schedule: str | None = None) -> str:
     """The YAML of a new spec: every section present, defaults spelled out where a person is likely to tune."""
+    sql = sql_source_arg(source)
     lines = [
-        f"# Pipeline spec made by `lepton new-pipeline` from {source}. Check it with `lepton validate-spec`.",
+        f"# Pipeline spec made by `lepton new-pipeline` from {sql.uri if sql else source}. Check it with "
+        "`lepton validate-spec`.",
         f"name: {name}",
         "description: >",
         f"  {name}: shard, train one model per shard, merge, compress and register.",
@@ -146,9 +155,10 @@ def spec_text(name: str, source: str, fmt: str | None, features: dict[str, str],
         "null: triggered runs only",
         "",
         "source:",
-        f"  uri: {json.dumps(source)}",
-        f"  format: {fmt or 'null'}",
-        f"  window_days: {window_days}   # with {{ds}} in the uri: the days each run reads, ending with its date",
+        *(_sql_source_lines(sql) if sql else [f"  uri: {json.dumps(source)}", f"  format: {fmt or 'null'}"]),
+        f"  window_days: {window_days}   # "
+        + ("the partition column's days" if sql else "with {ds} in the uri: the days") + " each run reads, ending "
+        "with its date",
         "  wait: {timeout_minutes: 0, poke_seconds: 60}   # how long a run waits (deferred) for its days to land",
         "",
         "features:",
@@ -195,11 +205,16 @@ def new_pipeline(name: str, source: str, target: str, data_root: Path, pipelines
     for path in (spec_path, suite_path):
         if path.exists() and not force:
             raise SpecError(f"'{path}' already exists (pass --force to overwrite it)")
-    profile = profile_source(resolve_uri(every_day(source), data_root), fmt, {target}, sample_rows)
+    sql = sql_source_arg(source)
+    if sql is not None:  # in the database: only aggregates and a sample come back
+        profile = profile_table(sql, {target}, sample_rows)
+    else:
+        profile = profile_source(resolve_uri(every_day(source), data_root), fmt, {target}, sample_rows)
     if target not in profile.columns:
         raise SpecError(f"target column '{target}' is not in {profile.files[0]} (columns: {list(profile.columns)})")
     task = task or infer_task(profile.columns[target])
-    features = {c: "numeric" if p.numeric else "categorical" for c, p in profile.columns.items() if c != target}
+    unused = {target, sql.partition_column if sql else None}  # the day a row belongs to is no feature
+    features = {c: "numeric" if p.numeric else "categorical" for c, p in profile.columns.items() if c not in unused}
     classes = _typed(profile.columns[target], profile.columns[target].counts) if task == "classification" else None
     text = spec_text(name, source, fmt, features, target, task, classes, suite_path.name, window_days, schedule)
     suite = profile_suite(name, profile, features, target, task)
@@ -213,6 +228,28 @@ def new_pipeline(name: str, source: str, target: str, data_root: Path, pipelines
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(text)
     return Scaffold(spec_path, suite_path, profile.rows, _review(profile, features, target, task, schedule))
+
+
+SQL_SOURCE_FIELDS = ("conn_id", "table", "partition_column")
+
+
+def sql_source_arg(source: str) -> SqlSource | None:
+    """`--source 'conn_id:warehouse/table:events[/partition_column:day]'` as a SqlSource; None for files."""
+    if not source.startswith("conn_id:"):
+        return None
+    fields = dict(part.split(":", 1) for part in source.split("/") if ":" in part)
+    unknown = set(fields) - set(SQL_SOURCE_FIELDS)
+    if unknown or "table" not in fields or len(fields) != source.count("/") + 1:
+        raise SpecError(f"--source '{source}': a table is named 'conn_id:CONN/table:TABLE' with an optional "
+                        "'/partition_column:COLUMN' (a query goes into the spec's source.query)")
+    return SqlSource(fields["conn_id"], fields["table"], partition_column=fields.get("partition_column"))
+
+
+def _sql_source_lines(sql: SqlSource) -> list[str]:
+    lines = [f"  conn_id: {sql.conn_id}   # the Airflow connection", f"  table: {sql.table}"]
+    if sql.partition_column:
+        lines.append(f"  partition_column: {sql.partition_column}   # a run reads its window's days")
+    return lines
 
 
 def every_day(source: str) -> str:
@@ -229,7 +266,9 @@ def every_day(source: str) -> str:
 def _review(profile: SourceProfile, features: dict[str, str], target: str, task: str,
             schedule: str | None = None) -> list[str]:
     columns = profile.columns
-    notes = [f"profiled all {profile.rows} rows of {len(profile.files)} file(s), first {profile.files[0]}",
+    where = f"in the database ({profile.files[0]})" if profile.files[0].startswith("sql://") else \
+        f"of {len(profile.files)} file(s), first {profile.files[0]}"
+    notes = [f"profiled all {profile.rows} rows {where}",
              f"target '{target}' taken as {task} (pass --task to change it)",
              f"features: {sum(k == 'numeric' for k in features.values())} numeric, "
              f"{sum(k == 'categorical' for k in features.values())} categorical; drop identifiers and leaks "

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lepton_tasks.config.settings import PRELOADING_EXECUTOR, REPO_ROOT, redact_uri
+from lepton_tasks.config.settings import PRELOADING_EXECUTOR, REPO_ROOT, WAREHOUSE_CONN_ID, redact_uri
 from lepton_tasks.core.errors import LeptonError
 from lepton_tasks.core.storage import write_private
 from lepton_tasks.infra.cluster import gpu_count
@@ -111,7 +111,8 @@ class Deployment:
             .render_as_string(hide_password=False)
 
 
-def ensure_databases(deployment: Deployment, purposes: tuple[str, ...] = ("airflow", "mlflow")) -> None:
+def ensure_databases(deployment: Deployment,
+                     purposes: tuple[str, ...] = ("airflow", "mlflow", "warehouse")) -> None:
     """Create the deployment's databases where missing; a clear error when no PostgreSQL answers."""
     import sqlalchemy as sa
 
@@ -179,6 +180,7 @@ def service_env(deployment: Deployment) -> dict[str, str]:
                                                    "port": deployment.mlflow_port}),
         "AIRFLOW_CONN_DASK_DEFAULT": json.dumps({"conn_type": "generic", "host": "127.0.0.1",
                                                  "port": deployment.dask_port}),
+        **warehouse_env(deployment),
         "LEPTON_DATA_ROOT": str(deployment.data_root),
         "LEPTON_MLFLOW_UI_URL": deployment.mlflow_url,
         "LEPTON_DASK_DASHBOARD_URL": deployment.dashboard_url,
@@ -189,6 +191,16 @@ def service_env(deployment: Deployment) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     return env
+
+
+def warehouse_env(deployment: Deployment) -> dict[str, str]:
+    """The warehouse example's connection: database `{prefix}_warehouse` on the deployment's PostgreSQL."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(deployment.database_url("warehouse"))
+    connection = {"conn_type": "postgres", "host": url.host, "port": url.port or 5432, "login": url.username,
+                  "password": url.password, "schema": url.database}
+    return {f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}": json.dumps(connection)}
 
 
 def dask_commands(deployment: Deployment) -> dict[str, list[str]]:

@@ -30,33 +30,13 @@ import pytest
 from lepton_tasks.config.settings import REPO_ROOT
 from lepton_tasks.tools.airflow_env import BIN, RUN_TIMEOUT_S, free_port, unscheduled_specs, wait_for, write_demo
 from lepton_tasks.tools.demo_data import EXAMPLES
-from lepton_tasks.tools.services import DEFAULT_POSTGRES, Deployment
+from lepton_tasks.tools.services import Deployment
+from tests.conftest import postgres_server_url
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("LEPTON_TEST_ARTIFACTS", REPO_ROOT / "var" / "test-artifacts")) / "browser"
-
-
-def _postgres_url() -> str:
-    """LEPTON_TEST_POSTGRES_URL; else, outside CI, the local default where something listens on its port. Once a
-    server is configured or found, any failure (a refused login included) fails the test: only a machine with
-    nothing configured skips, and CI, which always configures one, never does."""
-    import socket
-    from urllib.parse import urlsplit
-
-    url = os.environ.get("LEPTON_TEST_POSTGRES_URL")
-    if url:
-        return url
-    if os.environ.get("CI"):
-        pytest.fail("CI runs the production deployment on PostgreSQL: set LEPTON_TEST_POSTGRES_URL (.ci/run does)")
-    default = urlsplit(DEFAULT_POSTGRES)
-    with socket.socket() as probe:
-        probe.settimeout(2)
-        if probe.connect_ex((default.hostname, default.port or 5432)) != 0:
-            pytest.skip(f"no PostgreSQL configured: LEPTON_TEST_POSTGRES_URL is unset and nothing listens at "
-                        f"{default.hostname}:{default.port or 5432}")
-    return DEFAULT_POSTGRES
 
 
 @pytest.fixture
@@ -75,7 +55,7 @@ def _drop_databases(deployment: Deployment) -> None:
 
     engine = sa.create_engine(deployment.postgres_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        for purpose in ("airflow", "mlflow"):
+        for purpose in ("airflow", "mlflow", "warehouse"):
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{deployment.db_prefix}_{purpose}" WITH (FORCE)'))
     engine.dispose()
 
@@ -90,7 +70,8 @@ def deployment(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW", "LEPTON"))}
     env.update({k: str(v) for k, v in ports.items()})
     env.update({"LEPTON_UP_DIR": str(root / "state"), "LEPTON_DATA_ROOT": str(root / "data"),
-                "LEPTON_POSTGRES_URL": _postgres_url(), "LEPTON_UP_DB_PREFIX": f"lepton_t{uuid.uuid4().hex[:8]}",
+                "LEPTON_POSTGRES_URL": postgres_server_url("the production deployment"),
+                "LEPTON_UP_DB_PREFIX": f"lepton_t{uuid.uuid4().hex[:8]}",
                 "LEPTON_PIPELINES_DIR": str(pipelines), "LEPTON_DASK_WORKERS": "2",
                 # CeleryExecutor on this machine's Redis: the scale-out executor, proven with the same deployment
                 "LEPTON_EXECUTOR": "CeleryExecutor", "LEPTON_CELERY_BROKER_URL": "redis://127.0.0.1:6379/7"})
