@@ -10,7 +10,8 @@ wait (deferred until the run's window of data has landed) → ingest → validat
 (against the champion's data) → shard (Dask) → train (one model per shard on Dask workers, R rounds of the run's
 merge strategy, from scratch or the champion) → merge → compress (pruning, ONNX, int8) → register (MLflow;
 `champion` moves only on a better model) → publish_champion (the Asset `NAME.champion`, only when `champion`
-moved), and beside it report.
+moved), and beside it report; with `promotion: {approval: required}`, request_approval starts a run of
+NAME_approval (dags/lepton_approvals.py) where a person approves the candidate, and `champion` moves there.
 Beside ingest and validate, the setup task dask_cluster starts the run's Dask cluster, used by shard, train and
 validate (which waits for it only when it partitions); the teardown stop_dask_cluster stops it after train,
 whatever happened.
@@ -27,6 +28,7 @@ from lepton_tasks.config.specs import LoadedSpec, load_all
 from lepton_tasks.core.errors import SpecError
 from lepton_tasks.data.manifests import RegisterManifest
 from lepton_tasks.orchestration import notify, pipeline
+from lepton_tasks.orchestration.approval import RequestApproval
 from lepton_tasks.orchestration.prebuilt import build_once
 from lepton_tasks.orchestration.wait import WaitForWindow
 
@@ -93,7 +95,7 @@ def build(loaded: LoadedSpec) -> DAG:
         def publish_champion(registered: dict, **context) -> None:
             """Update the champion-model Asset when this run moved `champion`; skipped otherwise."""
             context["outlet_events"][champion_model].extra = pipeline.champion_event(
-                pipeline.from_airflow(context, loaded), RegisterManifest.from_dict(registered))
+                pipeline.from_airflow(context, loaded).day, RegisterManifest.from_dict(registered))
 
         @task(trigger_rule="all_done", retries=0, on_failure_callback=notify.notifiers(spec, "failure"))
         def report(**context) -> str:
@@ -109,6 +111,8 @@ def build(loaded: LoadedSpec) -> DAG:
         done["train"] >> stop_dask_cluster(run_cluster)
         publish_champion(done["register"])
         done["register"] >> report()  # beside publish_champion, not after it: the run ends a scheduling step sooner
+        if spec.approval_required:  # a person decides in a run of NAME_approval; this run does not wait for it
+            done["register"] >> RequestApproval(task_id="request_approval", loaded=loaded, retries=2)
 
     return lepton_pipeline()
 

@@ -93,7 +93,7 @@ def test_champion_event_only_when_champion_moved():
     from lepton_tasks.config.specs import find_spec
     from lepton_tasks.orchestration.pipeline import context
 
-    night = context(find_spec("lepton_sensors"), "r", {}, ds="2026-11-12")
+    night = context(find_spec("lepton_sensors"), "r", {}, ds="2026-11-12").day
     event = champion_event(night, RegisterManifest.from_dict(REGISTERED))
     assert event["model_version"] == "7" and event["ds"] == "2026-11-12"  # the night a consumer scores
     with pytest.raises(AirflowSkipException, match="champion stays at version 6"):  # skipped: no Asset event

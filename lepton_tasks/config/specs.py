@@ -175,6 +175,14 @@ class NotifySection(_Strict):
     webhook: WebhookSection | None = None
 
 
+class PromotionSection(_Strict):
+    """Who moves `champion` once a candidate passes the automatic gate: the run itself (`auto`), or a person
+    (`required`: Airflow's Required Actions page, in the DAG NAME_approval; a timeout rejects)."""
+
+    approval: Literal["auto", "required"] = "auto"
+    timeout_hours: float = Field(24, gt=0, le=24 * 30, description="How long a candidate waits for a decision.")
+
+
 class ScoreSection(_Strict):
     """A consumer DAG NAME_score: scores each night's data with the champion (on its Asset and schedule)."""
 
@@ -222,6 +230,7 @@ class PipelineSpec(_Strict):
     compression: CompressionSection = Field(default_factory=CompressionSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     drift: DriftSection = Field(default_factory=DriftSection)
+    promotion: PromotionSection = Field(default_factory=PromotionSection)
     notify: NotifySection | None = None
     score: ScoreSection | None = None
 
@@ -267,6 +276,15 @@ class PipelineSpec(_Strict):
     @property
     def score_dag_id(self) -> str:
         return f"{self.name}_score"
+
+    @property
+    def approval_required(self) -> bool:
+        return self.promotion.approval == "required"
+
+    @property
+    def approval_dag_id(self) -> str:
+        """The DAG whose runs hold this pipeline's candidates at the gate, one run per candidate."""
+        return f"{self.name}_approval"
 
     def notifies(self, event: str) -> bool:
         return self.notify is not None and event in self.notify.on

@@ -48,6 +48,11 @@ class RunPaths:
     def report(self) -> Path:
         return self.root / "report.json"
 
+    @property
+    def approval(self) -> Path:
+        """A person's decision on the run's candidate (its register manifest since), where one was asked for."""
+        return self.root / "approval.json"
+
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:

@@ -424,7 +424,7 @@ def register(ctx: RunContext, ingested: IngestManifest, validated: ValidationMan
                                  ctx.loaded.sha256, ingested, validated, shards, trained, merged, compressed, drifted)
         return stage.register(record, mlflow_tracking_uri(ctx.settings), ctx.spec.experiment_name,
                               ctx.spec.registered_model_name, _artifact_root(ctx.settings),
-                              _tensors(shards, shards.eval, stage.EXAMPLE_ROWS)[0])
+                              _tensors(shards, shards.eval, stage.EXAMPLE_ROWS)[0], ctx.spec.approval_required)
 
     return _run_stage(ctx, "register", body)
 
@@ -537,9 +537,9 @@ def run_in_process(ctx: RunContext, last: str = "register", done: dict[str, Mani
     return manifests, seconds
 
 
-def champion_event(ctx: RunContext, registered: RegisterManifest) -> dict:
-    """The champion-model Asset event for a run that moved `champion` (with the night, `ds`, whose data made it);
-    skips the task (no event) otherwise."""
+def champion_event(night: dt.date, registered: RegisterManifest) -> dict:
+    """The champion-model Asset event for a run (or a person's approval) that moved `champion`, with the night
+    (`ds`) whose data made it; skips the task (no event) otherwise."""
     if "champion" not in registered.aliases or not registered.promotion.get("promoted", True):
         message = f"champion stays at version {registered.champion_before}: no new champion to publish"
         try:
@@ -548,7 +548,7 @@ def champion_event(ctx: RunContext, registered: RegisterManifest) -> dict:
             raise LeptonError(message) from None
         raise AirflowSkipException(message)
     event = pick(registered, ("model_name", "model_version", "run_id", "tracking_uri", "champion_before"))
-    return {**event, "ds": ctx.day.isoformat()}
+    return {**event, "ds": night.isoformat()}
 
 
 def _artifact_root(settings: Settings) -> str | None:
@@ -572,10 +572,19 @@ def report(ctx: RunContext) -> dict:
         "spec": {"path": str(ctx.loaded.path), "sha256": ctx.loaded.sha256},
         "params": ctx.params.model_dump(), "stages": stages,
         "metrics": _metrics(stages), "mlflow": stages["register"].get("mlflow", {}),
+        "promotion": stages["register"].get("mlflow", {}).get("promotion", {}),
     }
+    if ctx.paths.approval.exists():  # a person decided on the candidate already (its approval run)
+        report = with_decision(report, read_json(ctx.paths.approval))
     write_json(ctx.paths.report, report)
     log.info("report: %s (%s)", ctx.paths.report, status)
     return report
+
+
+def with_decision(report: dict, registered: dict) -> dict:
+    """`report` with the register manifest as a person's decision on the candidate left it (`lepton.promotion`:
+    approved, rejected, timed_out or superseded; who and when)."""
+    return {**report, "mlflow": registered, "promotion": registered["promotion"]}
 
 
 def finish(ctx: RunContext) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lepton_tasks.config.settings import redact_uri
@@ -372,15 +372,21 @@ def _alias_contended(alias: str, model_name: str) -> RegistryError:
                          f"{ALIAS_TRIES} times in a row: not moved (Airflow's retry tries again)")
 
 
-def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: str) -> tuple[list[str], dict]:
-    """`candidate` always; `champion` only as `_compare` decides. The comparison is recorded in the run (tag
-    `lepton.promotion`, metric, promotion.json) and returned for the report. Where a concurrent run of the same
-    model set an alias at the same moment, it is set again; `champion` after comparing with that run's model."""
+def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: str,
+                  approval_required: bool = False) -> tuple[list[str], dict]:
+    """`candidate` always; `champion` only as `_compare` decides, or, where the spec requires approval, not here:
+    a candidate that passed the gate is `awaiting_approval` (see `decide`). The comparison is recorded in the run
+    (tag `lepton.promotion`, metric, promotion.json) and returned for the report. Where a concurrent run of the
+    same model set an alias at the same moment, it is set again; `champion` after comparing with that run's
+    model."""
     if not any(_set_alias(client, model_name, CANDIDATE, version.version) for _ in range(ALIAS_TRIES)):
         raise _alias_contended(CANDIDATE, model_name)
     for _ in range(ALIAS_TRIES):
         comparison = _compare(client, current_champion(client, model_name), version, record)
         comparison["promoted"] = comparison["outcome"] in (PROMOTED, REPLACED)
+        if approval_required and comparison["promoted"] and comparison["champion_version"] != str(version.version):
+            comparison.update(outcome=AWAITING, promoted=False, gate=comparison["outcome"],
+                              reason=f"{comparison['reason']}; passed the gate, waiting for a person's approval")
         if comparison.get("champion_score_same_data") is not None:
             log_metrics(client, run_id,
                         {f"champion_eval_{comparison['metric']}": comparison["champion_score_same_data"]})
@@ -394,6 +400,51 @@ def _move_aliases(client, model_name: str, version, record: RunRecord, run_id: s
              version.version, comparison["champion_version"], comparison["reason"])
     aliases = client.get_model_version(model_name, version.version).aliases
     return sorted(aliases), comparison
+
+
+AWAITING = "awaiting_approval"  # passed the gate; `champion` moves when a person approves (spec promotion.approval)
+APPROVED, REJECTED, TIMED_OUT, SUPERSEDED = "approved", "rejected", "timed_out", "superseded"  # a person's decision
+
+
+def decide(tracking_uri: str, registered: RegisterManifest, approved: bool, decided_by: str | None,
+           decided_at: str) -> RegisterManifest:
+    """A person's decision on a candidate `awaiting_approval`: approved, `champion` moves to it unless it moved
+    since the candidate was compared (superseded: the comparison no longer holds); rejected, or no decision before
+    the timeout (`decided_by` None), it stays. Recorded as tags `lepton.promotion` (and `.decided_by`, `.decided_at`)
+    on the MLflow run and the model version, and approval.json in the run; returns the manifest as it now is."""
+    limit_retries()
+    from mlflow import MlflowClient
+
+    client, model = MlflowClient(tracking_uri), registered.model_name
+    try:
+        champion = current_champion(client, model)
+        now = str(champion.version) if champion else None
+        if decided_by is None:
+            outcome, reason = TIMED_OUT, "no decision before the timeout: rejected by default"
+        elif not approved:
+            outcome, reason = REJECTED, f"rejected by {decided_by}"
+        elif now not in (registered.champion_before, registered.model_version):
+            outcome, reason = SUPERSEDED, (f"approved by {decided_by}, but champion moved to version {now} since this "
+                                           f"candidate was compared with version {registered.champion_before}")
+        else:
+            outcome, reason = APPROVED, f"approved by {decided_by}"
+            if not any(_set_alias(client, model, CHAMPION, registered.model_version) for _ in range(ALIAS_TRIES)):
+                raise _alias_contended(CHAMPION, model)
+        decision = {"outcome": outcome, "decided_by": decided_by, "decided_at": decided_at, "reason": reason}
+        for key, value in {"lepton.promotion": outcome, "lepton.promotion.decided_by": decided_by or "(timeout)",
+                           "lepton.promotion.decided_at": decided_at}.items():
+            client.set_tag(registered.run_id, key, value)
+            client.set_model_version_tag(model, registered.model_version, key, value)
+        client.log_dict(registered.run_id, decision, "approval.json")
+        aliases = sorted(client.get_model_version(model, registered.model_version).aliases)
+    except RegistryError:
+        raise
+    except Exception as err:
+        raise RegistryError(f"recording the decision on {model} version {registered.model_version} in MLflow at "
+                            f"{redact_uri(tracking_uri)} failed: {type(err).__name__}: {err}") from err
+    log.info("%s version %s: %s", model, registered.model_version, reason)
+    promotion = {**registered.promotion, "outcome": outcome, "promoted": outcome == APPROVED, "approval": decision}
+    return replace(registered, aliases=aliases, promotion=promotion)
 
 
 RERUN = "rerun"  # outcome of a DAG run registered before with the same model: nothing is logged, compared or moved
@@ -424,8 +475,9 @@ def _reopen(client, run_id: str, created: bool) -> None:
 
 
 def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_name: str,
-             artifact_root: str | None, example_features) -> RegisterManifest:
-    """Log the whole run to MLflow (idempotently) and register its merged model.
+             artifact_root: str | None, example_features, approval_required: bool = False) -> RegisterManifest:
+    """Log the whole run to MLflow (idempotently) and register its merged model (`champion` moved here only where
+    no approval is required).
 
     Any MLflow failure (a server down, a refused write) becomes a RegistryError, which Airflow retries; the run
     is marked FAILED where the server still answers, and aliases are only ever moved as the last step.
@@ -455,7 +507,7 @@ def register(record: RunRecord, tracking_uri: str, experiment_name: str, model_n
                             f"{err}") from err
     try:
         version = _log_and_register(client, experiment_id, run_id, record, model_name, example_features)
-        aliases, promotion = _move_aliases(client, model_name, version, record, run_id)
+        aliases, promotion = _move_aliases(client, model_name, version, record, run_id, approval_required)
         client.set_tag(run_id, TAG_COMPLETE, "true")
         client.set_terminated(run_id, "FINISHED")
     except Exception as err:

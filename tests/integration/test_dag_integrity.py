@@ -39,21 +39,22 @@ def parsed(tmp_path_factory):
 def test_one_dag_per_bundled_spec_imports_without_errors(parsed):
     result, _ = parsed
     assert result["errors"] == {} and set(result["dags"]) == {
-        "lepton_mnist1d", "lepton_house_prices", "lepton_house_prices_resmlp", "lepton_sensors",  # + the consumers
-        # of specs with `score:`
-        "lepton_mnist1d_score", "lepton_sensors_score"}
+        "lepton_mnist1d", "lepton_house_prices", "lepton_house_prices_resmlp", "lepton_sensors",
+        "lepton_sensors_warehouse",
+        "lepton_mnist1d_score", "lepton_sensors_score",  # the consumers of specs with `score:`
+        "lepton_sensors_warehouse_approval"}  # and the gate of a spec with `promotion: {approval: required}`
 
 
 def test_every_dag_is_scheduled_retried_owned_tagged_and_documented(parsed):
-    for dag_id, dag in parsed[0]["dags"].items():
-        assert dag["schedule"] not in ("None", ""), dag_id
+    for dag_id, dag in parsed[0]["dags"].items():  # an approval run is started by its night, never scheduled
+        assert dag["schedule"] not in ("None", "") or dag_id.endswith("_approval"), dag_id
         assert dag["owner"] and dag["owner"] != "airflow", dag_id
         assert dag["tags"] and dag["doc"], dag_id
         assert max(dag["retries"]) >= 1, dag_id
     nightly = parsed[0]["dags"]["lepton_mnist1d"]
     assert nightly["schedule"] == "0 2 * * *" and nightly["max_active_runs"] == 1 and nightly["catchup"] is False
     pipelines = [dag for dag in parsed[0]["dags"].values() if dag["register_upstream"] is not None]
-    assert len(pipelines) == 4
+    assert len(pipelines) == 5
     for dag in pipelines:  # a failed stage never reaches register, so never moves `champion`
         assert dag["register_rule"].endswith("all_success")
         assert dag["register_upstream"] == ["compress", "drift", "ingest", "merge", "shard", "train", "validate"]
@@ -64,6 +65,9 @@ def test_every_dag_is_scheduled_retried_owned_tagged_and_documented(parsed):
     assert "lepton_mnist1d.champion" in parsed[0]["dags"]["lepton_mnist1d_score"]["schedule"]
     scoring = parsed[0]["dags"]["lepton_sensors_score"]["schedule"]  # on the champion Asset and its own cron
     assert "lepton_sensors.champion" in scoring and "0 6 * * *" in scoring
+    gate = parsed[0]["dags"]["lepton_sensors_warehouse_approval"]  # decisions side by side, champion published
+    assert gate["schedule"] == "None" and gate["max_active_runs"] > 1
+    assert gate["outlets"] == {"publish_champion": ["models:/lepton-sensors-warehouse@champion"]}
     houses = parsed[0]["dags"]["lepton_house_prices"]
     assert houses["schedule"] == "30 2 * * *" and houses["owner"] == "data-engineering"
 
