@@ -86,6 +86,8 @@ def connection(conn_id: str):
 
 def describe(conn) -> str:
     """The connection as error messages name it: id, type, host, database and login, never the password."""
+    if conn.conn_type == "sqlite":
+        return f"connection '{conn.conn_id}' (sqlite:///{(conn.host or '').lstrip('/')})"
     where = f"{conn.login + '@' if conn.login else ''}{conn.host or ''}{':' + str(conn.port) if conn.port else ''}"
     return f"connection '{conn.conn_id}' ({conn.conn_type}://{where}/{conn.schema or ''})"
 

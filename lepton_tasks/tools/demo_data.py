@@ -253,9 +253,13 @@ def load_warehouse_example(pipeline: str, rows: int | None = None) -> str:
     from lepton_tasks.data import warehouse
 
     conn = warehouse.connection(WAREHOUSE_EXAMPLES[pipeline])
+    if conn.conn_type == "sqlite":  # the local default: a file under the data root, made on first use
+        Path(conn.host).parent.mkdir(parents=True, exist_ok=True)
     engine = warehouse.engine(conn)
     try:
         loaded = load_sensor_days(engine, sensor_days(), rows or 1500)
+    except Exception as err:
+        raise warehouse.sql_error(conn, err, f"loading the demo table {SENSOR_TABLE}") from None
     finally:
         engine.dispose()
     if loaded:
