@@ -52,7 +52,9 @@ def build(loaded: LoadedSpec) -> DAG:
             """Move `champion` on approval (unless it moved since); tag the decision in MLflow and the report."""
             return approval.decide(context["dag_run"].conf, response)
 
-        @task(outlets=[champion], retries=0, on_success_callback=notify.notifiers(spec, "champion_change"))
+        announce = notify.notifiers(spec, "champion_change", registered_by="decide")
+
+        @task(outlets=[champion], retries=0, on_success_callback=announce)
         def publish_champion(registered: dict, **context) -> None:
             """Update the champion-model Asset when the decision moved `champion`; skipped otherwise."""
             context["outlet_events"][champion].extra = pipeline.champion_event(

@@ -57,7 +57,8 @@ def test_a_task_gets_the_prebuilt_dag_only_while_its_files_are_unchanged_and_it_
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["broken"] == [] and "could not prebuild the DAGs of" in done.stdout + done.stderr
-    assert result["built"] == ["lepton_house_prices", "lepton_house_prices_resmlp", "lepton_mnist1d", "lepton_sensors"]
+    assert result["built"] == ["lepton_house_prices", "lepton_house_prices_resmlp", "lepton_mnist1d", "lepton_sensors",
+                               "lepton_sensors_warehouse"]
     assert result["reused"] is True
     assert result["after_an_edit"] == {"reused": False, "local_epochs": 3}
     assert result["fresh_equals_reused"] is True

@@ -252,3 +252,33 @@ def test_new_pipeline_profiles_a_table_in_the_database_and_each_night_passes_its
     for night in ("2026-11-02", "2026-11-13"):  # before and after line C's pressure shift
         staged = ingest_sql(spec.source.sql, tmp_path / night / "ingest", {}, dt.date.fromisoformat(night), 2)
         assert validate(staged.parts, spec.suite_file, tmp_path / night / "validate").failed == 0
+
+
+def test_a_connection_dropped_mid_extract_is_retryable_and_leaves_nothing(postgres_db, warehouse_conn, tmp_path,
+                                                                          monkeypatch):
+    """The server ends the session (pg_terminate_backend, as a failover or an admin would) while COPY streams."""
+    import lepton_tasks.stages.ingest as ingest_stage
+
+    killed = []
+    admin = sa.create_engine(postgres_db, isolation_level="AUTOCOMMIT")
+    extract = warehouse.extract
+
+    def extract_and_drop(source, ds, window_days, write_batch, reader=None):
+        def write(batch):
+            if not killed:  # after the first batch landed: the session is mid-COPY
+                with admin.connect() as conn:
+                    killed.extend(conn.execute(sa.text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE "
+                        "'COPY (SELECT%' AND pid <> pg_backend_pid()")).scalars())
+                    assert len(killed) == 1, killed  # the extract's own session, and only it
+                    assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": killed[0]}).scalar()
+            write_batch(batch)
+        return extract(source, ds, window_days, write, reader)
+
+    monkeypatch.setattr(ingest_stage, "extract", extract_and_drop)
+    monkeypatch.setattr(warehouse, "CSV_BLOCK_BYTES", 1 << 16)  # many batches, so the drop lands mid-stream
+    source = SqlSource(warehouse_conn, table=SENSOR_TABLE, partition_column="day")
+    dropped = _failure(source, tmp_path / "run" / "ingest", dt.date(2026, 11, 14)).value
+    admin.dispose()
+    assert killed and isinstance(dropped, WarehouseUnavailable) and dropped.retryable
+    assert "connection 'warehouse'" in str(dropped)

@@ -148,7 +148,7 @@ def profile_table(source: SqlSource, counted: set[str] = frozenset(), sample_row
     conn = warehouse.connection(source.conn_id)
     db = warehouse.engine(conn)
     try:
-        with db.connect() as sa_conn:
+        with warehouse.database_errors(conn, f"profiling {source.uri}"), db.connect() as sa_conn:
             schema, _, name = source.table.rpartition(".")
             inspector = sa.inspect(sa_conn)
             if not inspector.has_table(name, schema=schema or None):
@@ -161,10 +161,6 @@ def profile_table(source: SqlSource, counted: set[str] = frozenset(), sample_row
                 if c["name"] in counted or not profiles[c["name"]].numeric or isinstance(c["type"], sa.Integer):
                     profiles[c["name"]].counts = _value_counts(sa_conn, table, c["name"])
             _sample(sa_conn, table, profiles, rows, sample_rows, seed)
-    except BadSource:
-        raise
-    except Exception as err:
-        raise warehouse.sql_error(conn, err, f"profiling {source.uri}") from None
     finally:
         db.dispose()
     if rows == 0:

@@ -22,20 +22,21 @@ import io
 import logging
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lepton_tasks.core.errors import BadSource, WarehouseAccessDenied, WarehouseUnavailable
+from lepton_tasks.core.errors import BadSource, LeptonError, WarehouseAccessDenied, WarehouseUnavailable
 from lepton_tasks.data.windows import DaySource
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 QUERY_PLACEHOLDERS = ("ds", "ds_nodash", "window_start", "next_ds", "yyyy", "mm", "dd")
 IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_$]*"
 TABLE_NAME = rf"^{IDENTIFIER}(\.{IDENTIFIER})?$"  # table or schema.table
 BATCH_ROWS = 65536
 CSV_BLOCK_BYTES = 4 << 20
-if TYPE_CHECKING:
-    import pyarrow as pa
-
 log = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"'\{(\w+)\}'|\{(\w+)\}")  # '{ds}' and {ds} alike: the quotes belong to the parameter
 
@@ -129,6 +130,17 @@ def sql_error(conn, err: BaseException, doing: str) -> Exception:
     return BadSource(text)
 
 
+@contextmanager
+def database_errors(conn, doing: str) -> Iterator[None]:
+    """A database's errors met while `doing` as Lepton's (`sql_error`); Lepton's own pass as they are."""
+    try:
+        yield
+    except LeptonError:
+        raise
+    except Exception as err:
+        raise sql_error(conn, err, doing) from None
+
+
 # ---- what to read ----------------------------------------------------------------------------------------------
 
 
@@ -204,27 +216,17 @@ def extract(source: SqlSource, ds: dt.date, window_days: int, write_batch, reade
     conn = connection(source.conn_id)
     db = engine(conn)
     try:
-        with db.connect() as sa_conn:
-            try:
-                stmt = statement(source, sa_conn, ds, window_days)
-                reader = reader or (_copy_batches if db.dialect.name == "postgresql" else _cursor_batches)
-                batches = reader(sa_conn, stmt)
-                digest, result = hashlib.sha256(), Extract()
-                for batch, raw in batches:
-                    digest.update(raw)
-                    result.schema = result.schema or batch.schema
-                    write_batch(batch)
-                    result.rows += batch.num_rows
-                result.sha256 = digest.hexdigest()
-                return stmt, result
-            except BadSource:
-                raise
-            except Exception as err:
-                raise sql_error(conn, err, f"reading {source.uri}") from None
-    except BadSource:
-        raise
-    except Exception as err:
-        raise sql_error(conn, err, "connecting") from None
+        with database_errors(conn, f"reading {source.uri}"), db.connect() as sa_conn:
+            stmt = statement(source, sa_conn, ds, window_days)
+            reader = reader or (_copy_batches if db.dialect.name == "postgresql" else _cursor_batches)
+            digest, result = hashlib.sha256(), Extract()
+            for batch, raw in reader(sa_conn, stmt):
+                digest.update(raw)
+                result.schema = result.schema or batch.schema
+                write_batch(batch)
+                result.rows += batch.num_rows
+            result.sha256 = digest.hexdigest()
+            return stmt, result
     finally:
         db.dispose()
 
@@ -336,16 +338,12 @@ def missing_days(source: SqlSource, days: list[DaySource]) -> list[DaySource]:
     conn = connection(source.conn_id)
     db = engine(conn)
     try:
-        with db.connect() as sa_conn:
+        with database_errors(conn, f"looking for rows of {source.uri}"), db.connect() as sa_conn:
             if source.query is not None:
                 stmt = statement(source, sa_conn, dt.date.fromisoformat(dated[-1].day), len(dated))
                 return [] if _has_rows(sa_conn, stmt) else dated
             return [day for day in dated
                     if not _has_rows(sa_conn, statement(source, sa_conn, dt.date.fromisoformat(day.day), 1))]
-    except BadSource:
-        raise
-    except Exception as err:
-        raise sql_error(conn, err, f"looking for rows of {source.uri}") from None
     finally:
         db.dispose()
 

@@ -33,40 +33,53 @@ def request(ctx: pipeline.RunContext, registered: RegisterManifest) -> dict:
 
 def evidence(ctx: pipeline.RunContext, registered: RegisterManifest) -> str:
     """Candidate against champion on the same held-out rows, the drift verdict, the validation summary, the
-    compression trade-off, and links to the MLflow version, the data docs and the drift report."""
+    compression trade-off, and links to the MLflow version, the data docs and the drift report (markdown)."""
     summaries = {stage: read_json(ctx.summary_path(stage)) for stage in ("validate", "drift", "compress")
                  if ctx.summary_path(stage).exists()}
-    gate, metric = registered.promotion, registered.promotion.get("metric", ctx.spec.metric)
-    champion = gate.get("champion_version")
-    lines = [f"### {registered.model_name} version {registered.model_version}: night {ctx.day}", "",
-             f"**Automatic gate**: {gate.get('reason', '')}", "",
-             f"| model | {metric} on the same {gate.get('eval_rows', '?')} held-out rows |", "|---|---|",
-             f"| candidate, version {registered.model_version} | {_number(gate.get('candidate_score'))} |"]
-    if champion:
-        lines.append(f"| champion, version {champion} | {_number(gate.get('champion_score_same_data'))} |")
-    else:
-        lines.append("| champion | none yet: this would be the first |")
-    drift = summaries.get("drift", {})
-    verdict = "no champion data to compare with" if drift.get("max_psi") is None else (
-        f"worst PSI {drift['max_psi']:.3f} ({drift.get('worst')}), threshold {drift.get('threshold')}: "
-        + ("**over: drift alarm**" if drift.get("alarm") else "under"))
-    validated = summaries.get("validate", {})
-    lines += ["", f"**Drift**: {verdict}", "",
-              f"**Validation**: suite `{validated.get('suite')}`, {validated.get('passed')} of "
-              f"{validated.get('evaluated')} expectations passed, {validated.get('quarantined_rows', 0)} rows "
-              "quarantined", "", "**Compression** (chosen: `{}`)".format(summaries.get("compress", {}).get("chosen")),
-              "", f"| variant | {metric} | bytes | p50 ms | verdict |", "|---|---|---|---|---|"]
-    for name, variant in summaries.get("compress", {}).get("variants", {}).items():
+    metric = registered.promotion.get("metric", ctx.spec.metric)
+    champion = registered.promotion.get("champion_version")
+    as_dict = registered.to_dict()
+    return "\n".join([
+        f"### {registered.model_name} version {registered.model_version}: night {ctx.day}", "",
+        *_gate(registered, metric), "",
+        f"**Drift**: {_drift(summaries.get('drift', {}))}", "",
+        f"**Validation**: {_validation(summaries.get('validate', {}))}", "",
+        *_compression(summaries.get("compress", {}), metric), "",
+        f"[MLflow model version]({links.model_version_url(as_dict)}) · [MLflow run]({links.mlflow_run_url(as_dict)})"
+        f" · [Data docs]({links.data_docs_url(ctx.dag_id, ctx.run_id)}) · "
+        f"[Drift report]({links.drift_report_url(ctx.dag_id, ctx.run_id)})", "",
+        f"Approve moves `champion` to version {registered.model_version}; Reject, or no answer in "
+        f"{ctx.spec.promotion.timeout_hours:g} h, leaves it at {champion or 'none'}."])
+
+
+def _gate(registered: RegisterManifest, metric: str) -> list[str]:
+    gate, champion = registered.promotion, registered.promotion.get("champion_version")
+    return [f"**Automatic gate**: {gate.get('reason', '')}", "",
+            f"| model | {metric} on the same {gate.get('eval_rows', '?')} held-out rows |", "|---|---|",
+            f"| candidate, version {registered.model_version} | {_number(gate.get('candidate_score'))} |",
+            f"| champion, version {champion} | {_number(gate.get('champion_score_same_data'))} |" if champion
+            else "| champion | none yet: this would be the first |"]
+
+
+def _drift(drift: dict) -> str:
+    if drift.get("max_psi") is None:
+        return "no champion data to compare with"
+    over = "**over: drift alarm**" if drift.get("alarm") else "under"
+    return f"worst PSI {drift['max_psi']:.3f} ({drift.get('worst')}), threshold {drift.get('threshold')}: {over}"
+
+
+def _validation(validated: dict) -> str:
+    return (f"suite `{validated.get('suite')}`, {validated.get('passed')} of {validated.get('evaluated')} "
+            f"expectations passed, {validated.get('quarantined_rows', 0)} rows quarantined")
+
+
+def _compression(compressed: dict, metric: str) -> list[str]:
+    lines = [f"**Compression** (chosen: `{compressed.get('chosen')}`)", "",
+             f"| variant | {metric} | bytes | p50 ms | verdict |", "|---|---|---|---|---|"]
+    for name, variant in compressed.get("variants", {}).items():
         lines.append(f"| {name} | {_number(variant.get('score'))} | {variant.get('bytes')} | "
                      f"{_number(variant.get('latency_p50_ms'))} | {variant.get('verdict', '')} |")
-    as_dict = registered.to_dict()
-    lines += ["", f"[MLflow model version]({links.model_version_url(as_dict)}) · "
-              f"[MLflow run]({links.mlflow_run_url(as_dict)}) · "
-              f"[Data docs]({links.data_docs_url(ctx.dag_id, ctx.run_id)}) · "
-              f"[Drift report]({links.drift_report_url(ctx.dag_id, ctx.run_id)})", "",
-              f"Approve moves `champion` to version {registered.model_version}; Reject, or no answer in "
-              f"{ctx.spec.promotion.timeout_hours:g} h, leaves it at {champion or 'none'}."]
-    return "\n".join(lines)
+    return lines
 
 
 def _number(value) -> str:

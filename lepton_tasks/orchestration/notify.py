@@ -22,19 +22,21 @@ RUN = "{{ dag.dag_id }} run {{ run_id }}"
 MESSAGES = {
     "failure": (f"[lepton] {RUN} failed", "The run failed; its report: {{ ti.xcom_pull(task_ids='report') or "
                 "'see the task logs' }}. Stage summaries are in the run folder."),
+    # why: a person's decision (an approval run's `decide`), else the automatic gate's
     "champion_change": (f"[lepton] {RUN}: new champion",
-                        "{% set r = ti.xcom_pull(task_ids='register') %}Model {{ r.model_name }} version "
+                        "{% set r = ti.xcom_pull(task_ids='TASK') %}Model {{ r.model_name }} version "
                         "{{ r.model_version }} is now champion (was {{ r.champion_before or 'none' }}): "
-                        "{{ r.promotion.reason }}."),
+                        "{{ (r.promotion.get('approval') or r.promotion).reason }}."),
 }
 
 
-def notifiers(spec: PipelineSpec, event: str, text: str | None = None) -> list:
-    """The notifiers for `event` (none when the spec does not ask for it); `text` replaces the event's body."""
+def notifiers(spec: PipelineSpec, event: str, text: str | None = None, registered_by: str = "register") -> list:
+    """The notifiers for `event` (none when the spec does not ask for it); `text` replaces the event's body;
+    `registered_by`: the task whose XCom is the register manifest (`decide`, in an approval run)."""
     if not spec.notifies(event):
         return []
     subject, body = MESSAGES.get(event, (f"[lepton] {RUN}: {event}", ""))
-    body = text if text is not None else body
+    body = text if text is not None else body.replace("task_ids='TASK'", f"task_ids='{registered_by}'")
     made = []
     if spec.notify.email:
         made.append(SmtpNotifier(to=spec.notify.email.to, from_email=spec.notify.email.from_email, subject=subject,

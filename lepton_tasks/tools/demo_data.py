@@ -257,9 +257,8 @@ def load_warehouse_example(pipeline: str, rows: int | None = None) -> str:
         Path(conn.host).parent.mkdir(parents=True, exist_ok=True)
     engine = warehouse.engine(conn)
     try:
-        loaded = load_sensor_days(engine, sensor_days(), rows or 1500)
-    except Exception as err:
-        raise warehouse.sql_error(conn, err, f"loading the demo table {SENSOR_TABLE}") from None
+        with warehouse.database_errors(conn, f"loading the demo table {SENSOR_TABLE}"):
+            loaded = load_sensor_days(engine, sensor_days(), rows or 1500)
     finally:
         engine.dispose()
     if loaded:
