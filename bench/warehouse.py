@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import os
 import statistics
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,31 +33,23 @@ def postgres_table(rows_a_day: int = ROWS_A_DAY):
     """A throwaway database with the sensor table (an `id` primary key added), its connection as AIRFLOW_CONN_BENCH."""
     import sqlalchemy as sa
 
+    from lepton_tasks.tools.airflow_env import postgres_connection, scratch_database
     from lepton_tasks.tools.demo_data import load_sensor_days, sensor_days
     from lepton_tasks.tools.services import DEFAULT_POSTGRES
 
-    server = sa.make_url(os.environ.get("LEPTON_BENCH_POSTGRES_URL") or os.environ.get("LEPTON_TEST_POSTGRES_URL")
-                         or DEFAULT_POSTGRES)
-    name = f"lepton_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = server.set(drivername="postgresql+psycopg", database=name)
-    engine = sa.create_engine(url)
-    try:
-        load_sensor_days(engine, sensor_days("2026-11-01", NIGHT.isoformat()), rows_a_day)
-        with engine.begin() as conn:
-            conn.execute(sa.text("ALTER TABLE sensor_readings ADD COLUMN id bigserial PRIMARY KEY"))
-            conn.execute(sa.text("ANALYZE sensor_readings"))
-        os.environ["AIRFLOW_CONN_BENCH"] = json.dumps(
-            {"conn_type": "postgres", "host": url.host, "port": url.port or 5432, "login": url.username,
-             "password": url.password, "schema": name})
+    server = os.environ.get("LEPTON_BENCH_POSTGRES_URL") or os.environ.get("LEPTON_TEST_POSTGRES_URL") \
+        or DEFAULT_POSTGRES
+    with scratch_database(server, "lepton_bench") as url:
+        engine = sa.create_engine(url)
+        try:
+            load_sensor_days(engine, sensor_days("2026-11-01", NIGHT.isoformat()), rows_a_day)
+            with engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE sensor_readings ADD COLUMN id bigserial PRIMARY KEY"))
+                conn.execute(sa.text("ANALYZE sensor_readings"))
+        finally:
+            engine.dispose()
+        os.environ["AIRFLOW_CONN_BENCH"] = postgres_connection(url)
         yield url
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def hand_written(url, target: Path) -> int:

@@ -43,3 +43,41 @@ def test_a_warm_start_that_fell_back_says_why_and_so_does_an_unreadable_champion
     assert tags[TAG_INIT] == "scratch" and tags[TAG_INIT_FALLBACK] == "champion version 3 has hidden_size 16"
     assert tags[TAG_CHAMPION_UNUSABLE] == "its weights are gone"
     assert _lineage(_record(shards=replace(m["shard"], warm_start=None)))[TAG_INIT] == "scratch"
+
+
+def _candidates(tmp_path, count: int):
+    """`count` versions of one model in a real MLflow store (SQLite), each from its own run; none champion yet."""
+    from mlflow import MlflowClient
+
+    from lepton_tasks.data.manifests import RegisterManifest
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("gate", artifact_location=(tmp_path / "artifacts").as_uri())
+    client.create_registered_model("gated")
+    made = []
+    for _ in range(count):
+        run = client.create_run(experiment)
+        version = client.create_model_version("gated", f"runs:/{run.info.run_id}/model", run.info.run_id)
+        made.append(RegisterManifest(uri, experiment, run.info.run_id, "gated", str(version.version), ["candidate"],
+                                     None, {"outcome": "awaiting_approval", "promoted": False, "reason": "gate"}))
+    return client, made
+
+
+def test_a_decision_moves_champion_only_when_approved_and_still_compared_with_the_champion_it_knew(tmp_path):
+    from lepton_tasks.stages.register import decide
+
+    client, (first, second, third) = _candidates(tmp_path, 3)
+    approved = decide(first.tracking_uri, third, True, "ana", "2026-12-07T08:00:00+00:00")
+    assert approved.promotion["outcome"] == "approved" and approved.promotion["promoted"] is True
+    assert client.get_registered_model("gated").aliases == {"champion": 3}
+    late = decide(first.tracking_uri, first, True, "bo", "2026-12-07T08:01:00+00:00")  # compared with no champion
+    assert late.promotion["outcome"] == "superseded" and late.promotion["promoted"] is False
+    assert "champion moved to version 3" in late.promotion["approval"]["reason"]
+    rejected = decide(first.tracking_uri, second, False, "cy", "2026-12-07T08:02:00+00:00")
+    timed_out = decide(first.tracking_uri, second, False, None, "2026-12-07T09:00:00+00:00")
+    assert (rejected.promotion["outcome"], timed_out.promotion["outcome"]) == ("rejected", "timed_out")
+    assert client.get_registered_model("gated").aliases == {"champion": 3}  # only the approval moved it
+    tags = client.get_model_version("gated", "1").tags
+    assert (tags["lepton.promotion"], tags["lepton.promotion.decided_by"]) == ("superseded", "bo")
+    assert client.get_run(second.run_id).data.tags["lepton.promotion.decided_by"] == "(timeout)"

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from lepton_tasks.orchestration import pipeline
 from lepton_tasks.orchestration.wait import WindowFilesTrigger
 from lepton_tasks.stages.ingest import ingest_sql
 from lepton_tasks.stages.validate import validate
+from lepton_tasks.tools.airflow_env import postgres_connection, scratch_database
 from lepton_tasks.tools.demo_data import SENSOR_TABLE, load_sensor_days, sensor_days
 from tests.conftest import postgres_server_url
 
@@ -42,27 +42,15 @@ EXPECTED = {"temperature_c": "numeric", "line": "any", "fault": "any"}
 @pytest.fixture(scope="module")
 def postgres_db():
     """A throwaway database holding the sensor table: 14 days of 20,000 readings."""
-    server = sa.make_url(postgres_server_url("the SQL source tests"))
-    name = f"lepton_wh_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = server.set(drivername="postgresql+psycopg", database=name)
-    engine = sa.create_engine(url)
-    try:
+    with scratch_database(postgres_server_url("the SQL source tests"), "lepton_wh") as url:
+        engine = sa.create_engine(url)
         load_sensor_days(engine, DAYS, ROWS_A_DAY)
-        yield url
-    finally:
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        yield url
 
 
 def _connection(url: sa.URL, **changes) -> str:
-    fields = {"conn_type": "postgres", "host": url.host, "port": url.port or 5432, "login": url.username,
-              "password": SECRET, "schema": url.database, **changes}  # trust auth here: the password is unused
-    return json.dumps(fields)
+    return postgres_connection(url, password=SECRET, **changes)  # trust auth here: the password is unused
 
 
 @pytest.fixture

@@ -170,13 +170,18 @@ def supervised_child(supervisor_pid: int) -> int:
     return psutil.Process(supervisor_pid).children()[0].pid
 
 
-def cluster_processes() -> list[int]:
-    """Every live process of the local Dask clusters Lepton's tasks hold (`python -m lepton_tasks.infra.cluster`, its
-    workers and multiprocessing's resource tracker): what must be gone once a run has ended."""
+def cluster_processes(data_root: Path) -> list[int]:
+    """Every live process of the local Dask clusters that tasks working on `data_root` hold (`python -m
+    lepton_tasks.infra.cluster`, its workers and multiprocessing's resource tracker): what must be gone once a run
+    has ended. Other tests' clusters, running beside this one in the suite, are not this run's."""
     import psutil
 
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        if "lepton_tasks.infra.cluster" in " ".join(process.info["cmdline"] or []):
+        try:
+            ours = process.environ().get("LEPTON_DATA_ROOT") == str(data_root)
+        except psutil.Error:  # gone meanwhile
+            continue
+        if ours and "lepton_tasks.infra.cluster" in " ".join(process.info["cmdline"] or []):
             found += [process.pid, *(c.pid for c in process.children(recursive=True) if c.is_running())]
     return found

@@ -111,7 +111,7 @@ def test_a_triggered_run_survives_worker_and_cluster_kills_with_the_model_of_a_f
         assert ended == "success", f"run ended {ended}; component logs:\n{env.component_logs()}"
         assert set(driver.done) == {"watch the run's cluster", "cluster in round 2"}, (driver.done, driver.retried)
         assert env.task_state(RUN_ID, "stop_dask_cluster") == "success"
-        wait_for(lambda: not cluster_processes(), 60, "every cluster of the run to be stopped")
+        wait_for(lambda: not cluster_processes(env.data_root), 60, "every cluster of the run to be stopped")
 
     # each worker kill hit a Dask worker, in the task it names, and the scheduler saw that worker leave
     for marker, key in (("shard", "_write_partition"), ("round1", "train-r1-shard-000")):
