@@ -33,9 +33,9 @@ def postgres_table(rows_a_day: int = ROWS_A_DAY):
     """A throwaway database with the sensor table (an `id` primary key added), its connection as AIRFLOW_CONN_BENCH."""
     import sqlalchemy as sa
 
-    from lepton_tasks.tools.airflow_env import postgres_connection, scratch_database
+    from lepton_tasks.tools.airflow_env import scratch_database
     from lepton_tasks.tools.demo_data import load_sensor_days, sensor_days
-    from lepton_tasks.tools.services import DEFAULT_POSTGRES
+    from lepton_tasks.tools.services import DEFAULT_POSTGRES, postgres_connection
 
     server = os.environ.get("LEPTON_BENCH_POSTGRES_URL") or os.environ.get("LEPTON_TEST_POSTGRES_URL") \
         or DEFAULT_POSTGRES

@@ -29,8 +29,9 @@ from lepton_tasks.orchestration import pipeline
 from lepton_tasks.orchestration.wait import WindowFilesTrigger
 from lepton_tasks.stages.ingest import ingest_sql
 from lepton_tasks.stages.validate import validate
-from lepton_tasks.tools.airflow_env import postgres_connection, scratch_database
+from lepton_tasks.tools.airflow_env import scratch_database
 from lepton_tasks.tools.demo_data import SENSOR_TABLE, load_sensor_days, sensor_days
+from lepton_tasks.tools.services import postgres_connection
 from tests.conftest import postgres_server_url
 
 DAYS = sensor_days("2026-11-01", "2026-11-14")

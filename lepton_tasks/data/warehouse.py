@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lepton_tasks.core.errors import BadSource, LeptonError, WarehouseAccessDenied, WarehouseUnavailable
-from lepton_tasks.data.windows import DaySource
+from lepton_tasks.data.windows import DaySource, window_dates
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -146,14 +146,15 @@ def database_errors(conn, doing: str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Statement:
-    """The SQL a run reads, its bound parameters and its result columns."""
+    """The SQL a run reads and its bound parameters."""
 
     sql: str  # with :name parameters (SQLAlchemy's text())
     params: dict[str, str]
 
 
-def statement(source: SqlSource, sa_conn, ds: dt.date, window_days: int) -> Statement:
-    """The run's SELECT: the table's window (checked against the database: table, columns, key) or the query."""
+def statement(source: SqlSource, sa_conn, ds: dt.date, window_days: int, ordered: bool = True) -> Statement:
+    """The run's SELECT: the table's window (checked against the database: table, columns, key) or the query.
+    `ordered`: a table's rows by its key (what an extract needs; a probe for rows does not)."""
     values = window_values(ds, window_days)
     if source.query is not None:
         return _bind(source.query, values)
@@ -164,7 +165,8 @@ def statement(source: SqlSource, sa_conn, ds: dt.date, window_days: int) -> Stat
     if source.partition_column is not None:
         column = quote(source.partition_column)
         sql += f" WHERE {column} >= '{{window_start}}' AND {column} < '{{next_ds}}'"
-    sql += " ORDER BY " + ", ".join(quote(c) for c in (key or columns))
+    if ordered:
+        sql += " ORDER BY " + ", ".join(quote(c) for c in (key or columns))
     return _bind(sql, values)
 
 
@@ -325,7 +327,7 @@ def window_days(source: SqlSource, ds: dt.date, days: int) -> list[DaySource]:
     table read whole (never waited for)."""
     if source.table is not None and source.partition_column is None:
         return [DaySource(None, source.uri)]
-    return [DaySource((ds - dt.timedelta(days=back)).isoformat(), source.uri) for back in range(days - 1, -1, -1)]
+    return [DaySource(day.isoformat(), source.uri) for day in window_dates(ds, days)]
 
 
 def missing_days(source: SqlSource, days: list[DaySource]) -> list[DaySource]:
@@ -342,8 +344,10 @@ def missing_days(source: SqlSource, days: list[DaySource]) -> list[DaySource]:
             if source.query is not None:
                 stmt = statement(source, sa_conn, dt.date.fromisoformat(dated[-1].day), len(dated))
                 return [] if _has_rows(sa_conn, stmt) else dated
-            return [day for day in dated
-                    if not _has_rows(sa_conn, statement(source, sa_conn, dt.date.fromisoformat(day.day), 1))]
+            # one statement (one look at the table) for every day; each day binds its own bounds
+            stmt = statement(source, sa_conn, dt.date.fromisoformat(dated[0].day), 1, ordered=False)
+            return [day for day in dated if not _has_rows(sa_conn, Statement(stmt.sql, {
+                name: window_values(dt.date.fromisoformat(day.day), 1)[name] for name in stmt.params}))]
     finally:
         db.dispose()
 

@@ -53,12 +53,16 @@ def render(uri: str, day: dt.date) -> str:
                       mm=f"{day.month:02d}", dd=f"{day.day:02d}")
 
 
+def window_dates(ds: dt.date, window_days: int = 1) -> list[dt.date]:
+    """The days of the window that ends with `ds`, oldest first."""
+    return [ds - dt.timedelta(days=back) for back in range(window_days - 1, -1, -1)]
+
+
 def resolve(uri: str, ds: dt.date, window_days: int = 1) -> list[DaySource]:
     """The URIs a run dated `ds` reads: one per day of its window, oldest first (or the URI itself)."""
     if not is_templated(uri):
         return [DaySource(None, uri)]
-    days = [ds - dt.timedelta(days=back) for back in range(window_days - 1, -1, -1)]
-    return [DaySource(day.isoformat(), render(uri, day)) for day in days]
+    return [DaySource(day.isoformat(), render(uri, day)) for day in window_dates(ds, window_days)]
 
 
 def parse_ds(value: str | dt.date | dt.datetime) -> dt.date:

@@ -320,25 +320,19 @@ class TrackingServer:
 
 
 @contextmanager
-def scratch_database(server_url: str, prefix: str) -> Iterator:
-    """A database of its own, `{prefix}_{random}`, on the PostgreSQL server at `server_url`: its URL (psycopg 3's
-    driver), and the database dropped at the end whatever happened."""
+def scratch_database(server_url: str, prefix: str, driver: str = "postgresql+psycopg") -> Iterator:
+    """A database of its own (`unique(prefix)`) on the PostgreSQL server at `server_url`: its SQLAlchemy URL with
+    `driver`, and the database dropped at the end whatever happened."""
     import sqlalchemy as sa
 
     server = sa.make_url(server_url)
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    name = unique(prefix)
     admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
-        yield server.set(drivername="postgresql+psycopg", database=name)
+        yield server.set(drivername=driver, database=name)
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-
-
-def postgres_connection(url, **changes) -> str:
-    """An Airflow connection (AIRFLOW_CONN_* JSON) to the database at `url`, its fields changed as given."""
-    return json.dumps({"conn_type": "postgres", "host": url.host, "port": url.port or 5432, "login": url.username,
-                       "password": url.password, "schema": url.database, **changes})

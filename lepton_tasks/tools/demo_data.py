@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lepton_tasks.config.settings import WAREHOUSE_CONN_ID
 from lepton_tasks.core.storage import atomic_file
 
 DEFAULT_SAMPLES = 5000  # the MNIST-1D paper's size: a 4000/1000 split at eval_fraction=0.2
@@ -216,7 +217,7 @@ def load_sensor_days(engine, days: list[str], rows: int = 1500) -> list[str]:
 
 
 # the warehouse example -> the Airflow connection its table is loaded through
-WAREHOUSE_EXAMPLES = {"lepton_sensors_warehouse": "lepton_warehouse"}
+WAREHOUSE_EXAMPLES = {"lepton_sensors_warehouse": WAREHOUSE_CONN_ID}
 
 # bundled example pipeline -> (landing folder under the data root, writer(folder, rows), default rows)
 EXAMPLES = {
@@ -264,7 +265,7 @@ def load_warehouse_example(pipeline: str, rows: int | None = None) -> str:
     if loaded:
         print(f"loaded {rows or 1500} demo rows a day for {loaded[0]}..{loaded[-1]} into table {SENSOR_TABLE} of "
               f"{warehouse.describe(conn)}")
-    return f"sql://{conn.conn_id}/{SENSOR_TABLE}"
+    return warehouse.SqlSource(conn.conn_id, SENSOR_TABLE).uri
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -197,10 +197,15 @@ def warehouse_env(deployment: Deployment) -> dict[str, str]:
     """The warehouse example's connection: database `{prefix}_warehouse` on the deployment's PostgreSQL."""
     from sqlalchemy.engine import make_url
 
-    url = make_url(deployment.database_url("warehouse"))
-    connection = {"conn_type": "postgres", "host": url.host, "port": url.port or 5432, "login": url.username,
-                  "password": url.password, "schema": url.database}
-    return {f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}": json.dumps(connection)}
+    return {f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}":
+            postgres_connection(make_url(deployment.database_url("warehouse")))}
+
+
+def postgres_connection(url, **changes) -> str:
+    """An Airflow connection (AIRFLOW_CONN_* JSON) to the database at `url` (a SQLAlchemy URL), its fields changed
+    as given."""
+    return json.dumps({"conn_type": "postgres", "host": url.host, "port": url.port or 5432, "login": url.username,
+                       "password": url.password, "schema": url.database, **changes})
 
 
 def dask_commands(deployment: Deployment) -> dict[str, list[str]]:

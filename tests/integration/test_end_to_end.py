@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from lepton_tasks.tools.airflow_env import SMALL_CONF, AirflowEnv, read_report, unique, write_demo
+from lepton_tasks.tools.airflow_env import SMALL_CONF, AirflowEnv, read_report, scratch_database, write_demo
 from tests.conftest import postgres_url
 
 pytestmark = pytest.mark.slow
@@ -114,9 +112,10 @@ def test_pipeline_end_to_end(tmp_path):
     if not url:
         _pipeline_story(AirflowEnv.sqlite(tmp_path))
         return
-    with postgres_databases(url) as (airflow_db, mlflow_db):
-        _pipeline_story(AirflowEnv(tmp_path, tmp_path / "data",
-                                   airflow_db.replace("postgresql://", "postgresql+psycopg2://", 1), mlflow_db))
+    with scratch_database(url, "lepton_airflow", "postgresql+psycopg2") as airflow_db, \
+            scratch_database(url, "lepton_mlflow", "postgresql") as mlflow_db:
+        _pipeline_story(AirflowEnv(tmp_path, tmp_path / "data", airflow_db.render_as_string(hide_password=False),
+                                   mlflow_db.render_as_string(hide_password=False)))
 
 
 def _pipeline_story(env: AirflowEnv) -> None:
@@ -129,21 +128,3 @@ def _pipeline_story(env: AirflowEnv) -> None:
     _check_failed_run_registers_nothing(env, good_dir)
 
 
-@contextmanager
-def postgres_databases(url: str) -> Iterator[list[str]]:
-    """Two throwaway databases (Airflow's and MLflow's) on the server at `url`."""
-    import sqlalchemy
-
-    names = [unique("lepton_airflow"), unique("lepton_mlflow")]
-    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        for name in names:
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    base = url.rsplit("/", 1)[0]
-    try:
-        yield [f"{base}/{name}" for name in names]
-    finally:
-        with engine.connect() as conn:
-            for name in names:
-                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()

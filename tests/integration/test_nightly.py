@@ -48,13 +48,13 @@ from lepton_tasks.tools.airflow_env import (
     RUN_TIMEOUT_S,
     AirflowEnv,
     free_port,
-    postgres_connection,
     read_report,
     scratch_database,
     wait_for,
 )
 from lepton_tasks.tools.backfill import RETRY_S
 from lepton_tasks.tools.demo_data import load_sensor_days, make_sensor_day, write_sensor_day
+from lepton_tasks.tools.services import postgres_connection
 from tests.conftest import postgres_server_url
 
 pytestmark = pytest.mark.slow
