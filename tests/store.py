@@ -33,11 +33,12 @@ class S3Store:
     log: Path
 
     @classmethod
-    def start(cls, folder: Path, host: str = "127.0.0.1") -> S3Store:
+    def start(cls, folder: Path, host: str = "127.0.0.1", launch: tuple[str, ...] = ()) -> S3Store:
+        """`launch`: what the server's command runs under (another host's `ip netns exec NAME`)."""
         port = free_port()
         log = Path(folder) / "moto.log"
         # the first three calls (a user, its key, its policy) need no signature; every later one does
-        process = _serve(host, port, log)
+        process = _serve(host, port, log, launch)
         store = cls(f"http://{host}:{port}", "", "", process, log)
         iam = store.client("iam", "bootstrap", "bootstrap")
         iam.create_user(UserName="lepton")
@@ -67,9 +68,10 @@ class S3Store:
         self.process.wait(timeout=30)
 
 
-def _serve(host: str, port: int, log: Path) -> subprocess.Popen:
+def _serve(host: str, port: int, log: Path, launch: tuple[str, ...] = ()) -> subprocess.Popen:
     with log.open("a") as out:
-        process = subprocess.Popen([MOTO_SERVER, "-H", host, "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([*launch, MOTO_SERVER, "-H", host, "-p", str(port)], stdout=out,
+                                   stderr=subprocess.STDOUT,
                                    env={"INITIAL_NO_AUTH_ACTION_COUNT": "3", "PATH": "/usr/bin:/bin"})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

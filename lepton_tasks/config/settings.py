@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lepton_tasks.core.errors import BadParam
+from lepton_tasks.core.store import WorkArea
 from lepton_tasks.data.windows import check_template
 from lepton_tasks.ml.strategies import STRATEGIES
 
@@ -213,7 +214,7 @@ DEFAULT_DASK_RECOVERY_S = 180.0
 class Settings:
     """Machine-level locations and services. Read with `Settings.from_env()` inside a task, never at import."""
 
-    data_root: Path  # run folders, landing data, local MLflow store
+    data_root: Path  # run folders, landing data, local MLflow store (this host's copy, if LEPTON_DATA_ROOT is a store)
     mlflow_tracking_uri: str | None  # None: the Airflow connection, else a local SQLite store under data_root
     dask_address: str | None  # None: the Airflow connection `dask_default`, else a local cluster
     dask_workers: int | None  # None: one per shard, capped by cores (CPU) or one per GPU
@@ -225,12 +226,14 @@ class Settings:
     # Threads each shard trains with: part of the determinism policy (bit-equal weights for a fixed count, see
     # `train`); Dask's parallelism is across shards
     train_threads: int = 1
+    data_store: str | None = None  # LEPTON_DATA_ROOT where it is an object store's URL (data_root: this host's copy)
 
     @classmethod
     def from_env(cls) -> Settings:
         workers = os.environ.get("LEPTON_DASK_WORKERS")
         return cls(
-            data_root=Path(os.environ.get("LEPTON_DATA_ROOT", REPO_ROOT / "var" / "data")).resolve(),
+            data_root=WorkArea.from_env().local,
+            data_store=WorkArea.from_env().store,
             mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
             dask_address=os.environ.get("LEPTON_DASK_ADDRESS"),
             dask_workers=int(workers) if workers else None,
@@ -249,6 +252,9 @@ class Settings:
         return f"sqlite:///{self.data_root / 'mlflow.db'}"
 
     def mlflow_artifact_root(self) -> str:
+        """Where a tracking database without a server keeps artifacts: beside the runs, on the store if they are."""
+        if self.data_store:
+            return f"{self.data_store}/mlartifacts"
         return (self.data_root / "mlartifacts").as_uri()
 
 

@@ -2,7 +2,8 @@
 
 Every output lives under `{data_root}/{pipeline}/{run_id}/{stage}/`. A stage writes into a temporary sibling and
 renames it into place, so a reader sees either nothing or the whole output, a retry replaces only its own
-stage, and a concurrent run of another run_id never touches it.
+stage, and a concurrent run of another run_id never touches it. Where the working area is an object store, the
+same writes are committed there too, and reads fetch what this host lacks (`core.store`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lepton_tasks.core import store
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _CHUNK = 1 << 20
@@ -45,6 +48,11 @@ class RunPaths:
         return self.root / name
 
     @property
+    def cluster(self) -> Path:
+        """The run's local Dask cluster (its scheduler file and log): this host's, never on a store."""
+        return self.root / store.HOST_LOCAL
+
+    @property
     def report(self) -> Path:
         return self.root / "report.json"
 
@@ -63,6 +71,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        store.publish(tmp, final)
         _replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -87,6 +96,8 @@ def atomic_file(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+        if not store.in_attempt(final):  # a file of a stage folder is committed with its folder
+            store.put(final)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -108,7 +119,13 @@ def write_private(path: Path, text: str) -> Path:
 
 
 def read_json(path: Path) -> Any:
+    store.fetch(path, refresh=True)
     return json.loads(Path(path).read_text())
+
+
+def read_json_if_exists(path: Path) -> Any | None:
+    """`read_json`, or None where the file is not there (here, nor on the working area's store)."""
+    return json.loads(Path(path).read_text()) if store.fetch(path, refresh=True) else None
 
 
 def sha256_file(path: Path) -> str:
@@ -160,6 +177,7 @@ class ParquetPartition:
         """These rows as a pyarrow Table (only `columns`, in that order, where given)."""
         import pyarrow.parquet as pq
 
+        store.fetch(Path(self.path))
         return pq.ParquetFile(self.path).read_row_groups(list(self.row_groups), columns=columns)
 
 
@@ -170,6 +188,7 @@ def parquet_partitions(parts: list[str], max_bytes: int = PARTITION_BYTES) -> li
 
     partitions, start = [], 0
     for part in parts:
+        store.fetch(Path(part))
         metadata = pq.ParquetFile(part).metadata
         groups: list[int] = []
         rows = size = 0

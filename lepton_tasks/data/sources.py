@@ -4,18 +4,14 @@ URI), one day of a date-templated source or a window of them; listed and read ba
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 
-from lepton_tasks.core.errors import BadSource, LeptonError, StoreAccessDenied, StoreUnavailable
+from lepton_tasks.core.errors import BadSource
+from lepton_tasks.core.store import store_error, work_area
 from lepton_tasks.data.windows import DaySource
 
-# where each store's client reads its credentials (the environment, or the machine's role when they are unset)
-CREDENTIAL_SETTINGS = {"s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the instance role)",
-                       "gs": "GOOGLE_APPLICATION_CREDENTIALS (or the instance's service account)",
-                       "abfs": "AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (or a managed identity)"}
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl",
            ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl"}
 
@@ -29,6 +25,9 @@ def resolve_uri(source_uri: str, data_root: Path) -> str:
     resolved = (root / source_uri).resolve()
     if not resolved.is_relative_to(root):
         raise BadSource(f"param 'source_uri' ('{source_uri}') resolves to {resolved}, outside the data root {root}")
+    area = work_area()
+    if area.store is not None and root == area.local:  # the working area is a store: read it there, on any host
+        return area.url(resolved.relative_to(root).as_posix())
     return str(root / source_uri)
 
 
@@ -71,34 +70,6 @@ def _source_error(url: str, err: Exception, unreadable: str) -> Exception:
     if isinstance(err, (OSError, RecursionError, EOFError, UnicodeDecodeError, pa.ArrowException)):
         return BadSource(unreadable)
     return err
-
-
-def _causes(err: BaseException | None):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def store_error(uri: str, err: BaseException) -> LeptonError | None:
-    """What a remote filesystem's error means for `uri`: the store unreachable (retryable, naming the store) or
-    refusing the credentials (naming the setting that holds them), else None. Local paths are never a store."""
-    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-    if scheme in ("file", "local"):
-        return None
-    store = f"{scheme}://{uri.split('://', 1)[1].split('/', 1)[0]}"
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") if scheme in ("s3", "s3a") else None
-    where = f"the store {store}" + (f" at {endpoint}" if endpoint else "")
-    for cause in _causes(err):
-        if isinstance(cause, PermissionError) or type(cause).__name__ == "NoCredentialsError":
-            setting = CREDENTIAL_SETTINGS.get(scheme.rstrip("a"), "the store's credential settings")
-            return StoreAccessDenied(f"{where} refused access to '{uri}' ({type(cause).__name__}: "
-                                     f"{str(cause)[:200]}): check {setting}")
-        if isinstance(cause, (ConnectionError, TimeoutError)) or "Connect" in type(cause).__name__:
-            return StoreUnavailable(f"{where} did not answer for '{uri}' ({type(cause).__name__}: "
-                                    f"{str(cause)[:200]}); Airflow's retry tries again")
-    return None
 
 
 def _format_of(path: str) -> str | None:

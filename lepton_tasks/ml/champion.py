@@ -17,7 +17,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lepton_tasks.core.storage import atomic_dir, read_json, write_json
+from lepton_tasks.core.storage import atomic_dir, read_json_if_exists, write_json
 from lepton_tasks.data.manifests import WarmStart, own_model_params
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,8 @@ class Snapshot:
 def snapshot(tracking_uri: str, model_name: str, folder: Path) -> Snapshot:
     """The champion of `model_name`, copied into `folder` once (a retry reuses the copy). A registry that cannot
     be reached raises: nothing may be decided without it."""
-    done = folder / SNAPSHOT
-    if done.exists():
-        saved = read_json(done)
+    saved = read_json_if_exists(folder / SNAPSHOT)
+    if saved is not None:
         if "model_name" in saved:  # a snapshot taken before unusable champions were recorded: the champion itself
             saved = {"champion": saved}
         return Snapshot.of(saved.get("champion"), saved.get("unusable"))

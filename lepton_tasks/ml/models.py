@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lepton_tasks.config.settings import MODEL_CLASS_PATH, PLUGINS_DIR
+from lepton_tasks.core import store
 from lepton_tasks.core.errors import IntegrityError, SpecError
 from lepton_tasks.core.storage import atomic_file, sha256_file
 from lepton_tasks.data.manifests import ModelShape
@@ -189,7 +190,9 @@ def load_checkpoint(path: Path, expected_sha256: str | None = None) -> tuple[dic
     """Read a safetensors checkpoint (never pickle), refusing one whose checksum differs from the manifest's."""
     from safetensors import safe_open
 
-    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+    store.fetch(path)
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256 and not (
+            store.fetch(path, refresh=True) and sha256_file(path) == expected_sha256):  # a stale copy on this host
         raise IntegrityError(f"checkpoint '{path}' does not match the sha256 its manifest recorded")
     with safe_open(str(path), framework="pt") as handle:
         raw = dict(handle.metadata() or {})

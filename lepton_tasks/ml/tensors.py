@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from lepton_tasks.core import store
 from lepton_tasks.core.errors import TrainingError
 from lepton_tasks.ml.features import Encoder
 from lepton_tasks.ml.models import ModelShape
@@ -25,6 +28,8 @@ def load_xy(files: list[str], encoder: Encoder | dict,
     if not files:
         raise TrainingError("no Parquet files to load")
     columns = [*encoder.source_columns, encoder.target]
+    for path in files:  # on a host that shares only the store, its copy of the shard
+        store.fetch(Path(path))
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     total = total if max_rows is None else min(total, max_rows)
     if total == 0:  # nothing to stream: the (empty) frame still gives the encodings their dtypes

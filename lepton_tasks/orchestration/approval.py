@@ -15,7 +15,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 
 from lepton_tasks.config.settings import Settings
 from lepton_tasks.config.specs import LoadedSpec
-from lepton_tasks.core.storage import RunPaths, read_json, write_json
+from lepton_tasks.core.storage import RunPaths, read_json_if_exists, write_json
 from lepton_tasks.data.manifests import RegisterManifest
 from lepton_tasks.orchestration import pipeline
 from lepton_tasks.orchestration import result_links as links
@@ -34,8 +34,8 @@ def request(ctx: pipeline.RunContext, registered: RegisterManifest) -> dict:
 def evidence(ctx: pipeline.RunContext, registered: RegisterManifest) -> str:
     """Candidate against champion on the same held-out rows, the drift verdict, the validation summary, the
     compression trade-off, and links to the MLflow version, the data docs and the drift report (markdown)."""
-    summaries = {stage: read_json(ctx.summary_path(stage)) for stage in ("validate", "drift", "compress")
-                 if ctx.summary_path(stage).exists()}
+    summaries = {stage: found for stage in ("validate", "drift", "compress")
+                 if (found := read_json_if_exists(ctx.summary_path(stage))) is not None}
     metric = registered.promotion.get("metric", ctx.spec.metric)
     champion = registered.promotion.get("champion_version")
     as_dict = registered.to_dict()
@@ -124,6 +124,6 @@ def decide(conf: dict, response: dict) -> dict:
                                  str(response["responded_at"]))
     night = RunPaths.of(settings.data_root, conf["dag_id"], conf["run_id"])
     write_json(night.approval, registered.to_dict())
-    if night.report.exists():  # the night's report is written: bring it up to date
-        write_json(night.report, pipeline.with_decision(read_json(night.report), registered.to_dict()))
+    if (report := read_json_if_exists(night.report)) is not None:  # the night's report: bring it up to date
+        write_json(night.report, pipeline.with_decision(report, registered.to_dict()))
     return registered.to_dict()

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from lepton_tasks.config.settings import RunParams, Settings, parse_params
 from lepton_tasks.config.specs import LoadedSpec, PipelineSpec
 from lepton_tasks.core.errors import LeptonError
-from lepton_tasks.core.storage import RunPaths, read_json, write_json
+from lepton_tasks.core.storage import RunPaths, read_json_if_exists, write_json
 from lepton_tasks.data.manifests import (
     CompressManifest,
     DriftManifest,
@@ -292,7 +292,7 @@ def await_cluster(ctx: RunContext) -> dict | None:
 
 def _cluster_dir(ctx: RunContext) -> Path:
     """Where the run's cluster keeps its scheduler file and log."""
-    return ctx.paths.root / "cluster"
+    return ctx.paths.cluster
 
 
 def stop_cluster(run_cluster: dict) -> None:
@@ -497,7 +497,12 @@ def run_stage(ctx: RunContext, name: str, manifests: dict[str, Manifest], cluste
 
 
 def _run(stage: Stage, ctx: RunContext, manifests: dict[str, Manifest], cluster: RunCluster) -> Manifest:
-    """`stage` on its inputs' manifests, and the run's cluster where it uses one."""
+    """`stage` on its inputs' manifests, and the run's cluster where it uses one. Where the working area is an
+    object store, this host first holds its copy of the input stages' folders (and the champion's snapshot)."""
+    from lepton_tasks.core import store
+
+    for folder in ("champion", *stage.inputs):
+        store.checkout(ctx.stage_dir(folder))
     inputs: list[Any] = [manifests[upstream] for upstream in stage.inputs]
     return stage.run(ctx, *inputs, *([cluster] if stage.cluster else []))
 
@@ -563,8 +568,7 @@ def report(ctx: RunContext) -> dict:
     """Assemble `report.json` from the stage summaries; a stage without one never ran."""
     stages = {}
     for stage in STAGES:
-        path = ctx.summary_path(stage)
-        stages[stage] = read_json(path) if path.exists() else {"status": "not_run"}
+        stages[stage] = read_json_if_exists(ctx.summary_path(stage)) or {"status": "not_run"}
     failed = next((s for s in STAGES if stages[s]["status"] == "failed"), None)
     status = "success" if all(s["status"] == "success" for s in stages.values()) else "failed"
     report = {
@@ -574,8 +578,8 @@ def report(ctx: RunContext) -> dict:
         "metrics": _metrics(stages), "mlflow": stages["register"].get("mlflow", {}),
         "promotion": stages["register"].get("mlflow", {}).get("promotion", {}),
     }
-    if ctx.paths.approval.exists():  # a person decided on the candidate already (its approval run)
-        report = with_decision(report, read_json(ctx.paths.approval))
+    if (decided := read_json_if_exists(ctx.paths.approval)) is not None:  # a person decided (its approval run)
+        report = with_decision(report, decided)
     write_json(ctx.paths.report, report)
     log.info("report: %s (%s)", ctx.paths.report, status)
     return report

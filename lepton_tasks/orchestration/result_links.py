@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from lepton_tasks.core import store
 from lepton_tasks.core.storage import RunPaths
 
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` / `mlflow server` listen by default
@@ -52,7 +53,7 @@ def data_docs_file(data_root: Path, dag_id: str, run_id: str, relative: str) -> 
 
     docs = (RunPaths.of(data_root, dag_id, run_id).stage("validate") / DOCS_DIR).resolve()
     wanted = (docs / (relative or "index.html")).resolve()
-    if not wanted.is_relative_to(docs) or not wanted.is_file():
+    if not wanted.is_relative_to(docs) or not store.fetch(wanted):  # on a store working area, fetched from there
         return None
     return wanted
 
@@ -66,7 +67,7 @@ def drift_report_file(data_root: Path, dag_id: str, run_id: str) -> Path | None:
     from lepton_tasks.stages.drift import REPORT
 
     found = RunPaths.of(data_root, dag_id, run_id).stage("drift") / REPORT
-    return found if found.is_file() else None
+    return found if store.fetch(found) else None
 
 
 def dask_dashboard_url(trained: dict | None) -> str | None:

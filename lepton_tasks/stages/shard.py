@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lepton_tasks.config.specs import PipelineSpec
+from lepton_tasks.core import store
 from lepton_tasks.core.errors import ShardError
 from lepton_tasks.core.storage import (
     ParquetPartition,
@@ -138,6 +139,7 @@ def _write_partition(partition: ParquetPartition, index: int, columns: list[str]
             path = Path(out_dir) / name / f"part-{index:05d}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table.filter(mask), path, use_dictionary=dictionary_columns)
+            store.put(path)  # into the stage's attempt on a store working area (this worker may share no disk)
             counts = np.bincount(codes[mask], minlength=len(keys))
             hist = {} if spec.target.task == "regression" else {
                 str(key): int(n) for key, n in zip(keys, counts, strict=True) if n}

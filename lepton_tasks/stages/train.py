@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lepton_tasks.config.settings import stable_json
+from lepton_tasks.core import store
 from lepton_tasks.core.errors import TrainingError
 from lepton_tasks.core.storage import sha256_file
 from lepton_tasks.data.manifests import ShardInfo, TrainManifest, WarmStart
@@ -266,7 +267,7 @@ def _control_result(job: ShardJob, control_sha: str | None) -> dict:
 def finished_checkpoint(job: ShardJob) -> dict | None:
     """The result of an earlier attempt at exactly this job, if its checkpoint is on disk and intact."""
     path = Path(job.out_path)
-    if not path.exists():
+    if not store.fetch(path):  # here, or (a host sharing only the store) there
         return None
     try:
         _, meta = load_checkpoint(path)
@@ -275,7 +276,7 @@ def finished_checkpoint(job: ShardJob) -> dict | None:
     if any(meta.get(k) != v for k, v in job.metadata().items()):
         return None
     control_sha = meta.get("control_out_sha256")
-    if job.control_out and not (control_sha and Path(job.control_out).exists()
+    if job.control_out and not (control_sha and store.fetch(Path(job.control_out))
                                 and sha256_file(Path(job.control_out)) == control_sha):
         return None  # its control variate is missing or torn: train again (it is written first)
     return {**_result(job, sha256_file(path), json.loads(meta.get("epochs", "[]")), True,

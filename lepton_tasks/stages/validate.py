@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lepton_tasks.core import store
 from lepton_tasks.core.errors import BadSource, ValidationFailed
 from lepton_tasks.core.storage import ParquetPartition, atomic_dir, parquet_partitions, read_json
 from lepton_tasks.data.manifests import Failure, ValidationManifest
@@ -439,4 +440,5 @@ def _split_rows(frame, start: int, reasons: dict[int, list[str]], out: str, inde
         path = Path(out) / folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         rows.to_parquet(path, index=False)
+        store.put(path)  # into the stage's attempt on a store working area (this worker may share no disk)
     return name

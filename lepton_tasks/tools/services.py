@@ -34,6 +34,7 @@ from pathlib import Path
 from lepton_tasks.config.settings import PRELOADING_EXECUTOR, REPO_ROOT, WAREHOUSE_CONN_ID, redact_uri
 from lepton_tasks.core.errors import LeptonError
 from lepton_tasks.core.storage import write_private
+from lepton_tasks.core.store import SCRATCH_ENV, WorkArea
 from lepton_tasks.infra.cluster import gpu_count
 from lepton_tasks.tools.airflow_home import BIN
 from lepton_tasks.tools.dask_hosts import scheduler_command, worker_command
@@ -53,7 +54,8 @@ class Deployment:
     """Where the services listen and keep their state."""
 
     state: Path
-    data_root: Path
+    data_root: Path  # this host's folder of the working area (LEPTON_DATA_ROOT itself, unless that is a store)
+    data_store: str | None = None  # LEPTON_DATA_ROOT where it is an object store's URL
     postgres_url: str = DEFAULT_POSTGRES
     db_prefix: str = "lepton"
     airflow_port: int = 8080
@@ -71,7 +73,8 @@ class Deployment:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Deployment:
         env = (os.environ if environ is None else environ).get
         state = Path(env("LEPTON_UP_DIR", REPO_ROOT / "var" / "up")).resolve()
-        return cls(state=state, data_root=Path(env("LEPTON_DATA_ROOT", REPO_ROOT / "var" / "data")).resolve(),
+        area = WorkArea.from_env(environ)
+        return cls(state=state, data_root=area.local, data_store=area.store,
                    postgres_url=env("LEPTON_POSTGRES_URL", DEFAULT_POSTGRES),
                    db_prefix=env("LEPTON_UP_DB_PREFIX", "lepton"),
                    airflow_port=int(env("LEPTON_AIRFLOW_PORT", 8080)),
@@ -181,7 +184,8 @@ def service_env(deployment: Deployment) -> dict[str, str]:
         "AIRFLOW_CONN_DASK_DEFAULT": json.dumps({"conn_type": "generic", "host": "127.0.0.1",
                                                  "port": deployment.dask_port}),
         **warehouse_env(deployment),
-        "LEPTON_DATA_ROOT": str(deployment.data_root),
+        "LEPTON_DATA_ROOT": deployment.data_store or str(deployment.data_root),
+        **({SCRATCH_ENV: str(deployment.data_root)} if deployment.data_store else {}),
         "LEPTON_MLFLOW_UI_URL": deployment.mlflow_url,
         "LEPTON_DASK_DASHBOARD_URL": deployment.dashboard_url,
         "GX_ANALYTICS_ENABLED": "false",

@@ -2,7 +2,7 @@
 
     with Network.create() as net:
         scheduler, worker = net.host("sched"), net.host("a")
-        worker.popen(["lepton", "dask-worker", f"tcp://{scheduler.address}:8786"])
+        worker.popen(["lepton", "dask-worker", f"tcp://{scheduler.address}:8786"], hide=(Path("var"), Path("/tmp")))
         worker.cut()          # its link down: packets dropped both ways, no connection closed
         worker.throttle(10)   # its link at 10 Mbit/s (tc tbf; this kernel has no netem)
 
@@ -13,11 +13,13 @@ only; the machine's own namespace reaches every host through the bridge. Needs r
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def available() -> str | None:
@@ -54,12 +56,17 @@ class Host:
     address: str
     link: str  # its veth's end on the bridge: what `cut` and `throttle` act on
 
-    def command(self, argv: list[str]) -> list[str]:
+    def command(self, argv: list[str], hide: tuple[Path, ...] = ()) -> list[str]:
+        """`argv` on this host; `hide`: folders it sees as empty tmpfs mounts of its own (`unshare -m`, a private
+        mount namespace), so that nothing passes through them between hosts."""
+        if hide:
+            mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(path))}" for path in hide)
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *argv]
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
+    def popen(self, argv: list[str], hide: tuple[Path, ...] = (), **kwargs) -> subprocess.Popen:
         """Start `argv` on this host (in its network namespace), in a session of its own."""
-        return subprocess.Popen(self.command(argv), start_new_session=True, **kwargs)
+        return subprocess.Popen(self.command(argv, hide), start_new_session=True, **kwargs)
 
     def cut(self) -> None:
         _ip("link", "set", self.link, "down")
