@@ -8,8 +8,9 @@ merged into an existing summary): shard, validate (validate, validate_vs_gx, val
 merge_vs_central, compression (compression_size, compression_latency, compression_latency_batch), scaffold_profile,
 sql_ingest (sql_ingest, a PostgreSQL table's window against a hand-written COPY/pyarrow script; validate_in_database,
 the validate stage on the extract against GX's SQL engine in the database; sql_ingest.json),
-scheduler (orchestration_overhead and whole_run_10m_memory, on one Airflow; details in orchestration.json and
-whole_run_10m_memory.json), federated (merge strategies on non-IID, poisoned and private
+object_store (object_store_run, shard_on_store, train_on_store: the working area on moto's S3 server against
+local disk; object_store.json), scheduler (orchestration_overhead and whole_run_10m_memory, on one Airflow; details
+in orchestration.json and whole_run_10m_memory.json), federated (merge strategies on non-IID, poisoned and private
 shards: federated.json and federated.png, accuracies without a ratio) and flower (flower_side_by_side,
 flower_side_by_side_fedprox: the same work run by Flower in .venv-flower; flower_parity_SPLIT and
 federated_gap_closed: six strategies against Flower's own on two non-IID splits).
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench import federated, profiling, stages, warehouse, whole_run
+from bench import federated, object_store, profiling, stages, warehouse, whole_run
 from bench.common import REPEATS, RESULTS, Repeats, record, shared_cluster, write_json
 from bench.quality import merge_vs_central
 
@@ -110,6 +111,12 @@ def bench_sql_ingest(work) -> dict:
     return {"sql_ingest": summary, "validate_in_database": in_database}
 
 
+def bench_object_store(work) -> dict:
+    summaries, detail = object_store.object_store_bench(work)
+    write_json("object_store.json", detail)
+    return summaries
+
+
 def bench_federated(work) -> dict:
     detail = federated.federated_bench(work)
     write_json("federated.json", detail)
@@ -137,7 +144,7 @@ def bench_scheduler(work) -> dict:
 
 BENCHES = {"shard": bench_shard, "validate": bench_validate, "train": bench_train, "compression": bench_compression,
            "merge_vs_central": bench_merge, "scaffold_profile": bench_profile, "sql_ingest": bench_sql_ingest,
-           "scheduler": bench_scheduler,
+           "object_store": bench_object_store, "scheduler": bench_scheduler,
            "federated": bench_federated, "flower": bench_flower}
 
 

@@ -15,7 +15,7 @@ from lepton_tasks.core.storage import sha256_file
 from lepton_tasks.orchestration import pipeline
 from lepton_tasks.tools.airflow_env import TrackingServer
 from lepton_tasks.tools.demo_data import write_mnist1d
-from tests.store import S3Store
+from lepton_tasks.tools.s3_server import S3Store
 
 CONF = {"num_shards": 2, "merge_rounds": 1, "local_epochs": 1, "hidden_size": 16, "model_kind": "mlp"}
 

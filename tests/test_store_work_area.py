@@ -2,11 +2,12 @@
 committed there (attempt prefix, commit record last), a host holding nothing but the store's credentials goes on
 from them, the merged model is bit-equal to the same run on local disk, an attempt that died half-way is never
 read, a retry resumes from the checkpoints on the store, and a wrong secret or a store that does not answer fails
-naming the store or the setting, with nothing committed."""
+naming the store or the setting, with nothing committed nor registered."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -17,8 +18,9 @@ from lepton_tasks.core import store as work_store
 from lepton_tasks.core.errors import StoreAccessDenied, StoreUnavailable
 from lepton_tasks.core.storage import atomic_dir
 from lepton_tasks.orchestration import pipeline
+from lepton_tasks.tools.airflow_env import free_port
 from lepton_tasks.tools.demo_data import write_mnist1d
-from tests.store import BUCKET, S3Store
+from lepton_tasks.tools.s3_server import BUCKET, S3Store
 
 CONF = {"num_shards": 2, "merge_rounds": 2, "local_epochs": 1, "hidden_size": 16, "model_kind": "mlp"}
 WORK = f"s3://{BUCKET}/work"
@@ -65,6 +67,8 @@ def _another_host(tmp_path) -> None:
 
 def test_a_run_commits_every_stage_on_the_store_and_another_host_goes_on_from_there(tmp_path, store, on_store,
                                                                                    monkeypatch):
+    import mlflow
+
     ctx = pipeline.context(find_spec("lepton_mnist1d"), "on-store", {**CONF, "source_uri": on_store})
     first, _ = pipeline.run_in_process(ctx, last="train")
     keys = _keys(store, _run_root(store, "on-store"))
@@ -76,14 +80,33 @@ def test_a_run_commits_every_stage_on_the_store_and_another_host_goes_on_from_th
         assert sorted(k.split(f"attempt-{record['attempt']}/", 1)[1] for k in attempt) == sorted(record["files"])
     assert any(k.endswith("round-02/merged.safetensors") for k in keys), keys  # checkpoints, one PUT each
 
+    # another host retries train (this host's copy gone): every shard of every round found on the store
     _another_host(tmp_path)
     other = pipeline.context(ctx.loaded, ctx.run_id, ctx.params.model_dump())
     assert not other.paths.root.exists()
-    done, _ = pipeline.run_in_process(other, done=first)
+    done, _ = pipeline.run_in_process(other, last="compress", done={k: v for k, v in first.items() if k != "train"})
+    resumed = [r["resumed"] for rnd in done["train"].rounds for r in rnd]
+    assert resumed and all(resumed) and done["train"].merged == first["train"].merged
+
+    # the store unreachable for good (its endpoint a closed port): register fails retryably, naming the store,
+    # after LEPTON_STORE_PATIENCE_S, and registers nothing
+    monkeypatch.setenv("LEPTON_STORE_PATIENCE_S", "4")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    S3FileSystem.clear_instance_cache()
+    with pytest.raises(StoreUnavailable) as raised:
+        pipeline.run_stage(other, "register", done)
+    assert raised.value.retryable and BUCKET in str(raised.value) and "AWS_ENDPOINT_URL" not in str(raised.value)
+    assert mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_registered_models() == []
+
+    # back: its retry registers, and the report reads every summary from the store (both hosts')
+    monkeypatch.setenv("AWS_ENDPOINT_URL", store.endpoint)
+    S3FileSystem.clear_instance_cache()
+    done["register"] = pipeline.run_stage(other, "register", done)
     assert done["register"].model_version == "1"
-    report = pipeline.report(other)  # every summary read from the store: those of this host and the first
+    report = pipeline.report(other)
     assert [report["stages"][s]["status"] for s in pipeline.STAGES] == ["success"] * len(pipeline.STAGES)
     assert f"{_run_root(store, 'on-store')}/report.json" in _keys(store, _run_root(store, "on-store"))
+    assert any(k.endswith("model.onnx") for k in _keys(store, "work/mlartifacts/"))  # MLflow's artifacts there too
 
     # the same run on local disk: the merged model is bit-equal
     monkeypatch.setenv("LEPTON_DATA_ROOT", str(tmp_path / "local-disk"))
@@ -111,17 +134,6 @@ def test_an_attempt_that_died_half_way_is_never_read_and_the_next_commit_removes
     assert len(attempts) == 1 and work_store.committed(stage_dir)["attempt"] in next(iter(attempts))
 
 
-def test_a_retry_on_another_host_resumes_from_the_checkpoints_on_the_store(tmp_path, store, on_store, monkeypatch):
-    ctx = pipeline.context(find_spec("lepton_mnist1d"), "resume", {**CONF, "source_uri": on_store})
-    first, _ = pipeline.run_in_process(ctx, last="train")
-    _another_host(tmp_path)
-    retry = pipeline.context(ctx.loaded, ctx.run_id, ctx.params.model_dump())
-    again, _ = pipeline.run_in_process(retry, last="train", done={k: v for k, v in first.items() if k != "train"})
-    resumed = [r["resumed"] for rnd in again["train"].rounds for r in rnd]
-    assert resumed and all(resumed)  # every shard of every round found on the store, none trained again
-    assert again["train"].merged == first["train"].merged
-
-
 def test_a_wrong_secret_names_the_setting_and_commits_nothing(store, on_store, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-wrong-secret")
     S3FileSystem.clear_instance_cache()
@@ -134,21 +146,3 @@ def test_a_wrong_secret_names_the_setting_and_commits_nothing(store, on_store, m
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", store.secret)
     S3FileSystem.clear_instance_cache()
     assert _keys(store, _run_root(store, "denied")) == []
-
-
-def test_a_store_that_stays_down_fails_the_stage_retryably_naming_it_and_registers_nothing(store, on_store,
-                                                                                             monkeypatch):
-    import mlflow
-
-    monkeypatch.setenv("LEPTON_STORE_PATIENCE_S", "4")  # how long each operation waits for the store (default 60)
-    ctx = pipeline.context(find_spec("lepton_mnist1d"), "down", {**CONF, "merge_rounds": 1, "source_uri": on_store})
-    done, _ = pipeline.run_in_process(ctx, last="compress")
-    store.stop()  # for good
-    with pytest.raises(StoreUnavailable) as raised:
-        pipeline.run_stage(ctx, "register", done)
-    assert raised.value.retryable and store.endpoint in str(raised.value) and BUCKET in str(raised.value)
-    assert mlflow.MlflowClient().search_registered_models() == []
-    stage_dir = ctx.stage_dir("ingest").with_name("late")
-    with pytest.raises(StoreUnavailable), atomic_dir(stage_dir) as tmp:
-        (tmp / "part-0.parquet").write_bytes(b"rows")
-    assert not stage_dir.exists()  # not committed there, so not here either

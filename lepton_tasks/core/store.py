@@ -119,12 +119,14 @@ def in_attempt(path: Path) -> bool:
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
-def put(path: Path) -> None:
-    """Upload one finished local file to its key (an object appears whole or not at all)."""
+def put(*paths: Path) -> None:
+    """Upload finished local files to their keys, several at once (each object appears whole or not at all)."""
     area = work_area()
-    if (key := area.key(path)) is None:
-        return
-    _patiently(area, key, lambda: filesystem(area).put_file(str(path), area.url(key)))
+    keyed = [(str(path), area.key(path)) for path in paths]
+    keyed = [(local, key) for local, key in keyed if key is not None]
+    if keyed:
+        _patiently(area, keyed[0][1], lambda: filesystem(area).put(
+            [local for local, _ in keyed], [area.url(key) for _, key in keyed]))
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -139,12 +141,14 @@ def publish(tmp: Path, final: Path) -> None:
 
     def upload() -> dict:
         uploaded = _listing(fs, area.url(prefix))  # by Dask workers, or by an upload that was cut short
-        files = {}
+        files, pending = {}, []
         for local in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
             rel = local.relative_to(tmp).as_posix()
             files[rel] = local.stat().st_size
             if uploaded.get(rel) != files[rel]:
-                fs.put_file(str(local), area.url(f"{prefix}/{rel}"))
+                pending.append((str(local), area.url(f"{prefix}/{rel}")))
+        if pending:  # concurrently (fsspec batches them)
+            fs.put([local for local, _ in pending], [url for _, url in pending])
         record = {"attempt": attempt, "files": dict(sorted({**uploaded, **files}.items()))}
         fs.pipe_file(area.url(f"{key}/{COMMIT}"), json.dumps(record, sort_keys=True).encode())
         return record
@@ -209,14 +213,14 @@ def fetch(path: Path, refresh: bool = False) -> bool:
         return _fetch_committed(area, stage_dir, record, rel)
     if path.exists() and not refresh:
         return True
-    return _download(area, key, path)
+    return _download(area, [(key, path)])
 
 
 def _fetch_committed(area: WorkArea, stage_dir: Path, record: dict, rel: str) -> bool:
     local = stage_dir / rel
     if local.is_file() and local.stat().st_size == record["files"][rel]:
         return True
-    return _download(area, f"{area.key(stage_dir)}/attempt-{record['attempt']}/{rel}", local)
+    return _download(area, [(f"{area.key(stage_dir)}/attempt-{record['attempt']}/{rel}", local)])
 
 
 def checkout(stage_dir: Path) -> None:
@@ -230,29 +234,36 @@ def checkout(stage_dir: Path) -> None:
     if record is not None:
         if marker.is_file() and json.loads(marker.read_text()) == record:
             return
-        for rel in record["files"]:
-            _fetch_committed(area, stage_dir, record, rel)
+        wanted = [rel for rel, size in record["files"].items()
+                  if not ((stage_dir / rel).is_file() and (stage_dir / rel).stat().st_size == size)]
+        _download(area, [(f"{key}/attempt-{record['attempt']}/{rel}", stage_dir / rel) for rel in wanted])
         marker.write_text(json.dumps(record, sort_keys=True))
         return
     found = _patiently(area, key, lambda: _listing(filesystem(area), area.url(key)))
-    for rel, size in found.items():
-        local = stage_dir / rel
-        if not (local.is_file() and local.stat().st_size == size):
-            _download(area, f"{key}/{rel}", local)
+    _download(area, [(f"{key}/{rel}", stage_dir / rel) for rel, size in found.items()
+                     if not ((stage_dir / rel).is_file() and (stage_dir / rel).stat().st_size == size)])
 
 
-def _download(area: WorkArea, key: str, path: Path) -> bool:
-    """Copy one object to `path` (temporary name, then rename: a reader never sees half); False if absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.dl-{uuid.uuid4().hex[:8]}")
+def _download(area: WorkArea, objects: list[tuple[str, Path]]) -> bool:
+    """Copy objects (key, local path) here, several at once, each to a temporary name and then renamed: a reader
+    never sees half a file. False if one is absent."""
+    if not objects:
+        return True
+    temporary = []
+    for _, path in objects:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.append(path.with_name(f".{path.name}.dl-{uuid.uuid4().hex[:8]}"))
     try:
-        _patiently(area, key, lambda: filesystem(area).get_file(area.url(key), str(tmp)))
-        os.replace(tmp, path)
+        _patiently(area, objects[0][0], lambda: filesystem(area).get(
+            [area.url(key) for key, _ in objects], [str(tmp) for tmp in temporary]))
+        for tmp, (_, path) in zip(temporary, objects, strict=True):
+            os.replace(tmp, path)
         return True
     except FileNotFoundError:
         return False
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
 
 
 # --- errors ------------------------------------------------------------------------------------------------------

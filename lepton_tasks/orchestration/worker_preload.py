@@ -1,7 +1,8 @@
 """What every Lepton Dask worker imports as it starts (Dask's `distributed.worker.preload`, set in
 `cluster.LEPTON_DASK_CONFIG`): torch and `torch._dynamo` (which building a torch optimizer imports the first
 time), the libraries that read a shard and write a checkpoint (pandas, pyarrow's Parquet reader, safetensors),
-and the train stage's own modules.
+and the train stage's own modules; where the working area is an object store, its filesystem (s3fs and botocore
+take about a second to import).
 
 Without it, each fresh worker paid those imports inside its first shard, on the train stage's clock. They run on
 a thread of their own, so the worker joins its scheduler at once and the run's cluster is up as soon as before:
@@ -35,5 +36,9 @@ def _import() -> None:
         import lepton_tasks.stages.train  # noqa: F401
 
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo now, not in the first shard
+        from lepton_tasks.core import store
+
+        if (area := store.work_area()).store is not None:
+            store.filesystem(area)
     finally:
         _done.set()

@@ -139,11 +139,11 @@ def _write_partition(partition: ParquetPartition, index: int, columns: list[str]
             path = Path(out_dir) / name / f"part-{index:05d}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table.filter(mask), path, use_dictionary=dictionary_columns)
-            store.put(path)  # into the stage's attempt on a store working area (this worker may share no disk)
             counts = np.bincount(codes[mask], minlength=len(keys))
             hist = {} if spec.target.task == "regression" else {
                 str(key): int(n) for key, n in zip(keys, counts, strict=True) if n}
             written.append((name, str(path), hist, int(mask.sum()), sha256_file(path)))
+    store.put(*(Path(w[1]) for w in written))  # into the stage's attempt on a store (this worker may share no disk)
     return written, partition_stats(frame.iloc[train_index], spec) if fit_encoder else None
 
 

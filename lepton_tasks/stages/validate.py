@@ -440,5 +440,5 @@ def _split_rows(frame, start: int, reasons: dict[int, list[str]], out: str, inde
         path = Path(out) / folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         rows.to_parquet(path, index=False)
-        store.put(path)  # into the stage's attempt on a store working area (this worker may share no disk)
+    store.put(*(Path(out) / folder / name for folder in (QUARANTINE_DIR, CLEAN_DIR)))  # this worker may share no disk
     return name

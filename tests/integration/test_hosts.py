@@ -36,9 +36,9 @@ from lepton_tasks.tools.airflow_env import (
     wait_for,
 )
 from lepton_tasks.tools.demo_data import write_mnist1d
+from lepton_tasks.tools.s3_server import BUCKET, S3Store
 from tests.integration import hosts
 from tests.integration.faults import FaultDriver, left, watch
-from tests.store import BUCKET, S3Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(hosts.available() is not None, reason=str(hosts.available()))]
 

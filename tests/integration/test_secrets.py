@@ -10,7 +10,7 @@ import pytest
 
 from lepton_tasks.tools.airflow_env import SMALL_CONF, AirflowEnv, TrackingServer, read_report
 from lepton_tasks.tools.demo_data import write_mnist1d
-from tests.store import S3Store
+from lepton_tasks.tools.s3_server import S3Store
 
 pytestmark = pytest.mark.slow
 

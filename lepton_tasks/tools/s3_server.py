@@ -1,5 +1,5 @@
-"""An S3-compatible store for the tests: moto's standalone server (what s3fs's own tests use) in its own process,
-with IAM authentication on, so that a wrong secret is refused as a real store would refuse it.
+"""An S3-compatible store for the tests and the benchmarks: moto's standalone server (what s3fs's own tests use) in
+its own process, with IAM authentication on, so that a wrong secret is refused as a real store would refuse it.
 
     store = S3Store.start(tmp_path)        # a user with S3 rights, a bucket `lepton`
     store.environ()                        # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, region

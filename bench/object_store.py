@@ -1,0 +1,123 @@
+"""`object_store`: the working area on an S3-compatible store against the same work on local disk, interleaved.
+
+The store is moto's standalone server on this machine (what the tests use; a real store is farther away and
+faster per byte). Both sides read the same local source files; what differs is LEPTON_DATA_ROOT.
+- `object_store_run`: every stage of a 1M-row run, as the DAG wires them (`pipeline.run_in_process`: one host,
+  its copy of the working area kept between stages as one Airflow worker keeps it), wall seconds;
+- `shard_on_store` and `train_on_store`: the stage on a host that holds nothing of the run (its copy removed
+  before the clock): what it fetches (the validated parts, the shards) and commits (shards, checkpoints) is
+  timed with it. The run's cluster is up before the clock, as the setup task leaves it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from itertools import count
+from pathlib import Path
+
+from bench.common import environ, interleaved, record, write_mnist_parts
+
+ROWS = 1_000_000
+CONF = {"num_shards": 2, "merge_rounds": 2, "local_epochs": 1, "hidden_size": 32, "model_kind": "mlp"}
+STORE_ROOT = "s3://lepton/work"  # tests.store's bucket
+_fresh = count()
+
+
+def _env(work: Path, on_store: bool, run: str) -> dict[str, str | None]:
+    """The working area on the store or on local disk; a tracking DB of the run's own (no champion: no warm
+    start, the same work every repeat)."""
+    return {"LEPTON_DATA_ROOT": STORE_ROOT if on_store else str(work / "disk"), "LEPTON_SCRATCH": str(work / "scratch"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{work / f'{run}.db'}", "LEPTON_DASK_ADDRESS": None}
+
+
+def _context(run: str, source: str = "unused"):
+    from lepton_tasks.config.specs import find_spec
+    from lepton_tasks.orchestration import pipeline
+
+    return pipeline.context(find_spec("lepton_mnist1d"), run, {**CONF, "source_uri": source})
+
+
+def _forget_local_copy(work: Path) -> None:
+    """This host's copy of the store's runs gone: what follows starts as on a host that shares only the store."""
+    shutil.rmtree(work / "scratch", ignore_errors=True)
+
+
+def _whole_run(work: Path, source: Path, on_store: bool) -> tuple[float, dict]:
+    from lepton_tasks.orchestration import pipeline
+
+    run = f"run-{next(_fresh)}"
+    with environ(**_env(work, on_store, run)):
+        started = time.perf_counter()
+        manifests, seconds = pipeline.run_in_process(_context(run, str(source)))
+        total = time.perf_counter() - started
+    _forget_local_copy(work)
+    shutil.rmtree(work / "disk", ignore_errors=True)
+    return total, {"stages": {k: round(v, 2) for k, v in seconds.items()},
+                   "merged_sha256": manifests["merge"].merged_sha256}
+
+
+def _base(work: Path, source: Path, on_store: bool) -> dict:
+    """A run up to its shards, on the store or on disk: the manifests the measured stages start from."""
+    from lepton_tasks.orchestration import pipeline
+
+    run = f"base-{next(_fresh)}"
+    with environ(**_env(work, on_store, run)):
+        return pipeline.run_in_process(_context(run, str(source)), last="shard")[0]
+
+
+def _stage_rows_per_s(work: Path, on_store: bool, base: dict, name: str, cluster: dict) -> float:
+    """Rows/s of stage `name` in a fresh run folder (nothing to resume) from the base run's manifests."""
+    from lepton_tasks.orchestration import pipeline
+
+    if on_store:
+        _forget_local_copy(work)
+    run = f"{name}-{next(_fresh)}"
+    with environ(**_env(work, on_store, run)):
+        ctx = _context(run)
+        started = time.perf_counter()
+        pipeline.run_stage(ctx, name, base, lambda: cluster)
+        return ROWS / (time.perf_counter() - started)
+
+
+def object_store_bench(work: Path) -> tuple[dict, dict]:
+    from lepton_tasks.tools.s3_server import S3Store
+
+    store = S3Store.start(work)
+    try:
+        with environ(**store.environ()):
+            return _benches(work)
+    finally:
+        store.stop()
+
+
+def _benches(work: Path) -> tuple[dict, dict]:
+    from lepton_tasks.config.settings import Settings
+    from lepton_tasks.infra.cluster import start_run_cluster
+    from lepton_tasks.orchestration import pipeline
+
+    source = Path(write_mnist_parts(work / "source", ROWS)[0]).parent
+    run = interleaved(lambda: _whole_run(work, source, True), lambda: _whole_run(work, source, False),
+                      label="object_store_run")
+    summaries = {"object_store_run": record(
+        run, f"<= 1.3x the wall seconds of the same {ROWS:,}-row run with the working area on local disk (every "
+        "stage in one process, as the DAG wires them; moto's S3 server on this machine)", "s", False,
+        lambda r: r <= 1.3, rows=ROWS, params=CONF,
+        bit_equal=len({d[side]["merged_sha256"] for d in run.details for side in d}) == 1)}
+    detail = {"object_store_run": {"values": run.values, "baselines": run.baselines, "details": run.details}}
+    bases = {True: _base(work, source, True), False: _base(work, source, False)}
+    with environ(**_env(work, True, "cluster")):  # its workers' environment: the store's settings
+        cluster = start_run_cluster(Settings.from_env(), work / "cluster", CONF["num_shards"])
+    try:
+        for name in ("shard", "train"):
+            measured = interleaved(lambda n=name: _stage_rows_per_s(work, True, bases[True], n, cluster),
+                                   lambda n=name: _stage_rows_per_s(work, False, bases[False], n, cluster),
+                                   label=f"{name}_on_store")
+            summaries[f"{name}_on_store"] = record(
+                measured, f">= 0.8x the rows/s of the {name} stage with the working area on local disk (on a host "
+                "holding nothing of the run: its inputs fetched from the store, its outputs committed there, in the "
+                "clock; the run's cluster up before it)", "rows/s", True, lambda r: r >= 0.8, rows=ROWS, params=CONF)
+            detail[f"{name}_on_store"] = {"values": measured.values, "baselines": measured.baselines}
+    finally:
+        pipeline.stop_cluster(cluster)
+    return summaries, detail
