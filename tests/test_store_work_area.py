@@ -17,7 +17,7 @@ from lepton_tasks.config.specs import find_spec
 from lepton_tasks.core import store as work_store
 from lepton_tasks.core.errors import StoreAccessDenied, StoreUnavailable
 from lepton_tasks.core.storage import atomic_dir
-from lepton_tasks.orchestration import pipeline
+from lepton_tasks.orchestration import pipeline, result_links
 from lepton_tasks.tools.airflow_env import free_port
 from lepton_tasks.tools.demo_data import write_mnist1d
 from lepton_tasks.tools.s3_server import BUCKET, S3Store
@@ -107,6 +107,9 @@ def test_a_run_commits_every_stage_on_the_store_and_another_host_goes_on_from_th
     assert [report["stages"][s]["status"] for s in pipeline.STAGES] == ["success"] * len(pipeline.STAGES)
     assert f"{_run_root(store, 'on-store')}/report.json" in _keys(store, _run_root(store, "on-store"))
     assert any(k.endswith("model.onnx") for k in _keys(store, "work/mlartifacts/"))  # MLflow's artifacts there too
+    _another_host(tmp_path)  # the Airflow API server's host: the plugin serves the data docs from the store
+    served = result_links.data_docs_file(work_store.work_area().local, ctx.dag_id, ctx.run_id, "index.html")
+    assert served is not None and b"<html" in served.read_bytes().lower()
 
     # the same run on local disk: the merged model is bit-equal
     monkeypatch.setenv("LEPTON_DATA_ROOT", str(tmp_path / "local-disk"))

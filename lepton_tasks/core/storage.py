@@ -184,12 +184,10 @@ class ParquetPartition:
 def parquet_partitions(parts: list[str], max_bytes: int = PARTITION_BYTES) -> list[ParquetPartition]:
     """The Parquet `parts` as partitions of whole row groups, at most `max_bytes` decoded each (one row group may
     be more), numbered with global row numbers in file order. Planned from the footers: no data read."""
-    import pyarrow.parquet as pq
 
     partitions, start = [], 0
     for part in parts:
-        store.fetch(Path(part))
-        metadata = pq.ParquetFile(part).metadata
+        metadata = parquet_metadata(part)
         groups: list[int] = []
         rows = size = 0
         for index in range(metadata.num_row_groups):
@@ -203,6 +201,17 @@ def parquet_partitions(parts: list[str], max_bytes: int = PARTITION_BYTES) -> li
             partitions.append(ParquetPartition(str(part), tuple(groups), rows, start, size))
             start += rows
     return partitions
+
+
+def parquet_metadata(part: str):
+    """A Parquet file's footer: from the local file, or read in place on the working area's store (a few byte
+    ranges) where this host does not hold it (the task plans partitions; the workers fetch the data)."""
+    import pyarrow.parquet as pq
+
+    if (url := store.remote(Path(part))) is not None:
+        with store.open_remote(url) as handle:
+            return pq.ParquetFile(handle).metadata
+    return pq.ParquetFile(part).metadata
 
 
 def decoded_bytes(parts: list[str]) -> int:

@@ -498,10 +498,11 @@ def run_stage(ctx: RunContext, name: str, manifests: dict[str, Manifest], cluste
 
 def _run(stage: Stage, ctx: RunContext, manifests: dict[str, Manifest], cluster: RunCluster) -> Manifest:
     """`stage` on its inputs' manifests, and the run's cluster where it uses one. Where the working area is an
-    object store, this host first holds its copy of the input stages' folders (and the champion's snapshot)."""
+    object store, this host first holds its copy of the input stages' folders (and the champion's snapshot),
+    except for a stage that runs on the cluster: its workers fetch what they read, the task only footers."""
     from lepton_tasks.core import store
 
-    for folder in ("champion", *stage.inputs):
+    for folder in ("champion", *stage.inputs) if stage.cluster != "after" else ():
         store.checkout(ctx.stage_dir(folder))
     inputs: list[Any] = [manifests[upstream] for upstream in stage.inputs]
     return stage.run(ctx, *inputs, *([cluster] if stage.cluster else []))

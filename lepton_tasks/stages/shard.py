@@ -33,6 +33,7 @@ from lepton_tasks.core.storage import (
     atomic_dir,
     combined_sha256,
     parquet_dictionary_columns,
+    parquet_metadata,
     parquet_partitions,
     read_json,
     sha256_file,
@@ -197,9 +198,8 @@ def key_layout(column: str, key_counts: list[dict], num_shards: int, spec: Pipel
 
 
 def _check_shard_by(parts: list[str], column: str) -> None:
-    import pyarrow.parquet as pq
 
-    names = pq.read_schema(parts[0]).names
+    names = parquet_metadata(parts[0]).schema.to_arrow_schema().names
     if column not in names:
         raise ShardError(f"param 'shard_by' names column '{column}', which the validated data '{parts[0]}' does "
                          f"not have (columns: {', '.join(names)})")
