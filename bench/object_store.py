@@ -6,7 +6,8 @@ faster per byte). Both sides read the same local source files; what differs is L
   its copy of the working area kept between stages as one Airflow worker keeps it), wall seconds;
 - `shard_on_store` and `train_on_store`: the stage on a host that holds nothing of the run (its copy removed
   before the clock): what it fetches (the validated parts, the shards) and commits (shards, checkpoints) is
-  timed with it. The run's cluster is up before the clock, as the setup task leaves it.
+  timed with it. The run's cluster is up before the clock, its workers' preload done, as a run's shard task finds
+  it (the setup task starts it beside ingest).
 """
 
 from __future__ import annotations
@@ -92,9 +93,11 @@ def object_store_bench(work: Path) -> tuple[dict, dict]:
 
 
 def _benches(work: Path) -> tuple[dict, dict]:
+    from distributed import Client
+
     from lepton_tasks.config.settings import Settings
     from lepton_tasks.infra.cluster import start_run_cluster
-    from lepton_tasks.orchestration import pipeline
+    from lepton_tasks.orchestration import pipeline, worker_preload
 
     source = Path(write_mnist_parts(work / "source", ROWS)[0]).parent
     run = interleaved(lambda: _whole_run(work, source, True), lambda: _whole_run(work, source, False),
@@ -108,6 +111,8 @@ def _benches(work: Path) -> tuple[dict, dict]:
     bases = {True: _base(work, source, True), False: _base(work, source, False)}
     with environ(**_env(work, True, "cluster")):  # its workers' environment: the store's settings
         cluster = start_run_cluster(Settings.from_env(), work / "cluster", CONF["num_shards"])
+    with Client(cluster["address"]) as client:  # as a run's stages find it: its workers' preload done
+        assert all(client.run(worker_preload.preloaded, 120).values())
     try:
         for name in ("shard", "train"):
             measured = interleaved(lambda n=name: _stage_rows_per_s(work, True, bases[True], n, cluster),

@@ -1,8 +1,8 @@
 """What every Lepton Dask worker imports as it starts (Dask's `distributed.worker.preload`, set in
 `cluster.LEPTON_DASK_CONFIG`): torch and `torch._dynamo` (which building a torch optimizer imports the first
 time), the libraries that read a shard and write a checkpoint (pandas, pyarrow's Parquet reader, safetensors),
-and the train stage's own modules; where the working area is an object store, its filesystem (s3fs and botocore
-take about a second to import).
+and the train stage's own modules; where the working area is an object store, its client, with one call to it
+(importing s3fs and botocore, finding the credentials and connecting take a second or two of a fresh worker).
 
 Without it, each fresh worker paid those imports inside its first shard, on the train stage's clock. They run on
 a thread of their own, so the worker joins its scheduler at once and the run's cluster is up as soon as before:
@@ -39,6 +39,15 @@ def _import() -> None:
         from lepton_tasks.core import store
 
         if (area := store.work_area()).store is not None:
-            store.filesystem(area)
+            _first_store_call(store, area)
     finally:
         _done.set()
+
+
+def _first_store_call(store, area) -> None:
+    try:
+        store.filesystem(area).exists(area.store)
+    except Exception as err:  # the store not answering yet: the first task waits for it, and says so
+        import logging
+
+        logging.getLogger(__name__).info("the working area's store did not answer the preload: %s", err)
