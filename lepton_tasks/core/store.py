@@ -22,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -66,7 +66,7 @@ class WorkArea:
     store: str | None = None
 
     @classmethod
-    def from_env(cls, environ=None) -> WorkArea:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkArea:
         env = (os.environ if environ is None else environ).get
         return _work_area(env(DATA_ROOT_ENV, str(DEFAULT_DATA_ROOT)), env(SCRATCH_ENV, str(DEFAULT_SCRATCH)))
 
