@@ -230,10 +230,10 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        workers = os.environ.get("LEPTON_DASK_WORKERS")
+        workers, area = os.environ.get("LEPTON_DASK_WORKERS"), WorkArea.from_env()
         return cls(
-            data_root=WorkArea.from_env().local,
-            data_store=WorkArea.from_env().store,
+            data_root=area.local,
+            data_store=area.store,
             mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
             dask_address=os.environ.get("LEPTON_DASK_ADDRESS"),
             dask_workers=int(workers) if workers else None,

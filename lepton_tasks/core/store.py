@@ -24,7 +24,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -91,7 +90,6 @@ class WorkArea:
         return f"{self.store}/{key}"
 
 
-@cache
 def _work_area(data_root: str, scratch: str) -> WorkArea:
     if data_root.startswith("file://"):
         data_root = data_root.removeprefix("file://")
