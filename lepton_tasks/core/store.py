@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -102,14 +103,21 @@ def work_area() -> WorkArea:
     return WorkArea.from_env()
 
 
+# held while a thread imports what builds ASTs (s3fs, through anyio's lazy importer; a Dask worker's preload of
+# torch): CPython 3.11 fails ("AST constructor recursion depth mismatch") when two threads build ASTs at once, as
+# a worker's preload thread and its first task's store call did in CI
+IMPORTS = threading.RLock()
+
+
 def filesystem(area: WorkArea):
     """The store's fsspec filesystem (fsspec keeps one instance per arguments), listings never cached: another
-    host may have written since."""
+    host may have written since. Made under `IMPORTS`: its first call imports s3fs."""
     import fsspec
 
     protocol = area.store.split("://", 1)[0]
     extra = {"config_kwargs": S3_CLIENT} if protocol in ("s3", "s3a") else {}
-    return fsspec.filesystem(protocol, use_listings_cache=False, **extra)
+    with IMPORTS:
+        return fsspec.filesystem(protocol, use_listings_cache=False, **extra)
 
 
 def in_attempt(path: Path) -> bool:

@@ -27,21 +27,26 @@ def preloaded(timeout: float | None = None) -> bool:
 
 
 def _import() -> None:
+    from lepton_tasks.core import store
+
     try:
-        import pandas  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-        import safetensors.torch  # noqa: F401
-        import torch
-
-        import lepton_tasks.stages.train  # noqa: F401
-
-        torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo now, not in the first shard
-        from lepton_tasks.core import store
-
-        if (area := store.work_area()).store is not None:
-            _first_store_call(store, area)
+        with store.IMPORTS:  # a task's first store call waits for these (see store.IMPORTS)
+            _import_all(store)
     finally:
         _done.set()
+
+
+def _import_all(store) -> None:
+    import pandas  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch
+
+    import lepton_tasks.stages.train  # noqa: F401
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo now, not in the first shard
+    if (area := store.work_area()).store is not None:
+        _first_store_call(store, area)
 
 
 def _first_store_call(store, area) -> None:
