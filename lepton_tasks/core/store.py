@@ -213,16 +213,12 @@ def fetch(path: Path, refresh: bool = False) -> bool:
     area, path = work_area(), Path(path)
     if (key := area.key(path)) is None or in_attempt(path):
         return path.exists()
-    stage_dir = area.local.joinpath(*Path(key).parts[:RUN_DEPTH])
-    record = committed(stage_dir) if len(Path(key).parts) > RUN_DEPTH else None
-    if record is not None:
-        rel = path.relative_to(stage_dir).as_posix()
-        if rel not in record["files"]:
-            return False
-        return _fetch_committed(area, stage_dir, record, rel)
-    if path.exists() and not refresh:
+    found, committed_size = _object(area, key)
+    if found is None:
+        return False
+    if path.is_file() and (path.stat().st_size == committed_size if committed_size is not None else not refresh):
         return True
-    return _download(area, [(key, path)])
+    return _download(area, [(found, path)])
 
 
 def remote(path: Path) -> str | None:
@@ -231,24 +227,32 @@ def remote(path: Path) -> str | None:
     area, path = work_area(), Path(path)
     if path.exists() or (key := area.key(path)) is None or in_attempt(path):
         return None
+    found, _ = _object(area, key)
+    return area.url(found) if found is not None else None
+
+
+def _object(area: WorkArea, key: str) -> tuple[str | None, int | None]:
+    """Where the file of store key `key` is read: in its stage's committed attempt, with the committed size (None
+    where the commit does not list it), or at `key` itself, size unknown, for a file outside a committed stage."""
     parts = Path(key).parts
-    record = committed(area.local.joinpath(*parts[:RUN_DEPTH])) if len(parts) > RUN_DEPTH else None
+    stage_dir = area.local.joinpath(*parts[:RUN_DEPTH])
+    record = committed(stage_dir) if len(parts) > RUN_DEPTH else None
     if record is None:
-        return area.url(key)
-    return area.url("/".join([*parts[:RUN_DEPTH], f"attempt-{record['attempt']}", *parts[RUN_DEPTH:]]))
+        return key, None
+    rel = "/".join(parts[RUN_DEPTH:])
+    if rel not in record["files"]:
+        return None, None
+    return _attempt_key(stage_dir, record, rel, area), record["files"][rel]
+
+
+def _attempt_key(stage_dir: Path, record: dict, rel: str, area: WorkArea) -> str:
+    return f"{area.key(stage_dir)}/attempt-{record['attempt']}/{rel}"
 
 
 def open_remote(url: str):
     """A seekable file on the store (reads fetch byte ranges)."""
     area = work_area()
     return _patiently(area, url.removeprefix(f"{area.store}/"), lambda: filesystem(area).open(url, "rb"))
-
-
-def _fetch_committed(area: WorkArea, stage_dir: Path, record: dict, rel: str) -> bool:
-    local = stage_dir / rel
-    if local.is_file() and local.stat().st_size == record["files"][rel]:
-        return True
-    return _download(area, [(f"{area.key(stage_dir)}/attempt-{record['attempt']}/{rel}", local)])
 
 
 def checkout(stage_dir: Path) -> None:
@@ -264,7 +268,7 @@ def checkout(stage_dir: Path) -> None:
             return
         wanted = [rel for rel, size in record["files"].items()
                   if not ((stage_dir / rel).is_file() and (stage_dir / rel).stat().st_size == size)]
-        _download(area, [(f"{key}/attempt-{record['attempt']}/{rel}", stage_dir / rel) for rel in wanted])
+        _download(area, [(_attempt_key(stage_dir, record, rel, area), stage_dir / rel) for rel in wanted])
         marker.write_text(json.dumps(record, sort_keys=True))
         return
     found = _patiently(area, key, lambda: _listing(filesystem(area), area.url(key)))
