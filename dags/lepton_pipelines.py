@@ -73,8 +73,9 @@ def build(loaded: LoadedSpec) -> DAG:
         doc_md=f"{spec.description}\n\nSpec: `{loaded.path.name}` (sha256 `{loaded.sha256[:12]}`)\n{__doc__}",
     )
     def lepton_pipeline():
-        # deferred to the triggerer while it waits: no worker slot is held (params wait_timeout_minutes, ...)
-        wait = WaitForWindow(task_id="wait", loaded=loaded, retries=0,
+        # deferred to the triggerer while it waits: no worker slot is held (params wait_timeout_minutes, ...). Retried
+        # as every task is where a service failed (the store, a database); a day that never landed is not retried
+        wait = WaitForWindow(task_id="wait", loaded=loaded,
                              doc_md="Wait for every day of the run's window (params.window_days ending with `ds`) "
                                     "to land; fail naming the missing day(s) after params.wait_timeout_minutes.")
 

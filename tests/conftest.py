@@ -21,7 +21,7 @@ HOUSE_SPEC = load_spec(PIPELINES_DIR / "lepton_house_prices.yaml")
 SLOWEST_FIRST = ("test_nightly.py", "test_end_to_end.py", "test_scheduler.py", "test_production_deployment.py",
                  "test_hosts.py", "test_faults.py", "test_registry_faults.py",
                  "test_new_pipeline.py", "test_worker_faults.py", "test_dag_integrity.py", "test_concurrent_runs.py",
-                 "test_dask_hosts.py", "test_secrets.py", "test_own_model.py", "test_warehouse.py", "test_score.py",
+                 "test_dask_hosts.py", "test_own_model.py", "test_warehouse.py", "test_score.py",
                  "test_cluster.py", "test_store_work_area.py", "test_object_store_sources.py", "test_validate.py")
 
 

@@ -97,6 +97,10 @@ def test_a_run_commits_every_stage_on_the_store_and_another_host_goes_on_from_th
         pipeline.run_stage(other, "register", done)
     assert raised.value.retryable and BUCKET in str(raised.value) and "AWS_ENDPOINT_URL" not in str(raised.value)
     assert mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_registered_models() == []
+    # the stage's own error kept (its summary on this host only), and the run's report made from this host's copies
+    failed = pipeline.report(other)
+    assert failed["failed_stage"] == "register" and failed["stages"]["register"]["error"].startswith("StoreUnavailable")
+    assert failed["store_error"].startswith("StoreUnavailable") and other.paths.report.is_file()
 
     # back: its retry registers, and the report reads every summary from the store (both hosts')
     monkeypatch.setenv("AWS_ENDPOINT_URL", store.endpoint)

@@ -23,12 +23,16 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from lepton_tasks.core.errors import LeptonError, StoreAccessDenied, StoreUnavailable
+
+STORE_ERRORS = (StoreUnavailable, StoreAccessDenied)  # the store failed (not what was asked of it)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,8 +103,24 @@ def _work_area(data_root: str, scratch: str) -> WorkArea:
     return WorkArea(Path(scratch).resolve(), data_root.rstrip("/"))
 
 
+_THIS_HOST_ONLY: ContextVar[bool] = ContextVar("this_host_only", default=False)
+
+
 def work_area() -> WorkArea:
-    return WorkArea.from_env()
+    """The working area as configured; inside `this_host_only`, this host's copy of it alone."""
+    area = WorkArea.from_env()
+    return WorkArea(area.local) if _THIS_HOST_ONLY.get() else area
+
+
+@contextmanager
+def this_host_only() -> Iterator[None]:
+    """Read and write this host's copy only, the store left alone: where the store is what failed, what is said
+    about it (a failed stage's summary, the run's report) is kept here rather than waiting on the store again."""
+    token = _THIS_HOST_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _THIS_HOST_ONLY.reset(token)
 
 
 # held while a thread imports what builds ASTs (s3fs, through anyio's lazy importer; a Dask worker's preload of

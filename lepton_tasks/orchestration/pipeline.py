@@ -15,13 +15,15 @@ import os
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from lepton_tasks.config.settings import RunParams, Settings, parse_params
 from lepton_tasks.config.specs import LoadedSpec, PipelineSpec
+from lepton_tasks.core import store
 from lepton_tasks.core.errors import LeptonError
 from lepton_tasks.core.storage import RunPaths, read_json_if_exists, write_json
 from lepton_tasks.data.manifests import (
@@ -120,23 +122,33 @@ def _without_retry(err: LeptonError) -> Exception:
 
 
 def _run_stage(ctx: RunContext, stage: str, body: Callable[[], M]) -> M:
-    """Time `body`, write the stage summary (the manifest's figures, or the error), return its manifest."""
+    """Time `body`, write the stage summary (the manifest's figures, or the error), return its manifest. A summary
+    that cannot be written (the store failing) fails the stage as its body failing would."""
     started = time.perf_counter()
     try:
         manifest = body()
-    except Exception as err:
-        summary = {"status": "failed", "seconds": round(time.perf_counter() - started, 3),
-                   "error": f"{type(err).__name__}: {err}", **getattr(err, "figures", {})}
-        if not isinstance(err, LeptonError):
-            summary["traceback"] = traceback.format_exc(limit=5)
+        summary = {"status": "success", "seconds": round(time.perf_counter() - started, 3), **manifest.summary()}
         write_json(ctx.summary_path(stage), summary)
-        if isinstance(err, LeptonError) and not err.retryable:
-            raise _without_retry(err) from err
-        raise  # a service that is down, or a bug: Airflow's retries apply
-    summary = {"status": "success", "seconds": round(time.perf_counter() - started, 3), **manifest.summary()}
-    write_json(ctx.summary_path(stage), summary)
+    except Exception as err:
+        _fail(ctx, stage, err, time.perf_counter() - started)
     log.info("%s summary:\n%s", stage, summary_table(summary))
     return manifest
+
+
+def _fail(ctx: RunContext, stage: str, err: Exception, seconds: float) -> NoReturn:
+    """Write the stage's failure summary and raise `err`: a LeptonError that is not retryable without Airflow's
+    retries; a service that is down, or a bug, as it is (Airflow's retries apply)."""
+    summary = {"status": "failed", "seconds": round(seconds, 3), "error": f"{type(err).__name__}: {err}",
+               **getattr(err, "figures", {})}
+    if not isinstance(err, LeptonError):
+        summary["traceback"] = traceback.format_exc(limit=5)
+    # where the store itself failed, the summary stays on this host: putting it there would wait out the store's
+    # patience again, and then raise the store's error in place of the stage's own
+    with store.this_host_only() if isinstance(err, store.STORE_ERRORS) else nullcontext():
+        write_json(ctx.summary_path(stage), summary)
+    if isinstance(err, LeptonError) and not err.retryable:
+        raise _without_retry(err) from err
+    raise err
 
 
 def summary_table(summary: dict, width: int = 72) -> str:
@@ -500,10 +512,12 @@ def _run(stage: Stage, ctx: RunContext, manifests: dict[str, Manifest], cluster:
     """`stage` on its inputs' manifests, and the run's cluster where it uses one. Where the working area is an
     object store, this host first holds its copy of the input stages' folders (and the champion's snapshot),
     except for a stage that runs on the cluster: its workers fetch what they read, the task only footers."""
-    from lepton_tasks.core import store
-
-    for folder in ("champion", *stage.inputs) if stage.cluster != "after" else ():
-        store.checkout(ctx.stage_dir(folder))
+    started = time.perf_counter()
+    try:
+        for folder in ("champion", *stage.inputs) if stage.cluster != "after" else ():
+            store.checkout(ctx.stage_dir(folder))
+    except store.STORE_ERRORS as err:  # the stage's own failure: said in its summary
+        _fail(ctx, stage.name, err, time.perf_counter() - started)
     inputs: list[Any] = [manifests[upstream] for upstream in stage.inputs]
     return stage.run(ctx, *inputs, *([cluster] if stage.cluster else []))
 
@@ -566,7 +580,17 @@ def _artifact_root(settings: Settings) -> str | None:
 
 
 def report(ctx: RunContext) -> dict:
-    """Assemble `report.json` from the stage summaries; a stage without one never ran."""
+    """Assemble `report.json` from the stage summaries; a stage without one never ran. Where the working area's
+    store does not answer (or refuses the credentials), from this host's copies, kept here, saying so."""
+    try:
+        return _report(ctx)
+    except store.STORE_ERRORS as err:
+        log.warning("%s: the report is made from this host's copies and kept here", err)
+        with store.this_host_only():
+            return _report(ctx, {"store_error": f"{type(err).__name__}: {err}"})
+
+
+def _report(ctx: RunContext, extra: dict | None = None) -> dict:
     stages = {}
     for stage in STAGES:
         stages[stage] = read_json_if_exists(ctx.summary_path(stage)) or {"status": "not_run"}
@@ -577,7 +601,7 @@ def report(ctx: RunContext) -> dict:
         "spec": {"path": str(ctx.loaded.path), "sha256": ctx.loaded.sha256},
         "params": ctx.params.model_dump(), "stages": stages,
         "metrics": _metrics(stages), "mlflow": stages["register"].get("mlflow", {}),
-        "promotion": stages["register"].get("mlflow", {}).get("promotion", {}),
+        "promotion": stages["register"].get("mlflow", {}).get("promotion", {}), **(extra or {}),
     }
     if (decided := read_json_if_exists(ctx.paths.approval)) is not None:  # a person decided (its approval run)
         report = with_decision(report, decided)

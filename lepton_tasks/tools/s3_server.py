@@ -3,6 +3,7 @@ its own process, with IAM authentication on, so that a wrong secret is refused a
 
     store = S3Store.start(tmp_path)        # a user with S3 rights, a bucket `lepton`
     store.environ()                        # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, region
+    store.revoke()                         # the key deleted: refused from then on
     store.stop()                           # an outage
 """
 
@@ -21,7 +22,10 @@ from lepton_tasks.tools.airflow_env import free_port
 MOTO_SERVER = str(REPO_ROOT / ".venv" / "bin" / "moto_server")
 BUCKET = "lepton"
 REGION = "us-east-1"
-S3_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+# S3, and the user's own keys (as AWS's self-service credentials policy allows): `revoke` deletes the key in use
+S3_POLICY = {"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+    {"Effect": "Allow", "Action": ["iam:DeleteAccessKey"], "Resource": "*"}]}
 
 
 @dataclass
@@ -62,6 +66,10 @@ class S3Store:
     def upload(self, local: Path, key: str) -> str:
         self.client("s3").upload_file(str(local), BUCKET, key)
         return f"s3://{BUCKET}/{key}"
+
+    def revoke(self) -> None:
+        """Delete the access key in use (an operator rotating credentials): every process holding it is refused."""
+        self.client("iam").delete_access_key(UserName="lepton", AccessKeyId=self.key_id)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -1,7 +1,8 @@
 """The whole DAG, then MLflow and report.json checked: on PostgreSQL where the suite has one (as CI does), else on
 the embedded SQLite default (whose `lepton run` path `test_new_pipeline.py` runs too, on every machine). The first
-run goes through `.venv/bin/lepton run` from a plain shell (as cron would run it), a worse and a failed run after
-it through `airflow dags test`."""
+run goes through `.venv/bin/lepton run` from a plain shell (as cron would run it), a worse one after it through
+`airflow dags test`, then a failed one in this process (on the same databases and data root: a failure under
+Airflow's scheduler is `test_nightly.py`'s, one per cause in `test_bad_inputs.py`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from tests.conftest import postgres_url
 pytestmark = pytest.mark.slow
 
 WORSE_DATE = "2026-03-02T02:00:00+00:00"
-BAD_DATE = "2026-03-03T02:00:00+00:00"
 WORSE_CONF = {**SMALL_CONF, "model_kind": "mlp", "merge_rounds": 1, "local_epochs": 1, "learning_rate": 0.0005,
               "merge_strategy": "median"}  # a strategy picked in the form reaches the merge and the registry
 
@@ -93,11 +93,19 @@ def _check_worse_run_keeps_champion(env: AirflowEnv, good_dir: Path) -> None:
     assert report["stages"]["merge"]["strategy"] == "median"
 
 
-def _check_failed_run_registers_nothing(env: AirflowEnv, good_dir: Path) -> None:
+def _check_failed_run_registers_nothing(env: AirflowEnv, good_dir: Path, monkeypatch) -> None:
+    from lepton_tasks.config.specs import find_spec
+    from lepton_tasks.orchestration import pipeline
+
     before = _tree_digest(good_dir)
-    done, run_dir = env.dags_test({**SMALL_CONF, "source_uri": "landing/nowhere/"}, BAD_DATE, check=False)
-    assert done.returncode != 0
-    report = read_report(run_dir)
+    monkeypatch.setenv("LEPTON_DATA_ROOT", str(env.data_root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env.mlflow_uri)
+    ctx = pipeline.context(find_spec("lepton_mnist1d"), "failed", {**SMALL_CONF, "source_uri": "landing/nowhere/"})
+    with pytest.raises(Exception, match="nowhere' does not exist"):  # not retried (Airflow's AirflowFailException)
+        pipeline.run_in_process(ctx)
+    with pytest.raises(Exception, match="run failed at stage 'ingest'"):
+        pipeline.finish(ctx)
+    report = read_report(ctx.paths.root)
     assert report["status"] == "failed" and report["failed_stage"] == "ingest"
     assert "nowhere' does not exist" in report["stages"]["ingest"]["error"]
     assert report["stages"]["register"]["status"] == "not_run"
@@ -107,24 +115,24 @@ def _check_failed_run_registers_nothing(env: AirflowEnv, good_dir: Path) -> None
     assert _tree_digest(good_dir) == before
 
 
-def test_pipeline_end_to_end(tmp_path):
+def test_pipeline_end_to_end(tmp_path, monkeypatch):
     url = postgres_url()
     if not url:
-        _pipeline_story(AirflowEnv.sqlite(tmp_path))
+        _pipeline_story(AirflowEnv.sqlite(tmp_path), monkeypatch)
         return
     with scratch_database(url, "lepton_airflow", "postgresql+psycopg2") as airflow_db, \
             scratch_database(url, "lepton_mlflow", "postgresql") as mlflow_db:
         _pipeline_story(AirflowEnv(tmp_path, tmp_path / "data", airflow_db.render_as_string(hide_password=False),
-                                   mlflow_db.render_as_string(hide_password=False)))
+                                   mlflow_db.render_as_string(hide_password=False)), monkeypatch)
 
 
-def _pipeline_story(env: AirflowEnv) -> None:
+def _pipeline_story(env: AirflowEnv, monkeypatch) -> None:
     """The first run from a plain shell, then a worse run and a failed one after it."""
     write_demo(env.data_root, 1500)
     env.migrate()
     _, good_dir = env.lepton_run(SMALL_CONF)
     _check_good_run(env, good_dir)
     _check_worse_run_keeps_champion(env, good_dir)
-    _check_failed_run_registers_nothing(env, good_dir)
+    _check_failed_run_registers_nothing(env, good_dir, monkeypatch)
 
 

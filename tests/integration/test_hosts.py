@@ -9,8 +9,12 @@ Faults, in one run: host-b's link throttled to 10 Mbit/s from the start (tc tbf)
 store's link cut for 30 s (training's writes wait for it: its last model reaches the store only after) and
 host-a's link cut (`ip link set ... down`: nothing is closed, packets just stop). The run must finish on throttled
 host-b, in each task's first attempt, with the scheduler having given host-a up on its own; its model must be
-bit-equal to the same run on one host with a local working area; the store's secret key must be in no file the run
-wrote nor log.
+bit-equal to the same run on one host with a local working area. MLflow is a tracking server proxying its artifacts
+to the store (the Airflow side reaches it through `mlflow_default`, whose password is planted); neither the store's
+secret key nor that password may be in any file the run wrote, any log, the metadata DB (XCom) or an MLflow param
+or tag. Then, on the same deployment, the store's key revoked: a run fails at once naming the setting, with
+nothing written; and the store gone for good: a run fails after Airflow's retries naming the store, nothing
+registered.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -28,11 +33,14 @@ import pytest
 from lepton_tasks.config.settings import REPO_ROOT
 from lepton_tasks.config.specs import find_spec
 from lepton_tasks.core.storage import sha256_file
+from lepton_tasks.infra.tracking import TAG_RUN
 from lepton_tasks.orchestration import pipeline
 from lepton_tasks.tools.airflow_env import (
     RUN_TIMEOUT_S,
     SMALL_CONF,
     AirflowEnv,
+    TrackingServer,
+    read_report,
     unscheduled_specs,
     wait_for,
 )
@@ -48,6 +56,9 @@ PORT = 8786
 CONF = {**SMALL_CONF, "local_epochs": 8}  # 2 rounds, each long enough for a fault to land inside it
 WORK = f"s3://{BUCKET}/work"
 STORE_OUTAGE_S = 30
+PATIENCE_S = 40  # how long Airflow's tasks wait for the store (LEPTON_STORE_PATIENCE_S): more than the outage
+RETRIES = 2  # dags/lepton_pipelines.py's default_args
+FIRST_WRITER = "wait"  # the run's first task: its summary is the run's first write to the store
 
 
 def _hidden(tmp_path: Path) -> tuple[Path, ...]:
@@ -99,13 +110,14 @@ def _land_demo_data(tmp_path: Path, store: S3Store, rows: int) -> Path:
     return local.parent
 
 
-def _store_writes(log: Path) -> dict[str, float]:
-    """When the store received each PUT of the run (its access log; whole seconds), by key under the run."""
-    written = {}
+def _store_writes(log: Path, run: str) -> dict[str, float]:
+    """When the store took each PUT of the run (its access log; whole seconds), by key under the run; refused
+    ones are not there."""
+    written, request = {}, f"PUT /lepton/work/lepton_mnist1d/{run}/"
     for line in log.read_text().splitlines():
-        if '"PUT /lepton/work/lepton_mnist1d/cut/' in line:
+        if request in line and '" 200 ' in line:
             stamp = line.split("[", 1)[1].split("]", 1)[0]
-            key = line.split('"PUT /lepton/work/lepton_mnist1d/cut/', 1)[1].split(" ", 1)[0]
+            key = line.split(request, 1)[1].split(" ", 1)[0]
             written[key] = time.mktime(time.strptime(stamp, "%d/%b/%Y %H:%M:%S"))
     return written
 
@@ -116,8 +128,20 @@ def _cut_for(host: hosts.Host, seconds: float) -> str:
     return host.link
 
 
+@pytest.fixture
+def tracking(tmp_path, network):
+    """MLflow's tracking server on this host, its artifacts on the store (it alone holds the store's credentials
+    for them: clients upload through it)."""
+    store = network[3]
+    server = TrackingServer(tmp_path / "mlflow", f"s3://{BUCKET}/mlartifacts", store.environ())
+    server.root.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
 def test_a_run_on_hosts_sharing_only_the_store_survives_a_store_outage_a_cut_host_and_a_throttled_one(
-        tmp_path, network, monkeypatch):
+        tmp_path, network, tracking, monkeypatch):
     from distributed import Client
 
     net, address, processes, store = network
@@ -128,7 +152,10 @@ def test_a_run_on_hosts_sharing_only_the_store_survives_a_store_outage_a_cut_hos
                                                                             net.hosts["b"].address}
     watch(address, tmp_path / "left", [])
     net.hosts["b"].throttle(10)
-    env = AirflowEnv.sqlite(tmp_path)
+    planted = f"planted-{uuid.uuid4().hex}"
+    mlflow_connection = {"conn_type": "http", "host": "127.0.0.1", "port": tracking.port, "login": "lepton",
+                         "password": planted}
+    env = AirflowEnv(tmp_path, tmp_path / "data", f"sqlite:///{tmp_path / 'airflow.db'}", tracking.uri)
     landed = _land_demo_data(tmp_path, store, 1500)
     env.migrate()
     run = tmp_path / "scratch" / "lepton_mnist1d" / "cut"  # this host's copy of the run's folder on the store
@@ -150,8 +177,10 @@ def test_a_run_on_hosts_sharing_only_the_store_survives_a_store_outage_a_cut_hos
              ("host-a's link cut in round 2", round_1_merged.exists, cut)]  # both waited out at once
     connection = json.dumps({"conn_type": "generic", "host": net.hosts["sched"].address, "port": PORT})
     pipelines = unscheduled_specs(tmp_path / "pipelines")
-    with env.serving(AIRFLOW_CONN_DASK_DEFAULT=connection, LEPTON_PIPELINES_DIR=str(pipelines), LEPTON_DATA_ROOT=WORK,
-                     LEPTON_SCRATCH=str(tmp_path / "scratch"), **store.environ()) as extra:
+    with env.serving(AIRFLOW_CONN_DASK_DEFAULT=connection, AIRFLOW_CONN_MLFLOW_DEFAULT=json.dumps(mlflow_connection),
+                     LEPTON_PIPELINES_DIR=str(pipelines), LEPTON_DATA_ROOT=WORK,
+                     LEPTON_SCRATCH=str(tmp_path / "scratch"), LEPTON_STORE_PATIENCE_S=str(PATIENCE_S),
+                     **store.environ()) as extra:
         env.unpause(extra)
         with FaultDriver(steps) as driver:
             env.trigger(extra, "cut", CONF)
@@ -161,10 +190,12 @@ def test_a_run_on_hosts_sharing_only_the_store_survives_a_store_outage_a_cut_hos
             ended = env.finished_state("cut", RUN_TIMEOUT_S)
         assert ended == "success", f"run ended {ended}; component logs:\n{env.component_logs()}"
         assert set(driver.done) == {name for name, _, _ in steps}, (driver.done, driver.retried)
+        _no_secret_in_mlflow_nor_on_the_store(tracking, store, run, (store.secret, planted))
+        _a_revoked_key_and_a_store_gone_for_good_fail_the_next_runs(env, extra, store, tmp_path)
     assert given_up_s < 70, f"host-a given up {given_up_s:.0f} s after its link was cut"
     assert (run / "train/round-02/merged.safetensors").stat().st_mtime > cut_at[0], "the cut missed training"
     # the outage hit training: its first checkpoint reached the store before it, its last only once it was over
-    written = _store_writes(store.log)
+    written = _store_writes(store.log, "cut")
     assert written["train/init.safetensors"] <= store_cut_at[0] + 1, written
     assert written["train/round-02/merged.safetensors"] >= store_cut_at[0] + STORE_OUTAGE_S - 1, written
     # host-a was cut off, not killed: its `lepton dask-worker` (the supervisor; the Dask worker under it exits when
@@ -173,9 +204,13 @@ def test_a_run_on_hosts_sharing_only_the_store_survives_a_store_outage_a_cut_hos
     assert host_a.is_running() and host_a.status() != psutil.STATUS_ZOMBIE
     assert "lepton_tasks.tools.supervisor" in " ".join(host_a.cmdline())
     assert workers["host-b"] not in left(tmp_path / "left")
-    assert "attempt=2" not in str(list((env.home / "logs").rglob("*")))  # no task needed Airflow's retry
+    assert set(_attempts(env, "cut")) == {"attempt=1.log"}  # no task needed Airflow's retry
+    # every file here: Airflow's logs and metadata DB (XCom), the components' logs, this host's copy of the working
+    # area, MLflow's database and log, the failed runs' logs
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "moto.log"]
-    assert not [str(p) for p in written if store.secret.encode() in p.read_bytes()]
+    assert [p for p in written if "run_id=down" in str(p)] and [p for p in written if p.name == "mlflow.db"]
+    for secret in (store.secret, planted):
+        assert not [str(p) for p in written if secret.encode() in p.read_bytes()]
 
     # the same run on one host, its working area on local disk: the same model, bit for bit
     monkeypatch.setenv("LEPTON_DATA_ROOT", str(tmp_path / "one-host"))
@@ -184,3 +219,58 @@ def test_a_run_on_hosts_sharing_only_the_store_survives_a_store_outage_a_cut_hos
     manifests, _ = pipeline.run_in_process(one_host, last="train")
     assert manifests["train"].merged[-1]["sha256"] == sha256_file(run / "train/round-02/merged.safetensors")
     print(f"host-a given up {given_up_s:.0f} s after its link was cut")
+
+
+def _no_secret_in_mlflow_nor_on_the_store(tracking: TrackingServer, store: S3Store, run: Path,
+                                          secrets: tuple[str, ...]) -> None:
+    """The run registered through the tracking server, its artifacts on the store; no secret in its params and
+    tags, nor in any object on the store."""
+    from mlflow import MlflowClient
+
+    report = read_report(run)
+    assert report["status"] == "success" and report["mlflow"]["tracking_uri"] == tracking.uri
+    mlflow_run = MlflowClient(tracking.uri).get_run(report["mlflow"]["run_id"])
+    recorded = json.dumps({"params": mlflow_run.data.params, "tags": mlflow_run.data.tags})
+    s3 = store.client("s3")
+    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for item in page.get("Contents", [])]
+    assert any(k.startswith("mlartifacts/") and k.endswith("model.onnx") for k in keys), keys
+    for key in keys:
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert not [secret for secret in secrets if secret.encode() in body], key
+    assert not [secret for secret in secrets if secret in recorded]
+
+
+def _attempts(env: AirflowEnv, run: str, task: str = "") -> dict[str, str]:
+    """The attempt logs (`attempt=N.log`: text) of the run's task (of every task without one)."""
+    return {p.name: p.read_text() for p in (env.home / "logs").rglob("attempt=*.log")
+            if f"run_id={run}/task_id={task}" in str(p)}
+
+
+def _a_revoked_key_and_a_store_gone_for_good_fail_the_next_runs(env: AirflowEnv, extra: dict, store: S3Store,
+                                                                  tmp_path: Path) -> None:
+    """After the run above, on the same deployment: its key deleted at the store, then the store stopped."""
+    import mlflow
+
+    store.revoke()
+    env.trigger(extra, "denied", CONF)
+    assert env.finished_state("denied", RUN_TIMEOUT_S) == "failed"
+    first = _attempts(env, "denied", FIRST_WRITER)  # not retried (a retry would not help), though it may be
+    assert env.task_state("denied", FIRST_WRITER) == "failed" and set(first) == {"attempt=1.log"}, first
+    said = first["attempt=1.log"]
+    assert "StoreAccessDenied" in said and "AWS_SECRET_ACCESS_KEY" in said and "s3://lepton at" in said, said
+    assert _store_writes(store.log, "denied") == {}  # every write refused: nothing of the run on the store
+
+    store.stop()
+    started = time.monotonic()
+    env.trigger(extra, "down", CONF)
+    assert env.finished_state("down", RUN_TIMEOUT_S) == "failed"
+    tries = _attempts(env, "down", FIRST_WRITER)  # retried by Airflow (a store may come back), each naming it
+    assert len(tries) == RETRIES + 1 and all(
+        "StoreUnavailable" in said and f"s3://lepton at {store.endpoint}" in said for said in tries.values()), tries
+    report = json.loads((tmp_path / "scratch/lepton_mnist1d/down/report.json").read_text())  # kept on this host
+    assert report["failed_stage"] == FIRST_WRITER and "StoreUnavailable" in report["store_error"]
+    registry = mlflow.MlflowClient(env.mlflow_uri)
+    versions = registry.search_model_versions("name = 'lepton-mnist1d'")
+    assert [registry.get_run(v.run_id).data.tags[TAG_RUN] for v in versions] == ["cut"]  # the first run's only
+    print(f"the store gone for good: the run failed after {time.monotonic() - started:.0f} s")
