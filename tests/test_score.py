@@ -15,16 +15,19 @@ SENSORS = find_spec("lepton_sensors")
 SMALL = {"num_shards": 2, "merge_rounds": 1, "local_epochs": 1, "hidden_size": 8}
 
 
-@pytest.fixture
-def champion(tmp_path, monkeypatch):
-    monkeypatch.setenv("LEPTON_DATA_ROOT", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for day in ("2026-11-10", "2026-11-11"):
-        write_sensor_day(tmp_path / "landing" / "sensors", day, rows=300)
-    ctx = pipeline.context(SENSORS, "scheduled__2026-11-10", SMALL, ds="2026-11-10")
-    manifests, _ = pipeline.run_in_process(ctx)
-    assert "champion" in manifests["register"].aliases
-    return tmp_path, manifests["register"]
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """One night's run and its champion, for every scoring run of the module (each with its own run id)."""
+    root = tmp_path_factory.mktemp("score")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LEPTON_DATA_ROOT", str(root))
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for day in ("2026-11-10", "2026-11-11"):
+            write_sensor_day(root / "landing" / "sensors", day, rows=300)
+        ctx = pipeline.context(SENSORS, "scheduled__2026-11-10", SMALL, ds="2026-11-10")
+        manifests, _ = pipeline.run_in_process(ctx)
+        assert "champion" in manifests["register"].aliases
+        yield root, manifests["register"]
 
 
 def _task_context(run_id: str, run_after: str, events: list[dict]) -> dict:

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 IDLE_WAIT_S = 1.0  # Airflow's default scheduler_idle_sleep_time: an idle scheduler loops as often as with it
 # the libraries the stages use, and the stage modules themselves (`pipeline` imports each inside its task)
 STAGE_LIBRARIES = ("pandas", "pyarrow.parquet", "torch", "onnxruntime", "mlflow", "great_expectations", "distributed",
+                   "torch._dynamo", "onnxscript",  # what compress's ONNX export imports: 1.5-2 s of each compress task
                    "lepton_tasks.orchestration.pipeline", "lepton_tasks.infra.cluster", "lepton_tasks.ml.champion",
                    *(f"lepton_tasks.stages.{stage}" for stage in ("ingest", "validate", "drift", "shard", "train",
                                                                   "merge", "compress", "register")))

@@ -255,7 +255,7 @@ def _a_revoked_key_and_a_store_gone_for_good_fail_the_next_runs(env: AirflowEnv,
     store.revoke()
     env.trigger(extra, "denied", CONF)
     assert env.finished_state("denied", RUN_TIMEOUT_S) == "failed"
-    first = _attempts(env, "denied", FIRST_WRITER)  # not retried (a retry would not help), though it may be
+    first = _attempts(env, "denied", FIRST_WRITER)  # one attempt of its three: a retry would not help
     assert env.task_state("denied", FIRST_WRITER) == "failed" and set(first) == {"attempt=1.log"}, first
     said = first["attempt=1.log"]
     assert "StoreAccessDenied" in said and "AWS_SECRET_ACCESS_KEY" in said and "s3://lepton at" in said, said
