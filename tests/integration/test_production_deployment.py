@@ -178,6 +178,8 @@ def test_every_bundled_pipeline_runs_from_the_api_with_its_defaults(deployment, 
              describe=lambda: _task_states(up, token, house_prices_run, "lepton_house_prices"))
     assert _api(up, path, token)["state"] == "success", _task_states(up, token, house_prices_run,
                                                                      "lepton_house_prices")
+    # its tasks started from a Celery worker that had imported the stage libraries before forking its pool
+    assert "preloaded for the task processes" in (up.state / "logs" / "celery-worker.log").read_text()
 
 
 def _log_in(page, up: Deployment, password: str) -> None:
