@@ -19,7 +19,9 @@ pipeline reading one daily partition per night:
 - the scheduler killed (SIGKILL) while `lepton backfill` waits: it fails naming the pending night.
 
 The scenarios share one Airflow (starting one costs a minute; a second beside it, CPU the suite does not have) and
-run in order: later nights have the earlier champions.
+one Dask cluster (`dask_default`, as an operator's external cluster: a run's own, started by its setup task, costs
+a run about 14 s of CPU; that path is test_scheduler.py's), and run in order: later nights have the earlier
+champions.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def _warehouse_specs(folder: Path) -> None:
     questions timing out in GATE_TIMEOUT_S."""
     spec = yaml.safe_load((REPO_ROOT / "dags" / "pipelines" / f"{WH_DAG}.yaml").read_text())
     spec["notify"] = {"on": ["champion_change"], "webhook": {"conn_id": "lepton_hook", "endpoint": "/hooks/lepton"}}
-    spec["training"].update(num_shards=1, local_epochs=1, hidden_size=16)  # a one-worker cluster a night
+    spec["training"].update(num_shards=1, local_epochs=1, hidden_size=16)  # one shard a night
     spec["merge"]["merge_rounds"] = 1
     spec["source"].update(window_days=1, wait={"timeout_minutes": 10, "poke_seconds": 2})
     spec["promotion"]["timeout_hours"] = GATE_TIMEOUT_S / 3600
@@ -168,7 +170,7 @@ def _land(url: sa.URL, days: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def nightly(tmp_path_factory, warehouse_url):
+def nightly(tmp_path_factory, warehouse_url, dask_client):
     tmp = tmp_path_factory.mktemp("nightly")
     env = AirflowEnv.sqlite(tmp)
     for day in ("2026-11-10", "2026-11-11", "2026-11-12"):
@@ -176,12 +178,20 @@ def nightly(tmp_path_factory, warehouse_url):
     env.migrate()
     with Inbox() as inbox:
         extra = {"LEPTON_PIPELINES_DIR": str(_spec_folder(tmp)), **inbox.connections(),
-                 "AIRFLOW_CONN_LEPTON_WAREHOUSE": postgres_connection(warehouse_url)}
+                 "AIRFLOW_CONN_LEPTON_WAREHOUSE": postgres_connection(warehouse_url),
+                 "AIRFLOW_CONN_DASK_DEFAULT": _dask_connection(dask_client)}
         with env.serving(DAG, **extra) as served:
             both = {**extra, **served}
             env.wait_serialized(SCORE_DAG)
             env.unpause(both, SCORE_DAG)  # it runs on each new champion from now on
             yield env, both, inbox
+
+
+def _dask_connection(client) -> str:
+    """`dask_default` naming the module's cluster: every night trains there, as on an operator's own cluster (a
+    run's own local cluster, started and stopped by its tasks, is test_scheduler.py's)."""
+    address = urllib.parse.urlsplit(client.scheduler.address)
+    return json.dumps({"conn_type": "generic", "host": address.hostname, "port": address.port})
 
 
 def _registry(env: AirflowEnv):
