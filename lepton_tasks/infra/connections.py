@@ -4,6 +4,8 @@ not defined, each falls back to the environment or the local default."""
 
 from __future__ import annotations
 
+import json
+
 from lepton_tasks.config.settings import Settings
 
 MLFLOW_CONN_ID = "mlflow_default"
@@ -18,6 +20,12 @@ def airflow_connection(conn_id: str):
         return Connection.get(conn_id)
     except Exception:  # not running under Airflow, or no such connection: the caller falls back
         return None
+
+
+def dask_connection_env(host: str, port: int) -> dict[str, str]:
+    """The environment variable that defines `dask_default` as the scheduler at host:port (what `lepton up` hands
+    Airflow's components, as an operator would for an external cluster)."""
+    return {f"AIRFLOW_CONN_{DASK_CONN_ID.upper()}": json.dumps({"conn_type": "generic", "host": host, "port": port})}
 
 
 def mlflow_tracking_uri(settings: Settings) -> str:

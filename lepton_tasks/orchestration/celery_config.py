@@ -10,13 +10,8 @@ builds the same app to send tasks, imports it too.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 from airflow.providers.celery.executors.default_celery import DEFAULT_CELERY_CONFIG
 from celery.signals import worker_init
-
-log = logging.getLogger(__name__)
 
 CELERY_CONFIG = dict(DEFAULT_CELERY_CONFIG)
 
@@ -25,12 +20,7 @@ CELERY_CONFIG = dict(DEFAULT_CELERY_CONFIG)
 def _preload(**_) -> None:
     from airflow.configuration import conf
 
-    from lepton_tasks.orchestration.executor import PREBUILT_DAG_FILES, preload, preload_modules
-    from lepton_tasks.orchestration.prebuilt import prebuild
+    from lepton_tasks.orchestration.executor import prepare_task_processes
 
-    if conf.get("celery", "pool", fallback="prefork") != "prefork":  # threads or solo: nothing is forked
-        return
-    seconds = preload(preload_modules())
-    log.info("preloaded for the task processes: %s (%.1f s)", seconds, sum(seconds.values()))
-    dags_folder = Path(conf.get("core", "dags_folder"))
-    prebuild([dags_folder / name for name in PREBUILT_DAG_FILES if (dags_folder / name).is_file()])
+    if conf.get("celery", "pool", fallback="prefork") == "prefork":  # threads or solo: nothing is forked
+        prepare_task_processes()

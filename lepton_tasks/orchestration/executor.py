@@ -79,6 +79,16 @@ def preload(modules: tuple[str, ...]) -> dict[str, float]:
     return seconds
 
 
+def prepare_task_processes() -> None:
+    """In a process that forks the task processes (this executor; a Celery worker, `celery_config`): the stage
+    libraries imported and the pipeline DAGs built, once, for every task forked after."""
+    seconds = preload(preload_modules())
+    log.info("preloaded for the task processes: %s (%.1f s)", seconds, sum(seconds.values()))
+    dags_folder = Path(conf.get("core", "dags_folder"))
+    built = prebuild([dags_folder / name for name in PREBUILT_DAG_FILES if (dags_folder / name).is_file()])
+    log.info("prebuilt for the task processes: %s", built)
+
+
 _task_end_pipe: tuple[int, int] | None = None  # (read, write): made by the executor before its forks
 
 
@@ -134,11 +144,7 @@ class PreloadingLocalExecutor(WorkSentHook, LocalExecutor):
 
     def start(self) -> None:
         if self.is_mp_using_fork:  # with spawn, nothing is inherited: preloading would only cost
-            seconds = preload(preload_modules())
-            log.info("preloaded for the task processes: %s (%.1f s)", seconds, sum(seconds.values()))
-            dags_folder = Path(conf.get("core", "dags_folder"))
-            built = prebuild([dags_folder / name for name in PREBUILT_DAG_FILES if (dags_folder / name).is_file()])
-            log.info("prebuilt for the task processes: %s", built)
+            prepare_task_processes()
             self._task_ends = _open_task_end_pipe()
         super().start()
 

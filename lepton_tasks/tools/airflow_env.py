@@ -166,6 +166,11 @@ class AirflowEnv:
         """Every task log (every try) whose path has `part` in it, e.g. `task_id=train` or `run_id=nightly`."""
         return "\n".join(p.read_text() for p in (self.home / "logs").rglob("*.log") if part in str(p))
 
+    def attempt_logs(self, run_id: str, task_id: str = "") -> dict[str, str]:
+        """Each try's log (`attempt=N.log`: its text) of the run's task (of every task of the run without one)."""
+        return {p.name: p.read_text() for p in (self.home / "logs").rglob("attempt=*.log")
+                if f"run_id={run_id}/task_id={task_id}" in str(p)}
+
     def run_state(self, run_id: str, dag_id: str = "lepton_mnist1d") -> str | None:
         """The run's state, read from the metadata DB: polling with `airflow dags list-runs` would start an
         `airflow` process (seconds of CPU) every few seconds beside the run being measured."""

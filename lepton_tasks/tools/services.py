@@ -36,6 +36,7 @@ from lepton_tasks.core.errors import LeptonError
 from lepton_tasks.core.storage import write_private
 from lepton_tasks.core.store import SCRATCH_ENV, WorkArea
 from lepton_tasks.infra.cluster import gpu_count
+from lepton_tasks.infra.connections import dask_connection_env
 from lepton_tasks.tools.airflow_home import BIN
 from lepton_tasks.tools.dask_hosts import scheduler_command, worker_command
 
@@ -181,8 +182,7 @@ def service_env(deployment: Deployment) -> dict[str, str]:
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({"conn_type": "http", "host": "127.0.0.1",
                                                    "port": deployment.mlflow_port}),
-        "AIRFLOW_CONN_DASK_DEFAULT": json.dumps({"conn_type": "generic", "host": "127.0.0.1",
-                                                 "port": deployment.dask_port}),
+        **dask_connection_env("127.0.0.1", deployment.dask_port),
         **warehouse_env(deployment),
         "LEPTON_DATA_ROOT": deployment.data_store or str(deployment.data_root),
         **({SCRATCH_ENV: str(deployment.data_root)} if deployment.data_store else {}),

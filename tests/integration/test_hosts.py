@@ -7,15 +7,14 @@ the REST API under Airflow's real scheduler.
 
 Faults, in one run: host-b's link throttled to 10 Mbit/s from the start (tc tbf); once a worker host has fetched
 round 1's model, the store's link cut for 30 s (training's reads and writes wait for it: its last model reaches the
-store only after) and
-host-a's link cut (`ip link set ... down`: nothing is closed, packets just stop). The run must finish on throttled
-host-b, in each task's first attempt, with the scheduler having given host-a up on its own; its model must be
-bit-equal to the same run on one host with a local working area. MLflow is a tracking server proxying its artifacts
-to the store (the Airflow side reaches it through `mlflow_default`, whose password is planted); neither the store's
-secret key nor that password may be in any file the run wrote, any log, the metadata DB (XCom) or an MLflow param
-or tag. Then, on the same deployment, the store's key revoked: a run fails at once naming the setting, with
-nothing written; and the store gone for good: a run fails after Airflow's retries naming the store, nothing
-registered.
+store only after) and host-a's link cut (`ip link set ... down`: nothing is closed, packets just stop). The run must
+finish on throttled host-b, in each task's first attempt, with the scheduler having given host-a up on its own; its
+model must be bit-equal to the same run on one host with a local working area. MLflow is a tracking server proxying
+its artifacts to the store (the Airflow side reaches it through `mlflow_default`, whose password is planted);
+neither the store's secret key nor that password may be in any file the run wrote, any log, the metadata DB (XCom)
+or an MLflow param or tag. Then, on the same deployment, the store's key revoked: a run fails at once naming the
+setting, with nothing written; and the store gone for good: a run fails after Airflow's retries naming the store,
+nothing registered.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import pytest
 from lepton_tasks.config.settings import REPO_ROOT
 from lepton_tasks.config.specs import find_spec
 from lepton_tasks.core.storage import sha256_file
+from lepton_tasks.infra.connections import dask_connection_env
 from lepton_tasks.infra.tracking import TAG_RUN
 from lepton_tasks.orchestration import pipeline
 from lepton_tasks.tools.airflow_env import (
@@ -188,9 +188,9 @@ def test_a_run_on_hosts_sharing_only_the_store_survives_a_store_outage_a_cut_hos
 
     steps = [("the store's link cut for 30 s in round 2", round_2_started, cut_store),
              ("host-a's link cut in round 2", round_2_started, cut)]  # both waited out at once
-    connection = json.dumps({"conn_type": "generic", "host": net.hosts["sched"].address, "port": PORT})
     pipelines = unscheduled_specs(tmp_path / "pipelines")
-    with env.serving(AIRFLOW_CONN_DASK_DEFAULT=connection, AIRFLOW_CONN_MLFLOW_DEFAULT=json.dumps(mlflow_connection),
+    with env.serving(**dask_connection_env(net.hosts["sched"].address, PORT),
+                     AIRFLOW_CONN_MLFLOW_DEFAULT=json.dumps(mlflow_connection),
                      LEPTON_PIPELINES_DIR=str(pipelines), LEPTON_DATA_ROOT=WORK,
                      LEPTON_SCRATCH=str(tmp_path / "scratch"), LEPTON_STORE_PATIENCE_S=str(PATIENCE_S),
                      **store.environ()) as extra:
@@ -217,7 +217,7 @@ def test_a_run_on_hosts_sharing_only_the_store_survives_a_store_outage_a_cut_hos
     assert host_a.is_running() and host_a.status() != psutil.STATUS_ZOMBIE
     assert "lepton_tasks.tools.supervisor" in " ".join(host_a.cmdline())
     assert workers["host-b"] not in left(tmp_path / "left")
-    assert set(_attempts(env, "cut")) == {"attempt=1.log"}  # no task needed Airflow's retry
+    assert set(env.attempt_logs("cut")) == {"attempt=1.log"}  # no task needed Airflow's retry
     # every file here: Airflow's logs and metadata DB (XCom), the components' logs, this host's copy of the working
     # area, MLflow's database and log, the failed runs' logs
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "moto.log"]
@@ -254,12 +254,6 @@ def _no_secret_in_mlflow_nor_on_the_store(tracking: TrackingServer, store: S3Sto
     assert not [secret for secret in secrets if secret in recorded]
 
 
-def _attempts(env: AirflowEnv, run: str, task: str = "") -> dict[str, str]:
-    """The attempt logs (`attempt=N.log`: text) of the run's task (of every task without one)."""
-    return {p.name: p.read_text() for p in (env.home / "logs").rglob("attempt=*.log")
-            if f"run_id={run}/task_id={task}" in str(p)}
-
-
 def _a_revoked_key_and_a_store_gone_for_good_fail_the_next_runs(env: AirflowEnv, extra: dict, store: S3Store,
                                                                   tmp_path: Path) -> None:
     """After the run above, on the same deployment: its key deleted at the store, then the store stopped."""
@@ -268,7 +262,7 @@ def _a_revoked_key_and_a_store_gone_for_good_fail_the_next_runs(env: AirflowEnv,
     store.revoke()
     env.trigger(extra, "denied", CONF)
     assert env.finished_state("denied", RUN_TIMEOUT_S) == "failed"
-    first = _attempts(env, "denied", FIRST_WRITER)  # one attempt of its three: a retry would not help
+    first = env.attempt_logs("denied", FIRST_WRITER)  # one attempt of its three: a retry would not help
     assert env.task_state("denied", FIRST_WRITER) == "failed" and set(first) == {"attempt=1.log"}, first
     said = first["attempt=1.log"]
     assert "StoreAccessDenied" in said and "AWS_SECRET_ACCESS_KEY" in said and "s3://lepton at" in said, said
@@ -278,10 +272,10 @@ def _a_revoked_key_and_a_store_gone_for_good_fail_the_next_runs(env: AirflowEnv,
     started = time.monotonic()
     env.trigger(extra, "down", CONF)
     assert env.finished_state("down", RUN_TIMEOUT_S) == "failed"
-    tries = _attempts(env, "down", FIRST_WRITER)  # retried by Airflow (a store may come back), each naming it
+    tries = env.attempt_logs("down", FIRST_WRITER)  # retried by Airflow (a store may come back), each naming it
     assert len(tries) == RETRIES + 1 and all(
         "StoreUnavailable" in said and f"s3://lepton at {store.endpoint}" in said for said in tries.values()), tries
-    report = json.loads((tmp_path / "scratch/lepton_mnist1d/down/report.json").read_text())  # kept on this host
+    report = read_report(tmp_path / "scratch/lepton_mnist1d/down")  # kept on this host
     assert report["failed_stage"] == FIRST_WRITER and "StoreUnavailable" in report["store_error"]
     registry = mlflow.MlflowClient(env.mlflow_uri)
     versions = registry.search_model_versions("name = 'lepton-mnist1d'")

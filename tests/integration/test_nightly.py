@@ -43,6 +43,7 @@ import yaml
 from lepton_tasks.config.settings import REPO_ROOT
 from lepton_tasks.core.storage import RunPaths, read_json
 from lepton_tasks.infra.cluster import stop_run_cluster
+from lepton_tasks.infra.connections import dask_connection_env
 from lepton_tasks.ml import champion
 from lepton_tasks.orchestration import result_links as links
 from lepton_tasks.tools.airflow_env import (
@@ -179,7 +180,7 @@ def nightly(tmp_path_factory, warehouse_url, dask_client):
     with Inbox() as inbox:
         extra = {"LEPTON_PIPELINES_DIR": str(_spec_folder(tmp)), **inbox.connections(),
                  "AIRFLOW_CONN_LEPTON_WAREHOUSE": postgres_connection(warehouse_url),
-                 "AIRFLOW_CONN_DASK_DEFAULT": _dask_connection(dask_client)}
+                 **_dask_connection(dask_client)}
         with env.serving(DAG, **extra) as served:
             both = {**extra, **served}
             env.wait_serialized(SCORE_DAG)
@@ -187,11 +188,11 @@ def nightly(tmp_path_factory, warehouse_url, dask_client):
             yield env, both, inbox
 
 
-def _dask_connection(client) -> str:
+def _dask_connection(client) -> dict[str, str]:
     """`dask_default` naming the module's cluster: every night trains there, as on an operator's own cluster (a
     run's own local cluster, started and stopped by its tasks, is test_scheduler.py's)."""
     address = urllib.parse.urlsplit(client.scheduler.address)
-    return json.dumps({"conn_type": "generic", "host": address.hostname, "port": address.port})
+    return dask_connection_env(address.hostname, address.port)
 
 
 def _registry(env: AirflowEnv):

@@ -13,7 +13,6 @@ run tests).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from lepton_tasks.config.settings import REPO_ROOT
 from lepton_tasks.core.storage import sha256_file
+from lepton_tasks.infra.connections import dask_connection_env
 from lepton_tasks.tools.airflow_env import (
     RUN_TIMEOUT_S,
     SMALL_CONF,
@@ -114,9 +114,9 @@ def test_a_run_survives_killed_workers_and_a_restarted_scheduler_with_the_same_m
         ("the dask scheduler in round 3", lambda: (faulty / "train/round-02/merged.safetensors").exists(),
          lambda: _kill_the_dask_scheduler(supervisors["dask-scheduler"].pid)),
     ]
-    connection = json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": deployment.dask_port})
     pipelines = unscheduled_specs(tmp_path / "pipelines")
-    with env.serving(AIRFLOW_CONN_DASK_DEFAULT=connection, LEPTON_PIPELINES_DIR=str(pipelines)) as extra:
+    with env.serving(**dask_connection_env("127.0.0.1", deployment.dask_port),
+                     LEPTON_PIPELINES_DIR=str(pipelines)) as extra:
         env.unpause(extra)
         with FaultDriver(steps) as driver:
             ended = _trigger(env, extra, "faulty")
