@@ -82,6 +82,14 @@ def record(measured: Repeats, goal: str, unit: str, higher_is_better: bool, met:
             "worst_met": bool(met(worst)), **detail}
 
 
+def machine_cpu_seconds() -> float:
+    """CPU-seconds every process on this machine has used so far (busy time in /proc/stat): a stage's own, its
+    Dask workers' and a local store server's together."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in stat.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
     started = time.perf_counter()
     value = fn(*args, **kwargs)

@@ -8,12 +8,12 @@ merged into an existing summary): shard, validate (validate, validate_vs_gx, val
 merge_vs_central, compression (compression_size, compression_latency, compression_latency_batch), scaffold_profile,
 sql_ingest (sql_ingest, a PostgreSQL table's window against a hand-written COPY/pyarrow script; validate_in_database,
 the validate stage on the extract against GX's SQL engine in the database; sql_ingest.json),
-object_store (object_store_run, shard_on_store, train_on_store: the working area on moto's S3 server against
-local disk; object_store.json), scheduler (orchestration_overhead and whole_run_10m_memory, on one Airflow; details
-in orchestration.json and whole_run_10m_memory.json), federated (merge strategies on non-IID, poisoned and private
-shards: federated.json and federated.png, accuracies without a ratio) and flower (flower_side_by_side,
-flower_side_by_side_fedprox: the same work run by Flower in .venv-flower; flower_parity_SPLIT and
-federated_gap_closed: six strategies against Flower's own on two non-IID splits).
+object_store (object_store_run, shard_on_store, train_on_store, shard_store_bound: the working area on moto's S3
+server against local disk; object_store.json), scheduler (orchestration_overhead and whole_run_10m_memory, on one
+Airflow; details in orchestration.json and whole_run_10m_memory.json), federated (merge strategies on non-IID,
+poisoned and private shards: federated.json and federated.png, accuracies without a ratio) and flower
+(flower_side_by_side, flower_side_by_side_fedprox: the same work run by Flower in .venv-flower; flower_parity_SPLIT
+and federated_gap_closed: six strategies against Flower's own on two non-IID splits).
 CPU figures here are not GPU claims; see the README for the GPU path.
 """
 

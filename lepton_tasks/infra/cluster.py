@@ -230,9 +230,17 @@ def dask_client(settings: Settings, wanted_workers: int | None = None,
 
 
 def _started_at(pid: int) -> float:
-    import psutil
+    """When process `pid` started (with the pid, what tells it from a later process given the same pid): on Linux
+    its start in seconds after boot (/proc), which clock adjustments leave alone. psutil's create_time adds the boot
+    time, which follows the wall clock (as psutil's documentation warns): a bench run's teardown here read another
+    value than its start had, took its own cluster for another process and left it running. Elsewhere, that."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:  # after "pid (command name)": field 22 is the start time
+            return int(stat.read().rsplit(b")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        import psutil
 
-    return psutil.Process(pid).create_time()
+        return psutil.Process(pid).create_time()
 
 
 def _log_cluster(info: dict, whose: str) -> None:
@@ -332,7 +340,7 @@ def _process_of(run_cluster: dict):
         return None
     try:
         process = psutil.Process(run_cluster["pid"])
-        return process if process.create_time() == run_cluster.get("pid_started") else None
+        return process if _started_at(process.pid) == run_cluster.get("pid_started") else None
     except psutil.NoSuchProcess:
         return None
 
