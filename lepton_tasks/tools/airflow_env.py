@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lepton_tasks.config.settings import REPO_ROOT
-from lepton_tasks.tools.services import MLFLOW_SERVER_ENV, answers
+from lepton_tasks.tools.services import MLFLOW_SERVER_ENV, answers, scheduler_healthy
 
 BIN = Path(sys.executable).parent
 # The bound on one small DAG run under a real scheduler. A run in a loaded suite on a slow 2-core machine takes
@@ -135,6 +135,8 @@ class AirflowEnv:
             # what the REST calls (`api`) need; the CLI reads the metadata DB without it
             wait_for(lambda: answers(f"http://127.0.0.1:{port}/api/v2/monitor/health"), 120,
                      "the api-server to answer", every=0.3)
+            # as `make up`: a test may start with a command that needs a live scheduler (`lepton backfill`)
+            wait_for(lambda: scheduler_healthy(f"http://127.0.0.1:{port}"), 180, "the scheduler's first heartbeat")
             yield served
 
     def wait_serialized(self, dag_id: str, timeout: float = 120) -> None:

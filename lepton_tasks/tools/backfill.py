@@ -96,15 +96,35 @@ def _scheduler_alive() -> bool:
     return _read_metadata(lambda session: any(job.is_alive() for job in session.scalars(query)), True)
 
 
-def _scheduler_heard(poll_seconds: float) -> bool:
-    """Whether a live scheduler is seen within SCHEDULER_GONE_POLLS polls: one late heartbeat (a busy scheduler
-    loop, SQLite's writer) is not yet a scheduler gone, as in the wait below."""
-    for poll in range(SCHEDULER_GONE_POLLS):
-        if _scheduler_alive():
-            return True
-        if poll + 1 < SCHEDULER_GONE_POLLS:
-            time.sleep(poll_seconds)
-    return False
+def _scheduler_starting() -> bool:
+    """Whether a scheduler started within SCHEDULER_START_S is running: before its first heartbeat its executor
+    preloads the stage libraries (10-40 s here), and it looks dead meanwhile."""
+    from airflow.jobs.job import Job
+    from airflow.sdk import timezone
+    from airflow.utils.state import JobState
+    from sqlalchemy import select
+
+    query = select(Job.start_date).where(Job.job_type == "SchedulerJob", Job.state == JobState.RUNNING)
+    now = timezone.utcnow()
+    return _read_metadata(lambda session: any(
+        (now - started).total_seconds() < SCHEDULER_START_S for started in session.scalars(query)), True)
+
+
+def _scheduler_heard(poll_seconds: float, echo) -> bool:
+    """Whether a live scheduler is seen within SCHEDULER_GONE_POLLS polls (one late heartbeat, a busy scheduler loop
+    or SQLite's writer, is not yet a scheduler gone, as in the wait below), or, for one that is starting, before
+    SCHEDULER_START_S have passed since its start (a backfill right after `make up`)."""
+    polls = 0
+    while not _scheduler_alive():
+        polls += 1
+        if polls >= SCHEDULER_GONE_POLLS:
+            if not _scheduler_starting():
+                return False
+            if polls == SCHEDULER_GONE_POLLS:
+                echo("waiting for the Airflow scheduler, which is starting (its executor preloads the stage "
+                     "libraries before its first heartbeat)")
+        time.sleep(poll_seconds)
+    return True
 
 
 def _runs(dag_id: str) -> dict[str, Night]:
@@ -125,6 +145,7 @@ def _runs(dag_id: str) -> dict[str, Night]:
 SQLITE_CONNECT_ARGS = {"timeout": 60}
 # polls in a row without a live scheduler (Airflow's own test: a heartbeat within scheduler_health_check_threshold)
 SCHEDULER_GONE_POLLS = 3
+SCHEDULER_START_S = 180  # a scheduler started this recently and not yet heard is starting, not gone
 ANOTHER_BACKFILL = "Another backfill is running"
 SQLITE_BUSY = "database is locked"  # SQLite's one writer at a time (the embedded default; PostgreSQL waits)
 # the scheduler marks a finished backfill complete every 30 s; one whose create failed before any of its runs was
@@ -202,7 +223,7 @@ def backfill(loaded: LoadedSpec, first: dt.date, last: dt.date, timeout_minutes:
     if not expected:
         raise LeptonError(f"schedule '{spec.schedule}' has no run dated {first}..{last}")
     _use_metadata_db(env)
-    if not _scheduler_heard(poll_seconds):
+    if not _scheduler_heard(poll_seconds, echo):
         raise LeptonError("no Airflow scheduler is running: start the stack with `make up` (a backfill is run by "
                           "the scheduler, as from the UI's Backfill dialog)")
     _create_paused(spec.name, first, last, env, echo)  # a paused DAG runs nothing, backfills included

@@ -253,6 +253,16 @@ def answers(url: str) -> bool:
         return False
 
 
+def scheduler_healthy(airflow_url: str) -> bool:
+    """Whether Airflow's health endpoint says its scheduler heartbeats: once it has started its loop (its executor
+    preloads the stage libraries first: 10-40 s, in which no run is scheduled and the scheduler looks dead)."""
+    try:
+        with urllib.request.urlopen(f"{airflow_url}/api/v2/monitor/health", timeout=3) as response:
+            return json.load(response)["scheduler"]["status"] == "healthy"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
@@ -297,6 +307,8 @@ def up(deployment: Deployment) -> dict[str, str]:
         _wait("MLflow", lambda: answers(f"{deployment.mlflow_url}/health"), processes, logs)
         _wait("the Dask scheduler", lambda: _port_open(deployment.dask_port), processes, logs)
         _wait("the Airflow api-server", lambda: answers(f"{deployment.airflow_url}/api/v2/monitor/health"),
+              processes, logs)
+        _wait("the Airflow scheduler's first heartbeat", lambda: scheduler_healthy(deployment.airflow_url),
               processes, logs)
     except BaseException:
         down(deployment)

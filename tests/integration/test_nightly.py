@@ -257,7 +257,8 @@ def test_a_backfill_from_the_warehouse_asks_a_person_for_each_night(nightly, war
     backfill = subprocess.Popen(command, env=env.env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd="/")
     third = f"backfill__{WH_NIGHTS[-1]}T03:15:00+00:00"
-    wait_for(lambda: env.task_state(third, "wait", WH_DAG) == "deferred", RUN_TIMEOUT_S * 2,
+    wait_for(lambda: _still_running(backfill, "the third night waited") and
+             env.task_state(third, "wait", WH_DAG) == "deferred", RUN_TIMEOUT_S * 2,
              "the third night to wait, deferred, for its rows", describe=lambda: env.task_states(third, WH_DAG))
     _land(warehouse_url, [WH_NIGHTS[-1]])  # the triggerer's next look finds them
     out, err = backfill.communicate(timeout=RUN_TIMEOUT_S * 3)
@@ -273,6 +274,15 @@ def test_a_backfill_from_the_warehouse_asks_a_person_for_each_night(nightly, war
     wait_for(lambda: [run["approve"] for run in _gate_runs(env, extra).values()] == ["awaiting_input"] * 3, 120,
              "three approval runs awaiting input", describe=lambda: _gate_runs(env, extra))
     assert "champion" not in _registry(env).get_registered_model(WH_MODEL).aliases
+
+
+def _still_running(backfill: subprocess.Popen, before: str) -> bool:
+    """True while `lepton backfill` runs; its output in the failure if it ended before `before`."""
+    if backfill.poll() is not None:
+        out, err = backfill.communicate()
+        raise AssertionError(f"lepton backfill exited {backfill.returncode} before {before}:\n{out[-2000:]}\n"
+                             f"{err[-3000:]}")
+    return True
 
 
 def _next(day: str) -> str:
@@ -557,15 +567,10 @@ def test_a_scheduler_killed_mid_backfill_is_named_not_waited_out(nightly):
                                 env=env.env(**extra, AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="10"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
 
-    def night_started() -> bool:
-        if backfill.poll() is not None:
-            out, err = backfill.communicate()
-            raise AssertionError(f"lepton backfill exited {backfill.returncode} before its night started:\n"
-                                 f"{out[-2000:]}\n{err[-3000:]}")
-        return env.run_state("backfill__2026-11-24T03:00:00+00:00", DAG) == "running"
-
     # the create itself may wait up to RETRY_S for the scheduler to mark the earlier tests' backfill complete
-    wait_for(night_started, RETRY_S + 120, "the backfilled night to start")
+    wait_for(lambda: _still_running(backfill, "its night started") and
+             env.run_state("backfill__2026-11-24T03:00:00+00:00", DAG) == "running", RETRY_S + 120,
+             "the backfilled night to start")
     scheduler = next(p for p in psutil.Process().children() if p.cmdline()[-1:] == ["scheduler"])
     orphans = scheduler.children(recursive=True)  # its executor's workers and the task running now
     scheduler.kill()
